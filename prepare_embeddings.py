@@ -1,0 +1,416 @@
+"""Where the frozen models come from, and SHELM's vocabulary embeddings.
+
+The one module the three training scripts share. It knows
+- where a Transformer-XL comes from (Hugging Face hub id, local directory, or the tiny random model
+  for tests) and how to read its vocabulary without unpickling arbitrary objects;
+- how to load a frozen open_clip model (pretrained tag, local weights file, or a tiny random model);
+- how to build SHELM's retrieval table: the CLIP text embedding of every word that CLIP's and the
+  Transformer-XL's vocabularies share, with the id of that word in each vocabulary.
+
+Run alone to build the table ahead of time (shelm_ppo.py builds it on first use otherwise):
+
+    python prepare_embeddings.py --clip-model ViT-B-16 --clip-pretrained openai \
+        --trxl-model transfo-xl/transfo-xl-wt103 --out-dir data
+
+File format (safetensors, see docs/shelm_ppo.md): tensors `text_embeddings` (n_shared, clip_dim) float32,
+L2-normalised; `trxl_ids` and `clip_ids` (n_shared,) int64; metadata (strings) `format`, `clip_model`,
+`clip_pretrained`, `clip_text_sha256` (fingerprint of the CLIP text tower), `trxl_model`,
+`trxl_vocab_sha256`, `n_shared`. A file whose metadata does not match the models in use is refused.
+"""
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+TINY = "tiny-random"
+EMBEDDINGS_FORMAT = "shelm-vocab-embeddings/1"
+WEIGHTS_HELP = (
+    "download it once with internet access (it is cached under ~/.cache/huggingface), or pass a local "
+    "directory holding config.json, model.safetensors or pytorch_model.bin, and vocab.pkl, or use "
+    "--trxl-model tiny-random --clip-model tiny-random for a test run (random weights, learns nothing)"
+)
+
+
+def fail(message):
+    """Stop with one clear line on stderr and exit status 1."""
+    raise SystemExit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer-XL sources
+# ---------------------------------------------------------------------------------------------
+
+
+def find_file(source, names):
+    """First of `names` found in a local directory or a hub repository (downloaded once, then cached)."""
+    if Path(source).is_dir():
+        for name in names:
+            if (Path(source) / name).is_file():
+                return Path(source) / name
+        return None
+    if Path(source).exists() or source.startswith((".", "/", "~")):
+        fail(f"{source!r} is not a directory holding a Transformer-XL")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    offline = None
+    for name in names:
+        try:
+            return Path(hf_hub_download(source, name))
+        except RemoteEntryNotFoundError:
+            continue
+        except LocalEntryNotFoundError as e:  # no network and not in the cache: another name may be cached
+            offline = e
+        except (RepositoryNotFoundError, HFValidationError):
+            fail(f"{source!r} is neither a local directory nor a model repository on the Hugging Face hub")
+    if offline is not None:
+        fail(f"cannot download {names[0]} of {source!r} (no network, not in the cache): {WEIGHTS_HELP}")
+    return None
+
+
+def tiny_vocab():
+    """Vocabulary of the tiny random Transformer-XL: 2000 real English words, so SHELM's retrieval has
+    something to find. Taken from CLIP's BPE vocabulary in merge order, which ships with open_clip."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    words = [t[:-4] for t in SimpleTokenizer().encoder if t.endswith("</w>") and len(t) > 5]
+    words = [w for w in words if w.isascii() and w.isalpha() and w.islower()]
+    return ["<eos>", "<unk>"] + words[:1998]
+
+
+TINY_TRXL_CONFIG = dict(
+    vocab_size=2000, cutoffs=[200, 800], div_val=4, d_model=64, d_embed=64, n_head=4, d_head=16,
+    d_inner=128, n_layer=18, clamp_len=1000, same_length=True, untie_r=True, pre_lnorm=False,
+    attn_type=0, adaptive=True, layer_norm_epsilon=1e-5,
+)
+
+
+class _VocabUnpickler(pickle.Unpickler):
+    """vocab.pkl is a pickled dict of plain containers; anything else in it is refused, so loading a
+    vocabulary can never run code."""
+
+    ALLOWED = {
+        ("collections", "Counter"): collections.Counter,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[(module, name)]
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a vocabulary holds only plain containers")
+
+
+def read_vocab(path):
+    """idx2sym of a Transformer-XL vocab.pkl, read with the restricted unpickler."""
+    try:
+        with open(path, "rb") as f:
+            data = _VocabUnpickler(f).load()
+            # a legacy torch.save file is a stream of pickles: magic number, protocol, sys info, object
+            for _ in range(3):
+                if isinstance(data, dict) and "idx2sym" in data:
+                    break
+                data = _VocabUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        fail(f"vocabulary {path} is not a plain Transformer-XL vocab.pkl ({e})")
+    idx2sym = data.get("idx2sym") if isinstance(data, dict) else None
+    if not isinstance(idx2sym, list) or not all(isinstance(s, str) for s in idx2sym):
+        fail(f"vocabulary {path} has no idx2sym list of strings")
+    return idx2sym
+
+
+def trxl_source(source, weights=True):
+    """(config dict, weights file, idx2sym) of a Transformer-XL source; the weights file is None for
+    the tiny random model and when not asked for (the vocabulary alone needs no 1 GB download)."""
+    if source == TINY:
+        vocab = tiny_vocab()
+        return dict(TINY_TRXL_CONFIG, vocab_size=len(vocab)), None, vocab
+    config_file = find_file(source, ["config.json"])
+    if config_file is None:
+        fail(f"{source!r} has no config.json")
+    try:
+        config = json.loads(Path(config_file).read_text())
+    except (OSError, ValueError) as e:
+        fail(f"{config_file} is not a readable JSON config ({e})")
+    config.setdefault("vocab_size", config.get("n_token"))
+    weights_file = None
+    if weights:
+        weights_file = find_file(source, ["model.safetensors", "pytorch_model.bin"])
+        if weights_file is None:
+            fail(f"{source!r} has neither model.safetensors nor pytorch_model.bin")
+    vocab_file = find_file(source, ["vocab.pkl"])
+    if vocab_file is None:
+        fail(f"{source!r} has no vocab.pkl")
+    return config, weights_file, read_vocab(vocab_file)
+
+
+def read_state_dict(path):
+    """Tensors of a safetensors or torch checkpoint file; never unpickles arbitrary objects."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files written before torch's zip format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
+        fail(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP
+# ---------------------------------------------------------------------------------------------
+
+# Same architectures as ViT-B-16 and RN50, a few thousand times smaller: for tests and benchmarks only.
+TINY_CLIP_CONFIGS = {
+    "ViT": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    },
+    "RN": {
+        "embed_dim": 64,  # = the tiny Transformer-XL's d_model, as RN50's 1024 is wt103's
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    },
+}
+
+
+def load_clip(name, pretrained, device, tiny_kind="ViT"):
+    """Frozen open_clip model in eval mode. `pretrained` is an open_clip tag ('openai') or a weights file."""
+    import open_clip
+
+    if name == TINY:
+        name = f"helm-tiny-{tiny_kind.lower()}"
+        if name not in open_clip.list_models():
+            config_dir = Path(tempfile.mkdtemp(prefix="helm-tiny-clip-"))
+            (config_dir / f"{name}.json").write_text(json.dumps(TINY_CLIP_CONFIGS[tiny_kind]))
+            open_clip.add_model_config(config_dir)
+        logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that random weights are random
+        with torch.random.fork_rng(devices=[]):  # the same tiny model in every process
+            torch.manual_seed(0)
+            model = open_clip.create_model(name, pretrained=None)
+    else:
+        if name not in open_clip.list_models():
+            fail(f"unknown CLIP model {name!r} (open_clip knows e.g. ViT-B-16, RN50)")
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
+        except Exception as e:  # noqa: BLE001 - network, cache and format failures all end here
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            fail(
+                f"cannot load CLIP {name} weights {pretrained!r} ({first}); download them once with internet "
+                "access, or pass --clip-pretrained /path/to/open_clip_model.safetensors, or use "
+                "--clip-model tiny-random for a test run"
+            )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def clip_image_features(clip, images):
+    """CLIP image embeddings of a uint8 batch (B, H, W, 3): CLIP's resize, centre crop and
+    normalisation applied to the whole batch on its device instead of image by image with PIL."""
+    size = clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = torch.tensor(getattr(clip.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
+    std = torch.tensor(getattr(clip.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bicubic", align_corners=False)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top : top + size, left : left + size].clamp(0.0, 1.0)  # PIL clamps bicubic overshoot too
+    x = (x - mean.to(x.device)[:, None, None]) / std.to(x.device)[:, None, None]
+    return clip.encode_image(x).float()
+
+
+def encode_words(clip, clip_ids, batch_size=1024):
+    """CLIP text embedding of each single-token word, as clip.encode_text(tokenize(word)) computes it.
+    The text tower is causal and pools at the end-of-text token, so [SOT, word, EOT] needs only the
+    first 3 of the 77 positions: 25x less work, the same result."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    sot, eot = tok.encoder["<start_of_text>"], tok.encoder["<end_of_text>"]
+    device = next(clip.parameters()).device
+    out = []
+    for i in range(0, len(clip_ids), batch_size):
+        ids = torch.as_tensor(clip_ids[i : i + batch_size], dtype=torch.long, device=device)
+        text = torch.stack([torch.full_like(ids, sot), ids, torch.full_like(ids, eot)], dim=1)
+        with torch.no_grad():
+            x = clip.token_embedding(text) + clip.positional_embedding[:3]
+            x = clip.transformer(x, attn_mask=clip.attn_mask[:3, :3])
+            x = clip.ln_final(x)[:, -1]
+            x = x @ clip.text_projection if not isinstance(clip.text_projection, torch.nn.Linear) else clip.text_projection(x)
+        out.append(x.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, clip.text_projection.shape[-1])
+
+
+def clip_text_sha256(clip):
+    """Fingerprint of the CLIP text tower: a stale embeddings file made with other weights is detected."""
+    h = hashlib.sha256()
+    for name, p in clip.state_dict().items():
+        if not name.startswith("visual.") and p.dtype.is_floating_point:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared vocabulary and its embeddings file
+# ---------------------------------------------------------------------------------------------
+
+
+def shared_vocabulary(trxl_vocab):
+    """(clip_ids, trxl_ids, words) of the words both tokenizers have as one whole token.
+
+    CLIP's BPE marks a token that ends a word with '</w>': 'dog</w>' is the word "dog", while 'dog'
+    alone is only the start of a longer word ("dogs"). The original SHELM compared CLIP's decoded
+    tokens ('dog ', with the marker turned into a trailing space) to Transformer-XL words, so no
+    word-final token ever matched; here the marker is stripped before matching."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    trxl_index = {}
+    for i, sym in enumerate(trxl_vocab):
+        trxl_index.setdefault(sym, i)
+    clip_ids, trxl_ids, words = [], [], []
+    for bpe, clip_id in sorted(tok.encoder.items(), key=lambda kv: kv[1]):
+        if not bpe.endswith("</w>"):
+            continue
+        try:
+            word = bytearray(tok.byte_decoder[c] for c in bpe[:-4]).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            continue
+        if word in trxl_index:
+            clip_ids.append(clip_id)
+            trxl_ids.append(trxl_index[word])
+            words.append(word)
+    return clip_ids, trxl_ids, words
+
+
+def embeddings_path(out_dir, clip_model, clip_pretrained, trxl_model):
+    """One file per (CLIP weights, Transformer-XL vocabulary) pair."""
+
+    def slug(s):
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(s)).name if os.sep in str(s) else str(s)).strip("-")
+
+    return Path(out_dir) / f"shelm_vocab__{slug(clip_model)}__{slug(clip_pretrained)}__{slug(trxl_model)}.safetensors"
+
+
+def expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab):
+    clip_pretrained = "none" if clip_model == TINY else clip_pretrained
+    return {
+        "format": EMBEDDINGS_FORMAT,
+        "clip_model": str(clip_model),
+        "clip_pretrained": str(clip_pretrained),
+        "clip_text_sha256": clip_text_sha256(clip),
+        "trxl_model": str(trxl_model),
+        "trxl_vocab_sha256": hashlib.sha256("\n".join(trxl_vocab).encode()).hexdigest(),
+    }
+
+
+def read_embeddings(path, expected):
+    """Tensors of an embeddings file after checking it was made from the models in use."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in ("text_embeddings", "trxl_ids", "clip_ids")}
+    except Exception as e:  # noqa: BLE001
+        fail(f"embeddings file {path} is corrupt ({type(e).__name__}); rebuild it with prepare_embeddings.py --force")
+    stale = [k for k, v in expected.items() if meta.get(k) != v]
+    if stale:
+        fail(
+            f"embeddings file {path} was made from other models or an older format (differs in {', '.join(stale)}); "
+            "rebuild it with prepare_embeddings.py --force"
+        )
+    return tensors
+
+
+def write_atomically(path, write):
+    """Write through a temporary file in the same directory, fsync, then rename: a crash or a full
+    disk leaves any previous file untouched and no half-written one behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f"could not write {path}: {e.strerror or e}; nothing was overwritten")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def build_embeddings(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, out_dir, force=False, verbose=True):
+    """Path of the embeddings file for these models, built if absent (or with force)."""
+    from safetensors.torch import save_file
+
+    path = embeddings_path(out_dir, clip_model, "none" if clip_model == TINY else clip_pretrained, trxl_model)
+    meta = expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab)
+    if path.exists() and not force:
+        read_embeddings(path, meta)
+        if verbose:
+            print(f"embeddings up to date: {path}")
+        return path
+    clip_ids, trxl_ids, words = shared_vocabulary(trxl_vocab)
+    if not clip_ids:
+        fail(f"CLIP and {trxl_model} share no word: is the vocabulary a Transformer-XL word vocabulary?")
+    if verbose:
+        print(f"CLIP and {trxl_model} share {len(words)} words; encoding them with CLIP {clip_model}")
+    emb = F.normalize(encode_words(clip, clip_ids), dim=-1)
+    tensors = {
+        "text_embeddings": emb.contiguous(),
+        "trxl_ids": torch.tensor(trxl_ids, dtype=torch.long),
+        "clip_ids": torch.tensor(clip_ids, dtype=torch.long),
+    }
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(meta, n_shared=str(len(words)))))
+    if verbose:
+        print(f"wrote {path}")
+    return path
+
+
+@dataclass
+class Args:
+    clip_model: str = "ViT-B-16"
+    """open_clip model name, or tiny-random"""
+    clip_pretrained: str = "openai"
+    """open_clip pretrained tag or a local weights file"""
+    trxl_model: str = "transfo-xl/transfo-xl-wt103"
+    """Transformer-XL: hub id, local directory, or tiny-random"""
+    out_dir: str = "data"
+    """directory of the embeddings files"""
+    force: bool = False
+    """rebuild even if an up-to-date file exists"""
+    cuda: bool = True
+    """use CUDA when available"""
+
+
+if __name__ == "__main__":
+    import tyro
+
+    args = tyro.cli(Args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    _, _, vocab = trxl_source(args.trxl_model, weights=False)
+    clip = load_clip(args.clip_model, args.clip_pretrained, device)
+    build_embeddings(clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab, args.out_dir, force=args.force)
+    sys.exit(0)
