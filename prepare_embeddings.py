@@ -54,6 +54,7 @@ def fail(message):
 
 def find_file(source, names):
     """First of `names` found in a local directory or a hub repository (downloaded once, then cached)."""
+    source = os.path.expanduser(source)
     if Path(source).is_dir():
         for name in names:
             if (Path(source) / name).is_file():
@@ -198,13 +199,17 @@ def load_clip(name, pretrained, device, tiny_kind="ViT"):
     if name == TINY:
         name = f"helm-tiny-{tiny_kind.lower()}"
         if name not in open_clip.list_models():
-            config_dir = Path(tempfile.mkdtemp(prefix="helm-tiny-clip-"))
-            (config_dir / f"{name}.json").write_text(json.dumps(TINY_CLIP_CONFIGS[tiny_kind]))
-            open_clip.add_model_config(config_dir)
-        logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that random weights are random
-        with torch.random.fork_rng(devices=[]):  # the same tiny model in every process
-            torch.manual_seed(0)
-            model = open_clip.create_model(name, pretrained=None)
+            with tempfile.TemporaryDirectory(prefix="helm-tiny-clip-") as config_dir:  # read at once by open_clip
+                (Path(config_dir) / f"{name}.json").write_text(json.dumps(TINY_CLIP_CONFIGS[tiny_kind]))
+                open_clip.add_model_config(config_dir)
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)  # open_clip warns that random weights are random
+        try:
+            with torch.random.fork_rng(devices=[]):  # the same tiny model in every process
+                torch.manual_seed(0)
+                model = open_clip.create_model(name, pretrained=None)
+        finally:
+            root.setLevel(level)
     else:
         if name not in open_clip.list_models():
             fail(f"unknown CLIP model {name!r} (open_clip knows e.g. ViT-B-16, RN50)")
@@ -230,7 +235,8 @@ def clip_image_features(clip, images):
     x = images.permute(0, 3, 1, 2).float() / 255.0
     h, w = x.shape[-2:]
     scale = size / min(h, w)
-    x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bicubic", align_corners=False)
+    # sizes truncated as torchvision's Resize does; antialiasing matters only when shrinking, as PIL's
+    x = F.interpolate(x, size=(int(h * scale), int(w * scale)), mode="bicubic", align_corners=False, antialias=True)
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     x = x[..., top : top + size, left : left + size].clamp(0.0, 1.0)  # PIL clamps bicubic overshoot too
     x = (x - mean.to(x.device)[:, None, None]) / std.to(x.device)[:, None, None]
@@ -346,24 +352,31 @@ def write_atomically(path, write):
     """Write through a temporary file in the same directory, fsync, then rename: a crash or a full
     disk leaves any previous file untouched and no half-written one behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         fail(f"could not write {path}: {e.strerror or e}; nothing was overwritten")
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path):
+    try:
+        path.unlink()
+    except OSError:  # never written, or its directory is not one
+        pass
 
 
 def build_embeddings(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, out_dir, force=False, verbose=True):
     """Path of the embeddings file for these models, built if absent (or with force)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = embeddings_path(out_dir, clip_model, "none" if clip_model == TINY else clip_pretrained, trxl_model)
     meta = expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab)
@@ -383,7 +396,9 @@ def build_embeddings(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, 
         "trxl_ids": torch.tensor(trxl_ids, dtype=torch.long),
         "clip_ids": torch.tensor(clip_ids, dtype=torch.long),
     }
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(meta, n_shared=str(len(words)))))
+    # serialized in memory, written by Python: safetensors reports a full disk as its own error, not OSError
+    data = save(tensors, metadata=dict(meta, n_shared=str(len(words))))
+    write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
     if verbose:
         print(f"wrote {path}")
     return path

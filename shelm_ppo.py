@@ -14,6 +14,7 @@ and helmv2_ppo.py; everything else is the same code in the three scripts (tests/
 # [end algorithm-specific]
 import collections
 import hashlib
+import io
 import math
 import os
 import random
@@ -148,8 +149,8 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-# What --resume takes from the command line; every other argument comes from the checkpoint.
-RESUME_OVERRIDES = ("resume", "cuda", "track", "progress_bar", "checkpoint_every")
+# What --resume takes from the command line when given there; every other argument comes from the checkpoint.
+RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every")
 
 
 def check_args(args):
@@ -164,8 +165,8 @@ def check_args(args):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ["learning_rate", "clip_coef", "max_grad_norm"]:
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            fail(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
+        if not 0 < getattr(args, name) < torch.finfo(torch.float32).max:
+            fail(f"--{name.replace('_', '-')} must be a positive float32 number, got {getattr(args, name)}")
     for name in ["gamma", "gae_lambda"]:
         if not 0 <= getattr(args, name) <= 1:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
@@ -455,9 +456,9 @@ class TokenRetrieval(nn.Module):
                     self.cache[keys[i]] = t
             for key in keys:
                 self.cache.move_to_end(key)
+            tokens = torch.stack([self.cache[key] for key in keys]).to(self.text_embeddings.device)
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
-            tokens = torch.stack([self.cache[key] for key in keys]).to(self.text_embeddings.device)
         return self.frozen[1](tokens.T), tokens
 
     def log_scalars(self):
@@ -540,9 +541,12 @@ class Agent(nn.Module):
 
     def get_action_and_value(self, trxl_out, obs, action=None):
         x = self.features(trxl_out, obs)
-        probs = Categorical(logits=self.actor(x))
+        logits = self.actor(x)
+        # not validated: non-finite logits (diverged weights) must reach the non-finite guard, not raise here
+        probs = Categorical(logits=logits, validate_args=False)
         if action is None:
-            action = probs.sample()
+            # nor can they be sampled; any action does, the guard skips the updates on what follows
+            action = probs.sample() if torch.isfinite(logits).all() else logits.new_zeros(logits.shape[:-1], dtype=torch.long)
         return action, probs.log_prob(action), probs.entropy(), self.critic(x)
 
 
@@ -552,7 +556,10 @@ class Agent(nn.Module):
 
 
 def save_checkpoint(path, state):
-    prepare_embeddings.write_atomically(path, lambda tmp: torch.save(state, tmp))
+    # serialized in memory, written by Python: torch.save reports a full disk as RuntimeError, not OSError
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    prepare_embeddings.write_atomically(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
 
 
 def load_checkpoint(path):
@@ -612,8 +619,10 @@ if __name__ == "__main__":
             args = Args(**ckpt["args"])
         except TypeError as e:
             fail(f"checkpoint {args.resume} was written with other arguments than this script has ({e})")
-        for name in RESUME_OVERRIDES:
-            setattr(args, name, getattr(cli, name))
+        args.resume = cli.resume
+        for name in RESUME_OVERRIDES:  # a value other than the default was given on the command line
+            if getattr(cli, name) != getattr(Args(), name):
+                setattr(args, name, getattr(cli, name))
     check_args(args)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -639,7 +648,10 @@ if __name__ == "__main__":
     wandb_id = None
     if ckpt:
         load_trained(agent, encoder, ckpt, args.resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            fail(f"checkpoint {args.resume}: the optimizer state does not match this model ({e})")
         start_iteration, global_step, best_return = ckpt["iteration"] + 1, ckpt["global_step"], ckpt["best_return"]
         recent_returns.extend(ckpt["recent_returns"])
         reward_norm.return_rms.mean, reward_norm.return_rms.var, reward_norm.return_rms.count = ckpt["reward_rms"]
@@ -658,8 +670,9 @@ if __name__ == "__main__":
         )
     from torch.utils.tensorboard import SummaryWriter
 
-    # purge_step drops what an interrupted run logged after its last checkpoint
-    writer = SummaryWriter(str(run_dir), purge_step=global_step if ckpt else None)
+    # purge_step drops what an interrupted run logged after its last checkpoint: the steps after
+    # global_step (the losses of the checkpoint's last update are logged at global_step itself)
+    writer = SummaryWriter(str(run_dir), purge_step=global_step + 1 if ckpt else None)
     if not ckpt:
         writer.add_text(
             "hyperparameters",
@@ -674,13 +687,15 @@ if __name__ == "__main__":
             "iteration": iteration, "global_step": global_step, "best_return": best_return,
             "recent_returns": [float(r) for r in recent_returns], "rng": rng_state(),
             "reward_rms": (float(np.asarray(rms.mean)), float(np.asarray(rms.var)), float(rms.count)),
+            "encoder": encoder.encoder_state(),  # HELMv2's running statistics change during the rollout
         }
 
     def checkpoint(path, boundary):
+        writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
         save_checkpoint(path, {
             "format": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "args": asdict(args), "meta": meta,
             "run_name": run_name, "wandb_id": wandb_id, "agent": agent.state_dict(),
-            "optimizer": optimizer.state_dict(), "encoder": encoder.encoder_state(), **boundary,
+            "optimizer": optimizer.state_dict(), **boundary,
         })
 
     # SIGINT/SIGTERM (Ctrl-C, preemption): finish the env step or update under way, save, exit
@@ -848,11 +863,14 @@ if __name__ == "__main__":
                     nonfinite_in_row += 1
                     warnings.warn(f"non-finite loss or gradient at step {global_step}: update skipped ({nonfinite_in_row} in a row)")
                     if nonfinite_in_row >= args.nonfinite_limit:
-                        checkpoint(run_dir / "checkpoint_nonfinite.pt", snapshot(iteration - 1))
+                        # this iteration's steps are taken, so its counters: global_step == iteration * batch_size
+                        checkpoint(run_dir / "checkpoint_nonfinite.pt", snapshot(iteration))
                         writer.close()
+                        last = run_dir / "checkpoint.pt"
                         fail(
                             f"{nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}; state saved to "
-                            f"{run_dir / 'checkpoint_nonfinite.pt'} (last periodic checkpoint: {run_dir / 'checkpoint.pt'})"
+                            f"{run_dir / 'checkpoint_nonfinite.pt'} "
+                            f"({f'last periodic checkpoint: {last}' if last.exists() else 'no periodic checkpoint before it'})"
                         )
                     continue
                 nonfinite_in_row = 0
@@ -888,7 +906,9 @@ if __name__ == "__main__":
             best_return = mean_return
             if args.save_model:
                 checkpoint(run_dir / "model_best.pt", snapshot(iteration))
-        if args.checkpoint_every and iteration % args.checkpoint_every == 0:
+        # not while non-finite updates are being skipped: the weights may have diverged, and checkpoint.pt
+        # is the last good state that the non-finite abort points to
+        if args.checkpoint_every and iteration % args.checkpoint_every == 0 and not nonfinite_in_row:
             checkpoint(run_dir / "checkpoint.pt", snapshot(iteration))
 
     final = snapshot(args.num_iterations)

@@ -1,0 +1,140 @@
+"""Speed and size of the frozen memory, as ratios to a baseline measured in the same run.
+
+    python benchmark/speed.py            # all measurements, CPU (or --cuda)
+    python benchmark/speed.py --only trxl
+
+- trxl: the transfo-xl-wt103 architecture (random weights of the real sizes: the cost does not
+  depend on the values) stepping 16 envs with a memory of 15 steps, 18 layers against 2 (--n-layer),
+  and the frozen parameter count of each.
+- cache: SHELM's observation -> token cache on MiniGrid-MemoryS11-v0 with the ViT-B-16 architecture
+  (random weights), random actions: encoder time per env step with the cache off against on, and
+  the hit rate.
+
+The machines these run on are shared and noisy, so each comparison interleaves its two variants and
+reports the ratio of medians. Results go to stdout and docs/results/speed.json.
+"""
+
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# config.json of transfo-xl/transfo-xl-wt103
+WT103 = dict(
+    vocab_size=267735, cutoffs=[20000, 40000, 200000], div_val=4, d_model=1024, d_embed=1024, n_head=16, d_head=64,
+    d_inner=4096, n_layer=18, clamp_len=1000, same_length=True, untie_r=True, pre_lnorm=False, attn_type=0,
+    adaptive=True, layer_norm_epsilon=1e-5,
+)
+
+
+@dataclass
+class Args:
+    only: Optional[str] = None
+    """trxl or cache (default: both)"""
+    cuda: bool = False
+    """measure on the GPU"""
+    repeats: int = 30
+    """timed steps per variant (trxl)"""
+    cache_steps: int = 24
+    """env steps per variant (cache)"""
+    out: str = str(ROOT / "docs" / "results" / "speed.json")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_trxl(args, device):
+    import shelm_ppo as S
+
+    models = {}
+    for n in (18, 2):
+        torch.manual_seed(0)
+        models[n] = S.TransformerXL(WT103, n, 15).to(device).eval().requires_grad_(False)
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+    times = {18: [], 2: []}
+    mems = {n: S.init_memory(m, 16, "mask", device) for n, m in models.items()}
+    ids = torch.randint(0, WT103["vocab_size"], (1, 16), device=device)
+    with torch.no_grad():
+        for i in range(args.repeats + 3):
+            for n, m in models.items():  # interleaved, so both see the same machine load
+                sync(device)
+                t = time.perf_counter()
+                out, mems_n, mask_n = m(m.word_emb(ids), *mems[n])
+                sync(device)
+                mems[n] = (mems_n, mask_n)
+                if i >= 3:  # warm-up
+                    times[n].append(time.perf_counter() - t)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    return {
+        "frozen_params_18": params[18], "frozen_params_2": params[2],
+        "param_reduction_2_vs_18": 1 - params[2] / params[18],
+        "step_ms_18": 1000 * med[18], "step_ms_2": 1000 * med[2], "speedup_2_vs_18": med[18] / med[2],
+    }
+
+
+def bench_cache(args, device):
+    import gymnasium as gym
+    import numpy as np
+    import open_clip
+
+    import prepare_embeddings as P
+    import shelm_ppo as S
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-16").to(device).eval().requires_grad_(False)
+    text = torch.nn.functional.normalize(torch.randn(20000, 512, device=device), dim=-1)
+    ids = torch.arange(20000, device=device)
+    word_emb = torch.nn.Embedding(20000, 1024).to(device)
+    enc = {c: S.TokenRetrieval(clip, text, ids, word_emb, 1, c) for c in (0, 100_000)}
+    env_args = S.Args(env_id="MiniGrid-MemoryS11-v0", num_envs=16)
+    envs, _ = S.make_envs(env_args, "bench")
+    obs, _ = envs.reset(seed=0)
+    times = {0: [], 100_000: []}
+    same = True
+    for _ in range(args.cache_steps):
+        out = {}
+        for c, e in enc.items():
+            sync(device)
+            t = time.perf_counter()
+            out[c] = e(obs)[1]
+            sync(device)
+            times[c].append(time.perf_counter() - t)
+        same &= bool(torch.equal(out[0], out[100_000]))
+        obs, *_ = envs.step(envs.action_space.sample())
+    hit_rate = enc[100_000].hits / enc[100_000].lookups
+    total = {c: sum(v) for c, v in times.items()}
+    return {
+        "env_steps": args.cache_steps, "envs": 16, "hit_rate": hit_rate, "tokens_identical": same,
+        "encoder_s_per_step_off": total[0] / args.cache_steps, "encoder_s_per_step_on": total[100_000] / args.cache_steps,
+        "speedup_cache_on_vs_off": total[0] / total[100_000],
+    }
+
+
+def main(args):
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               "torch_threads": torch.get_num_threads()}
+    if args.only in (None, "trxl"):
+        results["trxl"] = bench_trxl(args, device)
+        print(json.dumps(results["trxl"], indent=1), flush=True)
+    if args.only in (None, "cache"):
+        results["cache"] = bench_cache(args, device)
+        print(json.dumps(results["cache"], indent=1), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

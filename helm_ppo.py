@@ -1,0 +1,951 @@
+# [algorithm-specific]
+"""HELM (History compression via Language Models, Paischer et al. ICML 2022) with PPO, in one file.
+
+Each observation is scaled to [0, 1], averaged over its colour channels, flattened and mapped by a
+fixed random projection into the Transformer-XL's embedding space; a frozen Hopfield retrieval,
+softmax(beta * cosine similarity) against all 267,735 Transformer-XL input token embeddings, turns
+it into one soft token: the attention-weighted mix of the vocabulary's embeddings. The frozen,
+pretrained Transformer-XL reads one such token per step, and its output for the current step is the
+agent's memory. The most attended word of each step is logged, so the memory can be read as text.
+Only the CNN query encoder, the actor and the critic train.
+
+    python helm_ppo.py --env-id MiniGrid-MemoryS11-v0 --n-layer 2
+
+Docs: docs/helm_ppo.md. The sections marked [algorithm-specific] are what differ from shelm_ppo.py
+and helmv2_ppo.py; everything else is the same code in the three scripts (tests/test_drift.py).
+"""
+# [end algorithm-specific]
+import collections
+import hashlib
+import io
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import minigrid  # noqa: F401 - registers the MiniGrid environments
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions.categorical import Categorical
+
+import prepare_embeddings
+from prepare_embeddings import fail
+
+# [algorithm-specific]
+ALGORITHM = "helm"
+# [end algorithm-specific]
+CHECKPOINT_FORMAT = "helm-checkpoint/1"
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "helm"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the trainable weights (runs/{run_name}/model_final.pt and model_best.pt)"""
+
+    # Algorithm specific arguments
+    env_id: str = "MiniGrid-MemoryS11-v0"
+    """the id of the environment"""
+    total_timesteps: int = 2_000_000
+    """total timesteps of the experiments"""
+    # [algorithm-specific]
+    learning_rate: float = 1e-4
+    """the learning rate of the optimizer (AdamW, eps 1e-8)"""
+    # [end algorithm-specific]
+    num_envs: int = 16
+    """the number of parallel game environments"""
+    num_steps: int = 128
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = False
+    """Toggle learning rate annealing for policy and value networks"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.99
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 8
+    """the number of mini-batches"""
+    update_epochs: int = 3
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """Toggles advantages normalization"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = False
+    """Toggles whether or not to use a clipped loss for the value function, as per the paper."""
+    ent_coef: float = 0.005
+    """coefficient of the entropy"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: Optional[float] = None
+    """the target KL divergence threshold"""
+
+    # Memory: the frozen Transformer-XL
+    trxl_model: str = "transfo-xl/transfo-xl-wt103"
+    """Transformer-XL: Hugging Face hub id, local directory, or tiny-random (tests and benchmarks only)"""
+    n_layer: int = 18
+    """keep the first N of the Transformer-XL's layers (1..18); 2 learns as well and is faster"""
+    mem_len: int = 15
+    """number of past steps (tokens) the Transformer-XL keeps per layer"""
+    memory_reset: Literal["mask", "zero"] = "mask"
+    """at an episode start: mask (the new episode cannot attend to the old one) or zero (zero the memories, as the original)"""
+    # [algorithm-specific]
+    # HELM: FrozenHopfield (random projection + Hopfield retrieval over the whole vocabulary)
+    beta: float = 100.0
+    """inverse temperature of the Hopfield softmax; the original's default config uses 100; the published HELM configs have beta null, so they could not have run as published; beta = 1 is the distance-preserving choice discussed in the HELM blog"""
+    hopfield_chunk: int = 16384
+    """vocabulary tokens per chunk of the streaming softmax: bounds the per-step working memory to chunk x batch scores"""
+    # [end algorithm-specific]
+    log_tokens_every: int = 10
+    """every N updates, log the memory tokens of one whole episode as tensorboard text (0: never)"""
+
+    # Reliability
+    resume: Optional[str] = None
+    """continue the run saved in this checkpoint (its own arguments are used; see docs/reliability.md)"""
+    checkpoint_every: int = 10
+    """write runs/{run_name}/checkpoint.pt every N updates (0: only at the end and on SIGINT/SIGTERM)"""
+    nonfinite_limit: int = 5
+    """abort (with a checkpoint) after this many non-finite losses or gradients in a row"""
+    progress_bar: bool = True
+    """show a progress bar"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size (computed in runtime)"""
+    minibatch_size: int = 0
+    """the mini-batch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+# What --resume takes from the command line when given there; every other argument comes from the checkpoint.
+RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every")
+
+
+def check_args(args):
+    """One clear line for each argument out of range, before anything is built or written."""
+    positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "mem_len", "nonfinite_limit"]
+    # [algorithm-specific]
+    positive += ["hopfield_chunk"]
+    if not (math.isfinite(args.beta) and args.beta > 0):
+        fail(f"--beta must be a positive finite number, got {args.beta}")
+    # [end algorithm-specific]
+    for name in positive:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ["learning_rate", "clip_coef", "max_grad_norm"]:
+        if not 0 < getattr(args, name) < torch.finfo(torch.float32).max:
+            fail(f"--{name.replace('_', '-')} must be a positive float32 number, got {getattr(args, name)}")
+    for name in ["gamma", "gae_lambda"]:
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    for name in ["ent_coef", "vf_coef", "log_tokens_every", "checkpoint_every"]:
+        if not getattr(args, name) >= 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.target_kl is not None and not args.target_kl > 0:
+        fail(f"--target-kl must be positive, got {args.target_kl}")
+    if args.n_layer < 1:
+        fail(f"--n-layer must be >= 1, got {args.n_layer}")
+    if args.num_envs * args.num_steps < args.num_minibatches:
+        fail(f"--num-minibatches ({args.num_minibatches}) exceeds the batch size num_envs * num_steps ({args.num_envs * args.num_steps})")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        fail(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({args.num_envs * args.num_steps})")
+
+
+def make_env(env_id, idx, capture_video, run_name):
+    def thunk():
+        try:
+            env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else None)
+        except gym.error.Error as e:
+            fail(f"unknown or unusable environment {env_id!r} ({e})")
+        if isinstance(env.observation_space, gym.spaces.Dict) and "image" in env.observation_space.spaces:
+            # MiniGrid as in the original: the agent's partial view rendered as 56x56 RGB pixels
+            env = minigrid.wrappers.RGBImgPartialObsWrapper(env, tile_size=8)
+            env = minigrid.wrappers.ImgObsWrapper(env)
+        space = env.observation_space
+        if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3 and space.shape[-1] == 3):
+            fail(f"{env_id} does not observe RGB images (H, W, 3) of uint8 but {space}; these agents need pixels")
+        if min(space.shape[:2]) < 8:
+            fail(f"{env_id} observes images of {space.shape[0]}x{space.shape[1]} pixels; the CNN needs at least 8x8")
+        if not isinstance(env.action_space, gym.spaces.Discrete):
+            fail(f"{env_id} has a {type(env.action_space).__name__} action space; these agents need Discrete actions")
+        if capture_video and idx == 0:
+            env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+        return env
+
+    return thunk
+
+
+def make_envs(args, run_name):
+    """Vector env that resets a finished episode within the same step, so the observation after a
+    done is already the new episode's first one: no transition across a reset enters the buffer."""
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, i, args.capture_video, run_name) for i in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)  # raw returns, before normalization
+    # as SB3's VecNormalize(norm_obs=False, norm_reward=True, clip_reward=1) in the original
+    reward_norm = envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
+    envs = gym.wrappers.vector.ClipReward(envs, -1.0, 1.0)
+    return envs, reward_norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer-XL (Dai et al. 2019), equal to Hugging Face's TransfoXLModel (tests/test_trxl.py).
+# Parameter names are those of the official checkpoint, so its state dict loads by key.
+# Tensors are laid out (seq, batch, ...) as in the original implementation.
+# ---------------------------------------------------------------------------------------------
+
+
+class AdaptiveEmbedding(nn.Module):
+    """Adaptive input (Baevski & Auli 2019): frequent tokens get wide embeddings, rare ones narrow,
+    all projected to d_model; 267,735 words at a fraction of the parameters."""
+
+    def __init__(self, n_token, d_embed, d_model, cutoffs, div_val):
+        super().__init__()
+        self.cutoff_ends = [0] + list(cutoffs) + [n_token]
+        self.d_model = d_model
+        self.emb_scale = d_model**0.5
+        self.emb_layers = nn.ModuleList()
+        self.emb_projs = nn.ParameterList()
+        for i in range(len(self.cutoff_ends) - 1):
+            d_emb_i = d_embed // (div_val**i)
+            self.emb_layers.append(nn.Embedding(self.cutoff_ends[i + 1] - self.cutoff_ends[i], d_emb_i))
+            self.emb_projs.append(nn.Parameter(torch.randn(d_model, d_emb_i) / d_emb_i**0.5))
+
+    def forward(self, ids):
+        flat = ids.reshape(-1)
+        out = torch.zeros(flat.numel(), self.d_model, dtype=self.emb_projs[0].dtype, device=flat.device)
+        for i, (emb, proj) in enumerate(zip(self.emb_layers, self.emb_projs)):
+            lo, hi = self.cutoff_ends[i], self.cutoff_ends[i + 1]
+            idx = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
+            if idx.numel():
+                out.index_copy_(0, idx, F.linear(emb(flat[idx] - lo), proj))
+        return out.view(*ids.shape, self.d_model) * self.emb_scale
+
+
+class RelMultiHeadAttn(nn.Module):
+    """Multi-head attention with relative positions and learned global content/position biases
+    (r_w_bias, r_r_bias: untied, one pair per layer), post-LayerNorm."""
+
+    def __init__(self, n_head, d_model, d_head, eps):
+        super().__init__()
+        self.n_head, self.d_head, self.scale = n_head, d_head, 1 / d_head**0.5
+        self.qkv_net = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
+        self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
+        self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
+        self.layer_norm = nn.LayerNorm(d_model, eps=eps)
+        self.r_w_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.1)
+        self.r_r_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.1)
+
+    @staticmethod
+    def rel_shift(x):
+        # turns scores against absolute key offsets into scores against relative distances
+        q, k = x.shape[:2]
+        x = torch.cat([x.new_zeros(q, 1, *x.shape[2:]), x], dim=1)
+        return x.view(k + 1, q, *x.shape[2:])[1:].view(q, k, *x.shape[2:])
+
+    def forward(self, h, pos_emb, mask, mem):
+        qlen, bsz = h.shape[:2]
+        q, k, v = self.qkv_net(torch.cat([mem, h], dim=0)).chunk(3, dim=-1)
+        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head)
+        k = k.view(-1, bsz, self.n_head, self.d_head)
+        v = v.view(-1, bsz, self.n_head, self.d_head)
+        r = self.r_net(pos_emb).view(-1, self.n_head, self.d_head)
+        content = torch.einsum("ibnd,jbnd->ijbn", q + self.r_w_bias, k)
+        position = self.rel_shift(torch.einsum("ibnd,jnd->ijbn", q + self.r_r_bias, r))
+        score = (content + position) * self.scale
+        score = score.masked_fill(mask[..., None], torch.finfo(score.dtype).min)
+        out = torch.einsum("ijbn,jbnd->ibnd", score.softmax(dim=1), v).reshape(qlen, bsz, -1)
+        return self.layer_norm(h + self.o_net(out))
+
+
+class PositionwiseFF(nn.Module):
+    def __init__(self, d_model, d_inner, eps):
+        super().__init__()
+        # Identity stands where the checkpoint's dropout was, so the keys read CoreNet.0 and CoreNet.3
+        self.CoreNet = nn.Sequential(nn.Linear(d_model, d_inner), nn.ReLU(), nn.Identity(), nn.Linear(d_inner, d_model))
+        self.layer_norm = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, h):
+        return self.layer_norm(h + self.CoreNet(h))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, n_head, d_model, d_head, d_inner, eps):
+        super().__init__()
+        self.dec_attn = RelMultiHeadAttn(n_head, d_model, d_head, eps)
+        self.pos_ff = PositionwiseFF(d_model, d_inner, eps)
+
+    def forward(self, h, pos_emb, mask, mem):
+        return self.pos_ff(self.dec_attn(h, pos_emb, mask, mem))
+
+
+class TransformerXL(nn.Module):
+    """Transformer-XL with per-layer memories of the last mem_len steps.
+
+    mems (n_layer, mem_len, batch, d_model) hold each layer's past inputs; memory_mask (mem_len, batch)
+    says which memory slots a step may attend to (None: all, as Hugging Face's model does)."""
+
+    def __init__(self, c, n_layer, mem_len):
+        super().__init__()
+        self.n_layer, self.mem_len, self.d_model = n_layer, mem_len, c["d_model"]
+        self.clamp_len, self.same_length = c["clamp_len"], c["same_length"]
+        self.word_emb = AdaptiveEmbedding(c["vocab_size"], c["d_embed"], c["d_model"], c["cutoffs"], c["div_val"])
+        eps = c.get("layer_norm_epsilon", 1e-5)
+        self.layers = nn.ModuleList(
+            DecoderLayer(c["n_head"], c["d_model"], c["d_head"], c["d_inner"], eps) for _ in range(n_layer)
+        )
+        self.register_buffer("inv_freq", 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0) / self.d_model)), persistent=False)
+
+    def forward(self, x, mems, memory_mask=None):
+        """x (qlen, batch, d_model) input embeddings -> (output of the last layer, new mems, new memory_mask)."""
+        qlen, bsz = x.shape[:2]
+        mlen = mems.shape[1]
+        klen = mlen + qlen
+        ones = torch.ones(qlen, klen, dtype=torch.bool, device=x.device)
+        mask = torch.triu(ones, diagonal=1 + mlen)  # no attending to the future
+        if self.same_length:  # every query sees the same number of keys, as in training on wt103
+            shift = qlen - (klen - self.mem_len) if klen > self.mem_len else qlen
+            mask = mask | torch.tril(ones, diagonal=-shift)
+        mask = mask[:, :, None]
+        if memory_mask is not None:
+            visible = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool, device=x.device)])
+            mask = mask | ~visible[None]
+        pos = torch.arange(klen - 1, -1, -1.0, device=x.device, dtype=x.dtype)
+        if self.clamp_len > 0:
+            pos = pos.clamp(max=self.clamp_len)
+        angles = torch.outer(pos, self.inv_freq.to(x.dtype))
+        pos_emb = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, None, :]
+        hids, h = [], x
+        for layer, mem in zip(self.layers, mems):
+            hids.append(h)
+            h = layer(h, pos_emb, mask, mem)
+        new_mems = torch.cat([mems, torch.stack(hids)], dim=1)[:, -self.mem_len :]
+        if memory_mask is not None:
+            memory_mask = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool, device=x.device)])[-self.mem_len :]
+        return h, new_mems, memory_mask
+
+
+def build_trxl(source, n_layer, mem_len, device):
+    """The frozen Transformer-XL with its first n_layer layers, and its vocabulary (idx2sym)."""
+    config, weights, vocab = prepare_embeddings.trxl_source(source)
+    for key, want in [("adaptive", True), ("untie_r", True), ("pre_lnorm", False), ("attn_type", 0)]:
+        if config.get(key, want) != want:
+            fail(f"{source}: {key}={config.get(key)} is not supported (the wt103 model has {key}={want})")
+    if config.get("div_val", 1) < 2:
+        fail(f"{source}: div_val={config.get('div_val')} is not supported (adaptive embeddings need div_val > 1)")
+    if not 1 <= n_layer <= config["n_layer"]:
+        fail(f"--n-layer must be between 1 and {config['n_layer']} for {source}, got {n_layer}")
+    if len(vocab) != config["vocab_size"]:
+        fail(f"{source}: the vocabulary has {len(vocab)} words but the model {config['vocab_size']}")
+    if weights is None:  # tiny random model: the same weights in every process, whatever n_layer
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            trxl = TransformerXL(config, config["n_layer"], mem_len)
+        trxl.layers = trxl.layers[:n_layer]
+        trxl.n_layer = n_layer
+    else:
+        trxl = TransformerXL(config, n_layer, mem_len)
+        state = {}
+        for key, value in prepare_embeddings.read_state_dict(weights).items():
+            key = key.removeprefix("transformer.")  # the official checkpoint is the LM-head model
+            if key.startswith("crit.") or key == "pos_emb.inv_freq":
+                continue
+            if key.startswith("layers.") and int(key.split(".")[1]) >= n_layer:
+                continue
+            state[key] = value
+        try:
+            trxl.load_state_dict(state)
+        except RuntimeError as e:
+            fail(f"weights {weights} do not fit the Transformer-XL of {source}: {' '.join(str(e).split())[:300]}")
+    return trxl.to(device).eval().requires_grad_(False), vocab
+
+
+def init_memory(trxl, num_envs, memory_reset, device):
+    """Empty memories. With mask, a fresh start has nothing to attend to; with zero, every slot is
+    visible and holds zeros, as in the original (and as Hugging Face initialises mems)."""
+    mems = torch.zeros(trxl.n_layer, trxl.mem_len, num_envs, trxl.d_model, device=device)
+    memory_mask = torch.full((trxl.mem_len, num_envs), memory_reset == "zero", dtype=torch.bool, device=device)
+    return mems, memory_mask
+
+
+def reset_memory(mems, memory_mask, done, memory_reset):
+    """Forget the finished episodes of the envs in `done` (bool, num_envs)."""
+    if memory_reset == "mask":
+        return mems, memory_mask & ~done[None, :]
+    return mems * ~done[None, None, :, None], memory_mask
+
+
+# [algorithm-specific]
+# ---------------------------------------------------------------------------------------------
+# HELM's frozen encoder: FrozenHopfield. A fixed random projection of the observation, then one
+# step of a modern Hopfield network whose stored patterns are all Transformer-XL token embeddings.
+# ---------------------------------------------------------------------------------------------
+
+
+class FrozenHopfield(nn.Module):
+    """Observations (uint8 numpy, batch x H x W x 3) -> Transformer-XL input embeddings (1, batch, d).
+
+    x = P @ flatten(mean over colour channels of obs / 255), P (d_model, H*W) ~ N(0, 1/d_model), fixed;
+    soft token = sum_v softmax_v(beta * cos(x, E_v)) E_v over the embeddings E (n_token, d_model) of the
+    whole vocabulary, with cos(x, E_v) = x . E_v / (|x| |E_v| + 1e-8) as in the original.
+
+    The paper averages over the colour channels. The original code's obs.mean(1) does so only because
+    stable-baselines3 hands it channel-first images (it wraps uint8 image envs in VecTransposeImage);
+    on the channel-last images these scripts use, mean(1) would average over the image rows. Here the
+    average is taken explicitly over the last (colour) axis: the projection sees H*W pixels.
+
+    The vocabulary embeddings are computed once and kept as a buffer (267,735 x 1024 floats, 1.1 GB,
+    for wt103). The softmax-weighted sum is streamed over chunks of the vocabulary with an online
+    softmax (running max, normaliser and weighted sum), so no scores matrix larger than chunk x batch
+    exists. `tokens` is the id of the most attended word (the running argmax): the memory's text."""
+
+    tokens_per_step = 1
+
+    def __init__(self, word_emb, n_token, obs_hw, beta, chunk, seed):
+        super().__init__()
+        self.beta, self.chunk, self.obs_hw = float(beta), int(chunk), tuple(obs_hw)
+        device = word_emb.emb_projs[0].device
+        self.d_model = word_emb.d_model
+        embeddings = torch.empty(n_token, self.d_model, device=device)
+        with torch.no_grad():  # in chunks: no intermediate of the whole vocabulary's size
+            for i in range(0, n_token, chunk):
+                embeddings[i : i + chunk] = word_emb(torch.arange(i, min(i + chunk, n_token), device=device))
+        self.register_buffer("embeddings", embeddings, persistent=False)
+        self.register_buffer("embedding_norms", embeddings.norm(dim=-1), persistent=False)
+        # drawn on the CPU from its own generator: the same on every device, and the global RNG
+        # streams (agent initialisation, action sampling) are left as they are
+        generator = torch.Generator().manual_seed(seed)
+        shape = (self.d_model, self.obs_hw[0] * self.obs_hw[1])
+        projection = torch.normal(0.0, 1 / math.sqrt(self.d_model), shape, generator=generator)
+        self.register_buffer("projection", projection.to(device), persistent=False)
+        self.top_weight_sum, self.top_weight_count = 0.0, 0
+
+    def project(self, obs):
+        """uint8 (batch, H, W, 3) array or tensor -> projected observations (batch, d_model)."""
+        images = torch.as_tensor(obs).to(self.projection.device)
+        pixels = (images.float() / 255.0).mean(dim=-1).flatten(1)  # the colour channels are averaged
+        return pixels @ self.projection.T
+
+    def retrieve(self, x):
+        """(soft tokens (batch, d_model), most attended token ids (batch,), its softmax weight (batch,))
+        for projected observations x (batch, d_model), one vocabulary chunk at a time."""
+        bsz = x.shape[0]
+        x_norm = x.norm(dim=-1, keepdim=True)
+        run_max = x.new_full((bsz,), -math.inf)  # running max of the logits
+        run_sum = x.new_zeros(bsz)  # running sum of exp(logit - run_max)
+        run_out = x.new_zeros(bsz, self.d_model)  # running sum of exp(logit - run_max) * embedding
+        best = torch.zeros(bsz, dtype=torch.long, device=x.device)
+        best_logit = x.new_full((bsz,), -math.inf)
+        for start in range(0, self.embeddings.shape[0], self.chunk):
+            emb = self.embeddings[start : start + self.chunk]
+            norms = self.embedding_norms[start : start + self.chunk]
+            logits = self.beta * (x @ emb.T) / (x_norm * norms[None, :] + 1e-8)  # (batch, chunk)
+            chunk_max, chunk_arg = logits.max(dim=1)
+            better = chunk_max > best_logit  # strict: the first of equal maxima wins, as argmax
+            best = torch.where(better, chunk_arg + start, best)
+            best_logit = torch.where(better, chunk_max, best_logit)
+            new_max = torch.maximum(run_max, chunk_max)
+            rescale = torch.exp(run_max - new_max)  # 0 for the first chunk (run_max is -inf)
+            weights = torch.exp(logits - new_max[:, None])
+            run_sum = run_sum * rescale + weights.sum(dim=1)
+            run_out = run_out * rescale[:, None] + weights @ emb
+            run_max = new_max
+        return run_out / run_sum[:, None], best, torch.exp(best_logit - run_max) / run_sum
+
+    @torch.no_grad()
+    def forward(self, obs):
+        soft, best, top_weight = self.retrieve(self.project(obs))
+        self.top_weight_sum += float(top_weight.sum())
+        self.top_weight_count += top_weight.numel()
+        return soft[None], best[:, None]
+
+    def log_scalars(self):
+        """Mean softmax weight of the most attended word since the last call: near 1 the retrieval is
+        one word per step (large beta), near 1/n_token it is the vocabulary's mean (small beta)."""
+        if not self.top_weight_count:
+            return {}
+        mean = self.top_weight_sum / self.top_weight_count
+        self.top_weight_sum, self.top_weight_count = 0.0, 0
+        return {"charts/hopfield_top_weight": mean}
+
+    def encoder_state(self):
+        return {"projection": self.projection.cpu()}  # drawn at random: saved, so a run resumes with it
+
+    def load_encoder_state(self, state):
+        projection = state.get("projection") if isinstance(state, dict) else None
+        if not isinstance(projection, torch.Tensor):
+            fail("the checkpoint holds no FrozenHopfield projection (was it written by helm_ppo.py?)")
+        if tuple(projection.shape) != tuple(self.projection.shape):
+            fail(
+                f"the checkpoint's FrozenHopfield projection is {tuple(projection.shape)}, this model needs "
+                f"{tuple(self.projection.shape)} (d_model x H*W pixels): another Transformer-XL or environment"
+            )
+        self.projection.copy_(projection.to(self.projection))
+
+
+def build_memory(args, device, verbose=True):
+    """(frozen Transformer-XL, its vocabulary, frozen encoder) for these arguments."""
+    trxl, vocab = build_trxl(args.trxl_model, args.n_layer, args.mem_len, device)
+    probe = make_env(args.env_id, 0, False, "probe")()  # the projection's input size is H*W
+    obs_hw = probe.observation_space.shape[:2]
+    probe.close()
+    encoder = FrozenHopfield(trxl.word_emb, len(vocab), obs_hw, args.beta, args.hopfield_chunk, args.seed)
+    if verbose:
+        print(
+            f"FrozenHopfield: {obs_hw[0]}x{obs_hw[1]} pixels -> {trxl.d_model} dims, softmax(beta={args.beta:g} * cosine) "
+            f"over all {len(vocab):,} Transformer-XL tokens in chunks of {args.hopfield_chunk}"
+        )
+    return trxl, vocab, encoder
+
+
+# [end algorithm-specific]
+# ---------------------------------------------------------------------------------------------
+# The trainable agent: CNN query encoder, actor and critic, as in the original.
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_init(layer, gain=np.sqrt(2), init=nn.init.orthogonal_):
+    init(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_shape, n_actions, d_model):
+        super().__init__()
+        h, w, _ = obs_shape
+        k1, s1 = (8, 4) if h > 9 else (4, 2)
+        k2, s2 = (4, 2) if w > 9 else (2, 1)
+        relu_gain = nn.init.calculate_gain("relu")
+        conv = nn.Sequential(
+            layer_init(nn.Conv2d(3, 64, k1, s1), relu_gain, nn.init.xavier_uniform_),  # channel scale 4
+            nn.ReLU(),
+            layer_init(nn.Conv2d(64, 128, k2, s2), relu_gain, nn.init.xavier_uniform_),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        n_flat = conv(torch.zeros(1, 3, h, w)).shape[1]
+        self.query = nn.Sequential(conv, layer_init(nn.Linear(n_flat, d_model), relu_gain, nn.init.xavier_uniform_), nn.ReLU())
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(2 * d_model, 128)), nn.LayerNorm(128, elementwise_affine=False), nn.ReLU(), layer_init(nn.Linear(128, n_actions))
+        )
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(2 * d_model, 512)), nn.LayerNorm(512, elementwise_affine=False), nn.ReLU(), layer_init(nn.Linear(512, 1))
+        )
+
+    def features(self, trxl_out, obs):
+        query = self.query(obs.permute(0, 3, 1, 2).float() / 255.0)
+        return torch.cat([trxl_out, query], dim=-1)
+
+    def get_value(self, trxl_out, obs):
+        return self.critic(self.features(trxl_out, obs))
+
+    def get_action_and_value(self, trxl_out, obs, action=None):
+        x = self.features(trxl_out, obs)
+        logits = self.actor(x)
+        # not validated: non-finite logits (diverged weights) must reach the non-finite guard, not raise here
+        probs = Categorical(logits=logits, validate_args=False)
+        if action is None:
+            # nor can they be sampled; any action does, the guard skips the updates on what follows
+            action = probs.sample() if torch.isfinite(logits).all() else logits.new_zeros(logits.shape[:-1], dtype=torch.long)
+        return action, probs.log_prob(action), probs.entropy(), self.critic(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: tensors and plain data only, read back with torch.load(weights_only=True).
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, state):
+    # serialized in memory, written by Python: torch.save reports a full disk as RuntimeError, not OSError
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    prepare_embeddings.write_atomically(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
+
+
+def load_checkpoint(path):
+    if not Path(path).is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file at all
+        fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of these scripts")
+    if ckpt.get("algorithm") != ALGORITHM:
+        fail(f"checkpoint {path} is of {ckpt.get('algorithm')}_ppo.py, not {ALGORITHM}_ppo.py")
+    return ckpt
+
+
+def load_trained(agent, encoder, ckpt, path):
+    try:
+        agent.load_state_dict(ckpt["agent"])
+        encoder.load_encoder_state(ckpt["encoder"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        fail(f"checkpoint {path} does not match this model ({' '.join(str(e).split())[:200]})")
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def versions():
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ["torch", "gymnasium", "minigrid", "open_clip_torch"]} | {"python": sys.version.split()[0]}
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        cli = args
+        try:
+            args = Args(**ckpt["args"])
+        except TypeError as e:
+            fail(f"checkpoint {args.resume} was written with other arguments than this script has ({e})")
+        args.resume = cli.resume
+        for name in RESUME_OVERRIDES:  # a value other than the default was given on the command line
+            if getattr(cli, name) != getattr(Args(), name):
+                setattr(args, name, getattr(cli, name))
+    check_args(args)
+    args.batch_size = int(args.num_envs * args.num_steps)
+    args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    args.num_iterations = args.total_timesteps // args.batch_size
+    run_name = ckpt["run_name"] if ckpt else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # everything that can fail on bad input happens before anything is written
+    envs, reward_norm = make_envs(args, run_name)
+    obs_shape = envs.single_observation_space.shape
+    trxl, vocab, encoder = build_memory(args, device)
+    agent = Agent(obs_shape, envs.single_action_space.n, trxl.d_model).to(device)
+    optimizer = torch.optim.AdamW(agent.parameters(), lr=args.learning_rate, eps=1e-8)
+    start_iteration, global_step, best_return = 1, 0, -math.inf
+    recent_returns = collections.deque(maxlen=100)
+    wandb_id = None
+    if ckpt:
+        load_trained(agent, encoder, ckpt, args.resume)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            fail(f"checkpoint {args.resume}: the optimizer state does not match this model ({e})")
+        start_iteration, global_step, best_return = ckpt["iteration"] + 1, ckpt["global_step"], ckpt["best_return"]
+        recent_returns.extend(ckpt["recent_returns"])
+        reward_norm.return_rms.mean, reward_norm.return_rms.var, reward_norm.return_rms.count = ckpt["reward_rms"]
+        wandb_id = ckpt["wandb_id"]
+        set_rng_state(ckpt["rng"])
+        print(f"resuming {run_name} at step {global_step} (update {start_iteration - 1} of {args.num_iterations})")
+    print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {sum(p.numel() for p in trxl.parameters()):,} frozen parameters")
+
+    if args.track:
+        import wandb
+
+        wandb_id = wandb_id or wandb.util.generate_id()
+        wandb.init(
+            project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+            name=run_name, id=wandb_id, resume="allow", monitor_gym=True, save_code=True,
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    # purge_step drops what an interrupted run logged after its last checkpoint: the steps after
+    # global_step (the losses of the checkpoint's last update are logged at global_step itself)
+    writer = SummaryWriter(str(run_dir), purge_step=global_step + 1 if ckpt else None)
+    if not ckpt:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
+    meta = {"algorithm": ALGORITHM, "env_id": args.env_id, "versions": versions()}
+
+    def snapshot(iteration):
+        """What a checkpoint needs besides weights, taken where an update has just finished."""
+        rms = reward_norm.return_rms
+        return {
+            "iteration": iteration, "global_step": global_step, "best_return": best_return,
+            "recent_returns": [float(r) for r in recent_returns], "rng": rng_state(),
+            "reward_rms": (float(np.asarray(rms.mean)), float(np.asarray(rms.var)), float(rms.count)),
+            "encoder": encoder.encoder_state(),  # HELMv2's running statistics change during the rollout
+        }
+
+    def checkpoint(path, boundary):
+        writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
+        save_checkpoint(path, {
+            "format": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "args": asdict(args), "meta": meta,
+            "run_name": run_name, "wandb_id": wandb_id, "agent": agent.state_dict(),
+            "optimizer": optimizer.state_dict(), **boundary,
+        })
+
+    # SIGINT/SIGTERM (Ctrl-C, preemption): finish the env step or update under way, save, exit
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+
+    def stop_now(boundary):
+        checkpoint(run_dir / "checkpoint.pt", boundary)
+        writer.close()
+        print(f"\ninterrupted by signal {stop[0]}; resume with --resume {run_dir / 'checkpoint.pt'}", file=sys.stderr)
+        sys.exit(128 + stop[0])
+
+    # ALGO Logic: Storage setup
+    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
+    trxl_outs = torch.zeros((args.num_steps, args.num_envs, trxl.d_model), device=device)
+    tokens = torch.zeros((args.num_steps, args.num_envs, encoder.tokens_per_step), dtype=torch.long, device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
+    dones = torch.zeros((args.num_steps, args.num_envs), device=device)
+    values = torch.zeros((args.num_steps, args.num_envs), device=device)
+
+    # TRY NOT TO MODIFY: start the game; a resumed run starts fresh episodes (envs are not saved)
+    start_step, start_time = global_step, time.time()
+    next_obs_np, _ = envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)
+    next_obs = torch.from_numpy(next_obs_np).to(device)
+    next_done = torch.zeros(args.num_envs, device=device)
+    mems, memory_mask = init_memory(trxl, args.num_envs, args.memory_reset, device)
+    with torch.no_grad():
+        trxl_in, next_tokens = encoder(next_obs_np)
+        trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
+        next_trxl_out = trxl_out[-1]  # the output at the step's last token is the memory read-out
+    episode_text, last_episode_text = [], None
+    nonfinite_in_row = 0
+    progress = None
+    if args.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step", dynamic_ncols=True)
+
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        boundary = snapshot(iteration - 1)
+        if stop:
+            stop_now(boundary)
+        # Annealing the rate if instructed to do so.
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            lrnow = frac * args.learning_rate
+            optimizer.param_groups[0]["lr"] = lrnow
+
+        for step in range(0, args.num_steps):
+            if stop:  # the update has not run yet: the boundary still describes the weights
+                stop_now(boundary)
+            global_step += args.num_envs
+            obs[step] = next_obs
+            dones[step] = next_done
+            trxl_outs[step] = next_trxl_out
+            tokens[step] = next_tokens
+
+            # ALGO LOGIC: action logic
+            with torch.no_grad():
+                action, logprob, _, value = agent.get_action_and_value(next_trxl_out, next_obs)
+                values[step] = value.flatten()
+            actions[step] = action
+            logprobs[step] = logprob
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+            next_done_np = np.logical_or(terminations, truncations)
+            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device).view(-1)
+            next_obs = torch.from_numpy(next_obs_np).to(device)
+            next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
+
+            # the memory step of the next observation, which belongs to a new episode where done
+            episode_text.append(" ".join(vocab[t] for t in tokens[step, 0].tolist()))
+            with torch.no_grad():
+                mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
+                trxl_in, next_tokens = encoder(next_obs_np)
+                trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
+                next_trxl_out = trxl_out[-1]
+
+            if "episode" in infos:
+                for i in np.nonzero(infos["_episode"])[0]:
+                    r, length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
+                    recent_returns.append(r)
+                    writer.add_scalar("charts/episodic_return", r, global_step)
+                    writer.add_scalar("charts/episodic_length", length, global_step)
+            if next_done_np[0]:
+                last_episode_text = "  \n".join(f"{t}: {words}" for t, words in enumerate(episode_text))
+                episode_text = []
+            if progress is not None:
+                progress.update(args.num_envs)
+
+        # bootstrap value if not done
+        with torch.no_grad():
+            next_value = agent.get_value(next_trxl_out, next_obs).reshape(1, -1)
+            advantages = torch.zeros_like(rewards).to(device)
+            lastgaelam = 0
+            for t in reversed(range(args.num_steps)):
+                if t == args.num_steps - 1:
+                    nextnonterminal = 1.0 - next_done
+                    nextvalues = next_value
+                else:
+                    nextnonterminal = 1.0 - dones[t + 1]
+                    nextvalues = values[t + 1]
+                delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
+                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+            returns = advantages + values
+
+        # flatten the batch; the frozen models are not run again: their outputs are in trxl_outs
+        b_obs = obs.reshape((-1,) + obs_shape)
+        b_trxl_outs = trxl_outs.reshape(-1, trxl.d_model)
+        b_logprobs = logprobs.reshape(-1)
+        b_actions = actions.reshape(-1)
+        b_advantages = advantages.reshape(-1)
+        b_returns = returns.reshape(-1)
+        b_values = values.reshape(-1)
+
+        # Optimizing the policy and value network
+        clipfracs = []
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(args.batch_size, device=device)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                end = start + args.minibatch_size
+                mb_inds = b_inds[start:end]
+
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_trxl_outs[mb_inds], b_obs[mb_inds], b_actions[mb_inds])
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss: plain mean squared error as the original (CleanRL halves it)
+                newvalue = newvalue.view(-1)
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss = torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                else:
+                    v_loss = ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad()
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    # one bad minibatch must not poison the weights: skip it, give up if it persists
+                    nonfinite_in_row += 1
+                    warnings.warn(f"non-finite loss or gradient at step {global_step}: update skipped ({nonfinite_in_row} in a row)")
+                    if nonfinite_in_row >= args.nonfinite_limit:
+                        # this iteration's steps are taken, so its counters: global_step == iteration * batch_size
+                        checkpoint(run_dir / "checkpoint_nonfinite.pt", snapshot(iteration))
+                        writer.close()
+                        last = run_dir / "checkpoint.pt"
+                        fail(
+                            f"{nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}; state saved to "
+                            f"{run_dir / 'checkpoint_nonfinite.pt'} "
+                            f"({f'last periodic checkpoint: {last}' if last.exists() else 'no periodic checkpoint before it'})"
+                        )
+                    continue
+                nonfinite_in_row = 0
+                optimizer.step()
+
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        sps = int((global_step - start_step) / (time.time() - start_time))
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        for key, value in encoder.log_scalars().items():
+            writer.add_scalar(key, value, global_step)
+        if args.log_tokens_every and iteration % args.log_tokens_every == 0 and last_episode_text:
+            writer.add_text("memory/episode_tokens", last_episode_text, global_step)
+        mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
+        if progress is not None:
+            progress.set_postfix(SPS=sps, ret=f"{mean_return:.3f}")
+
+        if recent_returns and mean_return > best_return:
+            best_return = mean_return
+            if args.save_model:
+                checkpoint(run_dir / "model_best.pt", snapshot(iteration))
+        # not while non-finite updates are being skipped: the weights may have diverged, and checkpoint.pt
+        # is the last good state that the non-finite abort points to
+        if args.checkpoint_every and iteration % args.checkpoint_every == 0 and not nonfinite_in_row:
+            checkpoint(run_dir / "checkpoint.pt", snapshot(iteration))
+
+    final = snapshot(args.num_iterations)
+    checkpoint(run_dir / "checkpoint.pt", final)
+    if args.save_model:
+        checkpoint(run_dir / "model_final.pt", final)
+        print(f"model saved to {run_dir / 'model_final.pt'}")
+    if progress is not None:
+        progress.close()
+    envs.close()
+    writer.close()

@@ -1,0 +1,297 @@
+"""Our Transformer-XL against Hugging Face's (transformers 4.37.2, stored reference outputs), and the
+ways its weights and vocabulary are read."""
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT
+
+import prepare_embeddings
+import shelm_ppo
+
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny_trxl"
+REFERENCE = ROOT / "tests" / "fixtures" / "tiny_trxl_reference.safetensors"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine: more threads only add contention
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with safe_open(str(REFERENCE), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(REFERENCE))
+    qlens = json.loads(meta["qlens"])
+    config = json.loads(meta["config"])
+    assert len(qlens) == int(meta["n_steps"])
+    return tensors, qlens, config
+
+
+@pytest.fixture(scope="module")
+def trxl4(reference):
+    _, _, config = reference
+    trxl, vocab = shelm_ppo.build_trxl(str(FIXTURE), config["n_layer"], config["mem_len"], "cpu")
+    return trxl, vocab
+
+
+def rollout(trxl, inputs, memory_reset):
+    """Feed (batch, seq, ...) inputs step by step as HF did, from an empty memory; yield (out, mems)
+    back in HF's (batch, seq, d) layout."""
+    batch = inputs[0].shape[0]
+    mems, memory_mask = shelm_ppo.init_memory(trxl, batch, memory_reset or "zero", "cpu")
+    if memory_reset is None:
+        memory_mask = None  # HF's model has no memory mask at all
+    with torch.no_grad():
+        for x in inputs:
+            x = trxl.word_emb(x.T) if x.dtype == torch.long else x.transpose(0, 1)
+            out, mems, memory_mask = trxl(x, mems, memory_mask)
+            yield out.transpose(0, 1), mems
+
+
+def max_diff(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+# HF starts from mems=None, i.e. zero memories every slot of which is visible: our "zero" reset with
+# its all-visible mask must be exactly that, as must running without any mask.
+@pytest.mark.parametrize("memory_reset", [None, "zero"])
+def test_inputs_embeds_rollout_matches_hf(reference, trxl4, memory_reset):
+    tensors, qlens, _ = reference
+    trxl, _ = trxl4
+    inputs = [tensors[f"embeds_in_{t}"] for t in range(len(qlens))]
+    for t, (out, mems) in enumerate(rollout(trxl, inputs, memory_reset)):
+        assert out.shape[1] == qlens[t]
+        assert max_diff(out, tensors[f"embeds_out_{t}"]) <= TOL, f"step {t} output"
+        assert max_diff(mems, tensors[f"embeds_mems_{t}"]) <= TOL, f"step {t} mems"
+
+
+def test_input_ids_rollout_matches_hf(reference, trxl4):
+    tensors, qlens, _ = reference
+    trxl, _ = trxl4
+    inputs = [tensors[f"ids_in_{t}"] for t in range(len(qlens))]
+    for t, (out, mems) in enumerate(rollout(trxl, inputs, "zero")):
+        assert max_diff(out, tensors[f"ids_out_{t}"]) <= TOL, f"step {t} output"
+        assert max_diff(mems, tensors[f"ids_mems_{t}"]) <= TOL, f"step {t} mems"
+
+
+def test_pruned_model_matches_hf_n_layer_2(reference):
+    tensors, qlens, config = reference
+    trxl, _ = shelm_ppo.build_trxl(str(FIXTURE), 2, config["mem_len"], "cpu")
+    assert len(trxl.layers) == trxl.n_layer == 2
+    inputs = [tensors[f"ids_in_{t}"] for t in range(len(qlens))]
+    for t, (out, mems) in enumerate(rollout(trxl, inputs, "zero")):
+        assert max_diff(out, tensors[f"ids_nlayer2_out_{t}"]) <= TOL, f"step {t} output"
+        assert max_diff(mems, tensors[f"ids_nlayer2_mems_{t}"]) <= TOL, f"step {t} mems"
+    # the pruned model is not just the full one: its last layer output differs
+    assert max_diff(tensors["ids_nlayer2_out_6"], tensors["ids_out_6"]) > 1e-3
+
+
+def test_word_embedding_of_whole_vocabulary(reference, trxl4):
+    tensors, _, config = reference
+    trxl, vocab = trxl4
+    with torch.no_grad():
+        emb = trxl.word_emb(torch.arange(config["vocab_size"]))
+    assert len(vocab) == config["vocab_size"]
+    assert max_diff(emb, tensors["word_emb_all"]) <= TOL
+    # ids of every adaptive cluster at once, in an order that interleaves them, in (seq, batch) shape
+    ids = torch.tensor([[299, 0, 59], [20, 150, 60]])
+    with torch.no_grad():
+        assert max_diff(trxl.word_emb(ids), tensors["word_emb_all"][ids]) <= TOL
+
+
+def test_frozen_and_in_eval_mode(trxl4):
+    trxl, _ = trxl4
+    assert not trxl.training
+    assert not any(p.requires_grad for p in trxl.parameters())
+
+
+def test_pytorch_model_bin_loads_like_safetensors(tmp_path, reference, trxl4):
+    # the official checkpoint on the hub is a pytorch_model.bin
+    tensors, qlens, config = reference
+    for name in ("config.json", "vocab.pkl"):
+        shutil.copy(FIXTURE / name, tmp_path / name)
+    torch.save(load_file(str(FIXTURE / "model.safetensors")), tmp_path / "pytorch_model.bin")
+    trxl, vocab = shelm_ppo.build_trxl(str(tmp_path), config["n_layer"], config["mem_len"], "cpu")
+    assert vocab == trxl4[1]
+    for key, value in trxl4[0].state_dict().items():
+        assert torch.equal(trxl.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------
+# vocab.pkl
+# ---------------------------------------------------------------------------------------------
+
+
+def fixture_vocab_dict():
+    with open(FIXTURE / "vocab.pkl", "rb") as f:
+        return pickle.load(f)  # our own fixture: trusted, so plain pickle is the independent reader
+
+
+def test_read_vocab_of_fixture():
+    expected = fixture_vocab_dict()["idx2sym"]
+    vocab = prepare_embeddings.read_vocab(FIXTURE / "vocab.pkl")
+    assert vocab == expected
+    assert len(vocab) == 300 and vocab[0] == "<eos>" and vocab[24] == "<unk>" and vocab[64] == "dog"
+    assert vocab[100] == "café"
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("nested", [False, True], ids=["bare", "inside-vocab"])
+def test_read_vocab_refuses_code(tmp_path, protocol, nested):
+    marker = tmp_path / "pwned"
+    obj = Payload(marker)
+    if nested:  # a valid-looking vocabulary that also carries the payload
+        obj = dict(fixture_vocab_dict(), extra=obj)
+    path = tmp_path / "vocab.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    # the file is really dangerous: a plain unpickler runs the payload
+    with open(path, "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+    marker.unlink()
+
+    with pytest.raises(SystemExit) as e:
+        prepare_embeddings.read_vocab(path)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "system" in message and str(path) in message
+    assert not marker.exists()
+
+
+def legacy_vocab_file(path, vocab):
+    """A vocab.pkl as the original Transformer-XL wrote it with torch.save before torch 1.6: a
+    stream of pickles (magic number, protocol version, system info, the object, storage keys)."""
+    with open(path, "wb") as f:
+        pickle.dump(0x1950A86A20F9469CFC6C, f, protocol=2)
+        pickle.dump(1001, f, protocol=2)
+        pickle.dump({"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}, f, protocol=2)
+        pickle.dump(vocab, f, protocol=2)
+        pickle.dump([], f, protocol=2)
+
+
+def test_read_vocab_of_legacy_torch_save_stream(tmp_path):
+    vocab = fixture_vocab_dict()
+    legacy_vocab_file(tmp_path / "handmade.pkl", vocab)
+    assert prepare_embeddings.read_vocab(tmp_path / "handmade.pkl") == vocab["idx2sym"]
+    # and what torch's own legacy writer produces
+    torch.save(vocab, tmp_path / "torch.pkl", _use_new_zipfile_serialization=False)
+    assert prepare_embeddings.read_vocab(tmp_path / "torch.pkl") == vocab["idx2sym"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02}q\x00.", b"not a pickle at all"], ids=["empty", "no-idx2sym", "garbage"])
+def test_read_vocab_of_unusable_file(tmp_path, content):
+    path = tmp_path / "vocab.pkl"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        prepare_embeddings.read_vocab(path)
+    assert str(e.value.code).startswith("error: vocabulary ") and str(path) in str(e.value.code)
+
+
+# ---------------------------------------------------------------------------------------------
+# build_trxl: refusals and the tiny random model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source,n_layer,maximum", [(str(FIXTURE), 0, 4), (str(FIXTURE), 5, 4), ("tiny-random", 19, 18), ("tiny-random", -1, 18)]
+)
+def test_build_trxl_refuses_n_layer_out_of_range(source, n_layer, maximum):
+    with pytest.raises(SystemExit) as e:
+        shelm_ppo.build_trxl(source, n_layer, 5, "cpu")
+    message = str(e.value.code)
+    assert message.startswith("error: --n-layer must be between 1 and ") and "\n" not in message
+    assert f"between 1 and {maximum}" in message and f"got {n_layer}" in message
+
+
+def model_dir(tmp_path, state):
+    for name in ("config.json", "vocab.pkl"):
+        shutil.copy(FIXTURE / name, tmp_path / name)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def test_build_trxl_refuses_wrong_shape(tmp_path):
+    state = load_file(str(FIXTURE / "model.safetensors"))
+    key = "transformer.layers.1.pos_ff.CoreNet.0.weight"
+    state[key] = state[key][:-1].contiguous()
+    source = model_dir(tmp_path, state)
+    with pytest.raises(SystemExit) as e:
+        shelm_ppo.build_trxl(str(source), 4, 5, "cpu")
+    message = str(e.value.code)
+    assert message.startswith("error: weights ") and "do not fit" in message and "\n" not in message
+    assert "layers.1.pos_ff.CoreNet.0.weight" in message
+    # a pruned model never reads the layers it drops, so the same file serves n_layer=1
+    trxl, _ = shelm_ppo.build_trxl(str(source), 1, 5, "cpu")
+    assert len(trxl.layers) == 1
+
+
+def test_build_trxl_refuses_missing_tensor(tmp_path):
+    state = load_file(str(FIXTURE / "model.safetensors"))
+    del state["transformer.word_emb.emb_projs.2"]
+    with pytest.raises(SystemExit) as e:
+        shelm_ppo.build_trxl(str(model_dir(tmp_path, state)), 4, 5, "cpu")
+    assert "do not fit" in str(e.value.code) and "word_emb.emb_projs.2" in str(e.value.code)
+
+
+def test_build_trxl_refuses_corrupt_weights(tmp_path):
+    source = model_dir(tmp_path, load_file(str(FIXTURE / "model.safetensors")))
+    data = (source / "model.safetensors").read_bytes()
+    (source / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit) as e:
+        shelm_ppo.build_trxl(str(source), 4, 5, "cpu")
+    message = str(e.value.code)
+    assert message.startswith("error: cannot read weights ") and "\n" not in message
+
+
+@pytest.fixture(scope="module")
+def tiny18():
+    return shelm_ppo.build_trxl("tiny-random", 18, 4, "cpu")
+
+
+def test_tiny_random_is_deterministic(tiny18):
+    torch.manual_seed(123)  # the global seed must not matter
+    again, vocab = shelm_ppo.build_trxl("tiny-random", 18, 4, "cpu")
+    assert vocab == tiny18[1] and len(vocab) == again.word_emb.cutoff_ends[-1]
+    state, state_again = tiny18[0].state_dict(), again.state_dict()
+    assert state.keys() == state_again.keys()
+    assert all(torch.equal(state[k], state_again[k]) for k in state)
+
+
+def test_tiny_random_pruned_is_prefix_of_full(tiny18):
+    full = tiny18[0]
+    pruned, _ = shelm_ppo.build_trxl("tiny-random", 2, 4, "cpu")
+    assert len(pruned.layers) == pruned.n_layer == 2 and len(full.layers) == 18
+    full_state = full.state_dict()
+    for key, value in pruned.state_dict().items():
+        assert torch.equal(value, full_state[key]), key
+    # so the pruned model's memories are the first two layers' memories of the full one
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, len(tiny18[1]), (3, q), generator=gen) for q in (1, 2, 1, 1, 3, 1)]
+    for (out_p, mems_p), (out_f, mems_f) in zip(rollout(pruned, inputs, "mask"), rollout(full, inputs, "mask")):
+        assert max_diff(mems_p, mems_f[:2]) <= TOL
+        assert max_diff(out_p, out_f) > 1e-3
