@@ -66,6 +66,12 @@ def find_file(source, names):
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError
     from huggingface_hub.errors import RepositoryNotFoundError
 
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in names:  # cached files need no network, which also makes offline runs start at once
+        cached = try_to_load_from_cache(source, name)
+        if isinstance(cached, str):
+            return Path(cached)
     offline = None
     for name in names:
         try:

@@ -1,6 +1,7 @@
 """Does it learn? Train one of the scripts with the tiny random models and report its learning curve.
 
-    python benchmark/learning.py shelm_ppo.py --env-id MiniGrid-DoorKey-5x5-v0 --total-timesteps 300000
+    python benchmark/learning.py shelm_ppo.py --env-id MiniGrid-DoorKey-5x5-v0 --published
+    python benchmark/learning.py shelm_ppo.py --env-id MiniGrid-MemoryS7-v0 --total-timesteps 300000 [script args]
 
 The tiny models are random, so the memory carries little information and the CNN query does the
 work: this checks the PPO loop, the data flow and the reward handling, not the pretrained memory.
@@ -14,13 +15,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# The original code's published MiniGrid-DoorKey-5x5 configurations (configs/MiniGrid/DoorKey5x5 of
+# ml-jku/helm; shared/reference/helm_original_configs.json), in these scripts' argument names. The
+# scripts' defaults are the MiniGrid-Memory configurations.
+PUBLISHED = {
+    "MiniGrid-DoorKey-5x5-v0": {
+        "helm_ppo.py": ["--learning-rate", "1e-4", "--mem-len", "255", "--ent-coef", "0.005", "--num-steps", "32"],
+        "helmv2_ppo.py": ["--learning-rate", "3e-4", "--mem-len", "255", "--ent-coef", "0.005", "--num-steps", "32"],
+        "shelm_ppo.py": ["--learning-rate", "1e-4", "--mem-len", "511", "--ent-coef", "0.005", "--num-steps", "32", "--topk", "2"],
+    },
+}
 
 
 @dataclass
@@ -33,8 +46,8 @@ class Args:
     target: float = 0.9
     """report the first step where the mean return of the last 100 episodes reaches this"""
     bin_steps: int = 10_000
-    extra: list[str] = field(default_factory=list)
-    """further arguments for the script"""
+    published: bool = False
+    """use the original code's published configuration for this env (where there is one), else the defaults"""
     out_dir: str = str(ROOT / "docs" / "results")
 
 
@@ -46,13 +59,17 @@ def read_scalars(run_dir, tag):
     return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
 
 
-def main(args):
+def main(args, extra):
     work = Path(tempfile.mkdtemp(prefix="helm-learning-"))
     tiny = ["--trxl-model", "tiny-random"]
     if args.script in ("shelm_ppo.py", "helmv2_ppo.py"):
         tiny += ["--clip-model", "tiny-random"]
+    if args.published:
+        if args.env_id not in PUBLISHED:
+            sys.exit(f"error: no published configuration for {args.env_id}")
+        extra = PUBLISHED[args.env_id][Path(args.script).name] + list(extra)
     cmd = [sys.executable, str(ROOT / args.script), *tiny, "--env-id", args.env_id, "--n-layer", "2",
-           "--total-timesteps", str(args.total_timesteps), "--seed", str(args.seed), "--no-progress-bar", *args.extra]
+           "--total-timesteps", str(args.total_timesteps), "--seed", str(args.seed), "--no-progress-bar", *extra]
     print(" ".join(cmd[1:]), flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=work, check=True)
@@ -85,4 +102,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(*tyro.cli(Args, return_unknown_args=True))  # unknown arguments go to the script

@@ -21,15 +21,6 @@ REFERENCE = ROOT / "tests" / "fixtures" / "tiny_trxl_reference.safetensors"
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: more threads only add contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference():
     with safe_open(str(REFERENCE), "pt") as f:
@@ -295,3 +286,19 @@ def test_tiny_random_pruned_is_prefix_of_full(tiny18):
     for (out_p, mems_p), (out_f, mems_f) in zip(rollout(pruned, inputs, "mask"), rollout(full, inputs, "mask")):
         assert max_diff(mems_p, mems_f[:2]) <= TOL
         assert max_diff(out_p, out_f) > 1e-3
+
+
+def test_hub_id_loads_from_the_cache_without_network(tmp_path, monkeypatch, trxl4):
+    # the hub path of build_trxl, offline: a cache laid out as huggingface_hub lays it out, holding
+    # the fixture under a hub id, must load without any network (the real model's files, once cached)
+    import huggingface_hub.constants
+
+    repo = tmp_path / "models--someone--tiny-trxl"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(FIXTURE, repo / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    trxl, vocab = shelm_ppo.build_trxl("someone/tiny-trxl", 4, 5, "cpu")
+    assert vocab == trxl4[1]
+    for (name, a), (_, b) in zip(trxl.state_dict().items(), trxl4[0].state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
