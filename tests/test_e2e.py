@@ -143,3 +143,20 @@ def tensors_in(obj):
     elif isinstance(obj, (list, tuple)):
         for value in obj:
             yield from tensors_in(value)
+
+
+def test_enjoy_replays_the_trained_agent(run):
+    # enjoy.py rebuilds the frozen models from the checkpoint's arguments (the embeddings file the
+    # run built included) and prints each step's memory words, which must be tiny-vocabulary words
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "enjoy.py"), str(run / "model_final.pt"), "--episodes", "1", "--show-memory"],
+        cwd=run.parent.parent, capture_output=True, text=True, timeout=300, env=dict(offline_env(), OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    memory = [line.split("memory <- ")[1].split() for line in lines if "memory <- " in line]
+    vocab = set(prepare_embeddings.tiny_vocab())
+    assert memory and all(len(words) == 2 and set(words) <= vocab for words in memory)  # --topk 2 as trained
+    episode = [line for line in lines if line.startswith("episode 1: return")]
+    assert len(episode) == 1 and int(episode[0].rsplit("length ", 1)[1]) == len(memory)
+    assert lines[-1].startswith("mean return over 1 episodes:")
