@@ -62,11 +62,9 @@ def find_file(source, names):
         return None
     if Path(source).exists() or source.startswith((".", "/", "~")):
         fail(f"{source!r} is not a directory holding a Transformer-XL")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError
     from huggingface_hub.errors import RepositoryNotFoundError
-
-    from huggingface_hub import try_to_load_from_cache
 
     for name in names:  # cached files need no network, which also makes offline runs start at once
         cached = try_to_load_from_cache(source, name)
@@ -355,8 +353,8 @@ def read_embeddings(path, expected):
 
 
 def write_atomically(path, write):
-    """Write through a temporary file in the same directory, fsync, then rename: a crash or a full
-    disk leaves any previous file untouched and no half-written one behind."""
+    """Write through a temporary file in the same directory, fsync, rename, fsync the directory: a
+    crash or a full disk leaves any previous file untouched and no half-written one behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -365,6 +363,11 @@ def write_atomically(path, write):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut too
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
     except OSError as e:
         _remove(tmp)
         fail(f"could not write {path}: {e.strerror or e}; nothing was overwritten")

@@ -461,7 +461,7 @@ def test_write_atomically_on_a_crash(tmp_path):
 
 
 def test_write_atomically_protocol(tmp_path, monkeypatch):
-    """Temporary file in the same directory, written, fsynced, then renamed over the target."""
+    """Temporary file in the same directory, written, fsynced, renamed over the target, directory fsynced."""
     path = tmp_path / "state.pt"
     path.write_bytes(b"previous")
     events = []
@@ -485,6 +485,6 @@ def test_write_atomically_protocol(tmp_path, monkeypatch):
     prepare_embeddings.write_atomically(path, write)
     tmp = events[0][1]
     assert Path(tmp).parent == tmp_path and tmp != str(path)
-    assert events == [("write", tmp), ("fsync", tmp), ("replace", tmp, str(path))]
+    assert events == [("write", tmp), ("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]
     assert path.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
