@@ -16,7 +16,6 @@ and helmv2_ppo.py; everything else is the same code in the three scripts (tests/
 """
 # [end algorithm-specific]
 import collections
-import hashlib
 import io
 import math
 import os

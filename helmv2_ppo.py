@@ -14,7 +14,6 @@ and shelm_ppo.py; everything else is the same code in the three scripts (tests/t
 """
 # [end algorithm-specific]
 import collections
-import hashlib
 import io
 import math
 import os

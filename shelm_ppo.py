@@ -13,7 +13,6 @@ and helmv2_ppo.py; everything else is the same code in the three scripts (tests/
 """
 # [end algorithm-specific]
 import collections
-import hashlib
 import io
 import math
 import os
@@ -39,6 +38,8 @@ import prepare_embeddings
 from prepare_embeddings import fail
 
 # [algorithm-specific]
+import hashlib  # noqa: E402 - the token cache's keys; only SHELM needs it
+
 ALGORITHM = "shelm"
 # [end algorithm-specific]
 CHECKPOINT_FORMAT = "helm-checkpoint/1"

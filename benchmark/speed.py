@@ -85,11 +85,8 @@ def bench_trxl(args, device):
 
 
 def bench_cache(args, device):
-    import gymnasium as gym
-    import numpy as np
     import open_clip
 
-    import prepare_embeddings as P
     import shelm_ppo as S
 
     torch.manual_seed(0)
