@@ -129,8 +129,11 @@ def main(args):
     if args.only in (None, "cache"):
         results["cache"] = bench_cache(args, device)
         print(json.dumps(results["cache"], indent=1), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # --only replaces its own section and keeps the others' last results
+    previous = json.loads(out.read_text()) if out.exists() and args.only else {}
+    out.write_text(json.dumps(previous | results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
