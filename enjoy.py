@@ -12,7 +12,6 @@ import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ class Args:
     """print the tokens entering the memory at each step of env 0"""
     capture_video: bool = False
     """record env 0 to videos/<run_name>-enjoy"""
-    seed: Optional[int] = None
+    seed: int | None = None
     """environment seed (default: the training seed + 10000, so evaluation episodes are new ones)"""
     cuda: bool = True
     """use CUDA when available"""
@@ -85,7 +84,9 @@ def main(cli):
                 print(f"  t={t:3d}  memory <- {' '.join(vocab[i] for i in tokens[0].tolist())}")
             obs_np, _, terminations, truncations, infos = envs.step(action.cpu().numpy())
             done = np.logical_or(terminations, truncations)
-            mems, memory_mask = algo.reset_memory(mems, memory_mask, torch.as_tensor(done, device=device), args.memory_reset)
+            mems, memory_mask = algo.reset_memory(
+                mems, memory_mask, torch.as_tensor(done, device=device), args.memory_reset
+            )
             t += 1
             if "episode" in infos:
                 for i in np.nonzero(infos["_episode"])[0]:

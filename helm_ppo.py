@@ -14,6 +14,7 @@ Only the CNN query encoder, the actor and the critic train.
 Docs: docs/helm_ppo.md. The sections marked [algorithm-specific] are what differ from shelm_ppo.py
 and helmv2_ppo.py; everything else is the same code in the three scripts (tests/test_drift.py).
 """
+
 # [end algorithm-specific]
 import collections
 import io
@@ -26,7 +27,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import gymnasium as gym
 import minigrid  # noqa: F401 - registers the MiniGrid environments
@@ -60,7 +61,7 @@ class Args:
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "helm"
     """the wandb's project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
     """whether to capture videos of the agent performances (check out `videos` folder)"""
@@ -102,7 +103,7 @@ class Args:
     """coefficient of the value function"""
     max_grad_norm: float = 0.5
     """the maximum norm for the gradient clipping"""
-    target_kl: Optional[float] = None
+    target_kl: float | None = None
     """the target KL divergence threshold"""
 
     # Memory: the frozen Transformer-XL
@@ -125,7 +126,7 @@ class Args:
     """every N updates, log the memory tokens of one whole episode as tensorboard text (0: never)"""
 
     # Reliability
-    resume: Optional[str] = None
+    resume: str | None = None
     """continue the run saved in this checkpoint (its own arguments are used; see docs/reliability.md)"""
     checkpoint_every: int = 10
     """write runs/{run_name}/checkpoint.pt every N updates (0: only at the end and on SIGINT/SIGTERM)"""
@@ -149,7 +150,15 @@ RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every")
 
 def check_args(args):
     """One clear line for each argument out of range, before anything is built or written."""
-    positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "mem_len", "nonfinite_limit"]
+    positive = [
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "mem_len",
+        "nonfinite_limit",
+    ]
     # [algorithm-specific]
     positive += ["hopfield_chunk"]
     if not (math.isfinite(args.beta) and args.beta > 0):
@@ -172,9 +181,13 @@ def check_args(args):
     if args.n_layer < 1:
         fail(f"--n-layer must be >= 1, got {args.n_layer}")
     if args.num_envs * args.num_steps < args.num_minibatches:
-        fail(f"--num-minibatches ({args.num_minibatches}) exceeds the batch size num_envs * num_steps ({args.num_envs * args.num_steps})")
+        fail(
+            f"--num-minibatches ({args.num_minibatches}) exceeds the batch size num_envs * num_steps ({args.num_envs * args.num_steps})"
+        )
     if args.total_timesteps < args.num_envs * args.num_steps:
-        fail(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({args.num_envs * args.num_steps})")
+        fail(
+            f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({args.num_envs * args.num_steps})"
+        )
 
 
 def make_env(env_id, idx, capture_video, run_name):
@@ -188,7 +201,12 @@ def make_env(env_id, idx, capture_video, run_name):
             env = minigrid.wrappers.RGBImgPartialObsWrapper(env, tile_size=8)
             env = minigrid.wrappers.ImgObsWrapper(env)
         space = env.observation_space
-        if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3 and space.shape[-1] == 3):
+        if not (
+            isinstance(space, gym.spaces.Box)
+            and space.dtype == np.uint8
+            and len(space.shape) == 3
+            and space.shape[-1] == 3
+        ):
             fail(f"{env_id} does not observe RGB images (H, W, 3) of uint8 but {space}; these agents need pixels")
         if min(space.shape[:2]) < 8:
             fail(f"{env_id} observes images of {space.shape[0]}x{space.shape[1]} pixels; the CNN needs at least 8x8")
@@ -321,7 +339,9 @@ class TransformerXL(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(c["n_head"], c["d_model"], c["d_head"], c["d_inner"], eps) for _ in range(n_layer)
         )
-        self.register_buffer("inv_freq", 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0) / self.d_model)), persistent=False)
+        self.register_buffer(
+            "inv_freq", 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0) / self.d_model)), persistent=False
+        )
 
     def forward(self, x, mems, memory_mask=None):
         """x (qlen, batch, d_model) input embeddings -> (output of the last layer, new mems, new memory_mask)."""
@@ -348,7 +368,9 @@ class TransformerXL(nn.Module):
             h = layer(h, pos_emb, mask, mem)
         new_mems = torch.cat([mems, torch.stack(hids)], dim=1)[:, -self.mem_len :]
         if memory_mask is not None:
-            memory_mask = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool, device=x.device)])[-self.mem_len :]
+            memory_mask = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool, device=x.device)])[
+                -self.mem_len :
+            ]
         return h, new_mems, memory_mask
 
 
@@ -552,12 +574,20 @@ class Agent(nn.Module):
             nn.Flatten(),
         )
         n_flat = conv(torch.zeros(1, 3, h, w)).shape[1]
-        self.query = nn.Sequential(conv, layer_init(nn.Linear(n_flat, d_model), relu_gain, nn.init.xavier_uniform_), nn.ReLU())
+        self.query = nn.Sequential(
+            conv, layer_init(nn.Linear(n_flat, d_model), relu_gain, nn.init.xavier_uniform_), nn.ReLU()
+        )
         self.actor = nn.Sequential(
-            layer_init(nn.Linear(2 * d_model, 128)), nn.LayerNorm(128, elementwise_affine=False), nn.ReLU(), layer_init(nn.Linear(128, n_actions))
+            layer_init(nn.Linear(2 * d_model, 128)),
+            nn.LayerNorm(128, elementwise_affine=False),
+            nn.ReLU(),
+            layer_init(nn.Linear(128, n_actions)),
         )
         self.critic = nn.Sequential(
-            layer_init(nn.Linear(2 * d_model, 512)), nn.LayerNorm(512, elementwise_affine=False), nn.ReLU(), layer_init(nn.Linear(512, 1))
+            layer_init(nn.Linear(2 * d_model, 512)),
+            nn.LayerNorm(512, elementwise_affine=False),
+            nn.ReLU(),
+            layer_init(nn.Linear(512, 1)),
         )
 
     def features(self, trxl_out, obs):
@@ -574,7 +604,11 @@ class Agent(nn.Module):
         probs = Categorical(logits=logits, validate_args=False)
         if action is None:
             # nor can they be sampled; any action does, the guard skips the updates on what follows
-            action = probs.sample() if torch.isfinite(logits).all() else logits.new_zeros(logits.shape[:-1], dtype=torch.long)
+            action = (
+                probs.sample()
+                if torch.isfinite(logits).all()
+                else logits.new_zeros(logits.shape[:-1], dtype=torch.long)
+            )
         return action, probs.log_prob(action), probs.entropy(), self.critic(x)
 
 
@@ -634,7 +668,9 @@ def set_rng_state(state):
 def versions():
     import importlib.metadata as md
 
-    return {p: md.version(p) for p in ["torch", "gymnasium", "minigrid", "open_clip_torch"]} | {"python": sys.version.split()[0]}
+    return {p: md.version(p) for p in ["torch", "gymnasium", "minigrid", "open_clip_torch"]} | {
+        "python": sys.version.split()[0]
+    }
 
 
 if __name__ == "__main__":
@@ -686,15 +722,24 @@ if __name__ == "__main__":
         wandb_id = ckpt["wandb_id"]
         set_rng_state(ckpt["rng"])
         print(f"resuming {run_name} at step {global_step} (update {start_iteration - 1} of {args.num_iterations})")
-    print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {sum(p.numel() for p in trxl.parameters()):,} frozen parameters")
+    print(
+        f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {sum(p.numel() for p in trxl.parameters()):,} frozen parameters"
+    )
 
     if args.track:
         import wandb
 
         wandb_id = wandb_id or wandb.util.generate_id()
         wandb.init(
-            project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-            name=run_name, id=wandb_id, resume="allow", monitor_gym=True, save_code=True,
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            id=wandb_id,
+            resume="allow",
+            monitor_gym=True,
+            save_code=True,
         )
     from torch.utils.tensorboard import SummaryWriter
 
@@ -704,7 +749,7 @@ if __name__ == "__main__":
     if not ckpt:
         writer.add_text(
             "hyperparameters",
-            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+            "|param|value|\n|-|-|\n{}".format("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
     meta = {"algorithm": ALGORITHM, "env_id": args.env_id, "versions": versions()}
 
@@ -712,19 +757,31 @@ if __name__ == "__main__":
         """What a checkpoint needs besides weights, taken where an update has just finished."""
         rms = reward_norm.return_rms
         return {
-            "iteration": iteration, "global_step": global_step, "best_return": best_return,
-            "recent_returns": [float(r) for r in recent_returns], "rng": rng_state(),
+            "iteration": iteration,
+            "global_step": global_step,
+            "best_return": best_return,
+            "recent_returns": [float(r) for r in recent_returns],
+            "rng": rng_state(),
             "reward_rms": (float(np.asarray(rms.mean)), float(np.asarray(rms.var)), float(rms.count)),
             "encoder": encoder.encoder_state(),  # HELMv2's running statistics change during the rollout
         }
 
     def checkpoint(path, boundary):
         writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
-        save_checkpoint(path, {
-            "format": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "args": asdict(args), "meta": meta,
-            "run_name": run_name, "wandb_id": wandb_id, "agent": agent.state_dict(),
-            "optimizer": optimizer.state_dict(), **boundary,
-        })
+        save_checkpoint(
+            path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "algorithm": ALGORITHM,
+                "args": asdict(args),
+                "meta": meta,
+                "run_name": run_name,
+                "wandb_id": wandb_id,
+                "agent": agent.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                **boundary,
+            },
+        )
 
     # SIGINT/SIGTERM (Ctrl-C, preemption): finish the env step or update under way, save, exit
     stop = []
@@ -763,7 +820,9 @@ if __name__ == "__main__":
     if args.progress_bar:
         from tqdm import tqdm
 
-        progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step", dynamic_ncols=True)
+        progress = tqdm(
+            total=args.num_iterations * args.batch_size, initial=global_step, unit="step", dynamic_ncols=True
+        )
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         boundary = snapshot(iteration - 1)
@@ -851,7 +910,9 @@ if __name__ == "__main__":
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
 
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_trxl_outs[mb_inds], b_obs[mb_inds], b_actions[mb_inds])
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(
+                    b_trxl_outs[mb_inds], b_obs[mb_inds], b_actions[mb_inds]
+                )
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
 
@@ -874,7 +935,9 @@ if __name__ == "__main__":
                 newvalue = newvalue.view(-1)
                 if args.clip_vloss:
                     v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                    )
                     v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
                     v_loss = torch.max(v_loss_unclipped, v_loss_clipped).mean()
                 else:
@@ -889,7 +952,9 @@ if __name__ == "__main__":
                 if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     # one bad minibatch must not poison the weights: skip it, give up if it persists
                     nonfinite_in_row += 1
-                    warnings.warn(f"non-finite loss or gradient at step {global_step}: update skipped ({nonfinite_in_row} in a row)")
+                    warnings.warn(
+                        f"non-finite loss or gradient at step {global_step}: update skipped ({nonfinite_in_row} in a row)"
+                    )
                     if nonfinite_in_row >= args.nonfinite_limit:
                         # this iteration's steps are taken, so its counters: global_step == iteration * batch_size
                         checkpoint(run_dir / "checkpoint_nonfinite.pt", snapshot(iteration))

@@ -63,8 +63,12 @@ def find_file(source, names):
     if Path(source).exists() or source.startswith((".", "/", "~")):
         fail(f"{source!r} is not a directory holding a Transformer-XL")
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     for name in names:  # cached files need no network, which also makes offline runs start at once
         cached = try_to_load_from_cache(source, name)
@@ -95,11 +99,24 @@ def tiny_vocab():
     return ["<eos>", "<unk>"] + words[:1998]
 
 
-TINY_TRXL_CONFIG = dict(
-    vocab_size=2000, cutoffs=[200, 800], div_val=4, d_model=64, d_embed=64, n_head=4, d_head=16,
-    d_inner=128, n_layer=18, clamp_len=1000, same_length=True, untie_r=True, pre_lnorm=False,
-    attn_type=0, adaptive=True, layer_norm_epsilon=1e-5,
-)
+TINY_TRXL_CONFIG = {
+    "vocab_size": 2000,
+    "cutoffs": [200, 800],
+    "div_val": 4,
+    "d_model": 64,
+    "d_embed": 64,
+    "n_head": 4,
+    "d_head": 16,
+    "d_inner": 128,
+    "n_layer": 18,
+    "clamp_len": 1000,
+    "same_length": True,
+    "untie_r": True,
+    "pre_lnorm": False,
+    "attn_type": 0,
+    "adaptive": True,
+    "layer_norm_epsilon": 1e-5,
+}
 
 
 class _VocabUnpickler(pickle.Unpickler):
@@ -264,7 +281,11 @@ def encode_words(clip, clip_ids, batch_size=1024):
             x = clip.token_embedding(text) + clip.positional_embedding[:3]
             x = clip.transformer(x, attn_mask=clip.attn_mask[:3, :3])
             x = clip.ln_final(x)[:, -1]
-            x = x @ clip.text_projection if not isinstance(clip.text_projection, torch.nn.Linear) else clip.text_projection(x)
+            x = (
+                x @ clip.text_projection
+                if not isinstance(clip.text_projection, torch.nn.Linear)
+                else clip.text_projection(x)
+            )
         out.append(x.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, clip.text_projection.shape[-1])
 
@@ -436,5 +457,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     _, _, vocab = trxl_source(args.trxl_model, weights=False)
     clip = load_clip(args.clip_model, args.clip_pretrained, device)
-    build_embeddings(clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab, args.out_dir, force=args.force)
+    build_embeddings(
+        clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab, args.out_dir, force=args.force
+    )
     sys.exit(0)

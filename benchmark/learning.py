@@ -31,7 +31,18 @@ PUBLISHED = {
     "MiniGrid-DoorKey-5x5-v0": {
         "helm_ppo.py": ["--learning-rate", "1e-4", "--mem-len", "255", "--ent-coef", "0.005", "--num-steps", "32"],
         "helmv2_ppo.py": ["--learning-rate", "3e-4", "--mem-len", "255", "--ent-coef", "0.005", "--num-steps", "32"],
-        "shelm_ppo.py": ["--learning-rate", "1e-4", "--mem-len", "511", "--ent-coef", "0.005", "--num-steps", "32", "--topk", "2"],
+        "shelm_ppo.py": [
+            "--learning-rate",
+            "1e-4",
+            "--mem-len",
+            "511",
+            "--ent-coef",
+            "0.005",
+            "--num-steps",
+            "32",
+            "--topk",
+            "2",
+        ],
     },
 }
 
@@ -68,8 +79,21 @@ def main(args, extra):
         if args.env_id not in PUBLISHED:
             sys.exit(f"error: no published configuration for {args.env_id}")
         extra = PUBLISHED[args.env_id][Path(args.script).name] + list(extra)
-    cmd = [sys.executable, str(ROOT / args.script), *tiny, "--env-id", args.env_id, "--n-layer", "2",
-           "--total-timesteps", str(args.total_timesteps), "--seed", str(args.seed), "--no-progress-bar", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / args.script),
+        *tiny,
+        "--env-id",
+        args.env_id,
+        "--n-layer",
+        "2",
+        "--total-timesteps",
+        str(args.total_timesteps),
+        "--seed",
+        str(args.seed),
+        "--no-progress-bar",
+        *extra,
+    ]
     print(" ".join(cmd[1:]), flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=work, check=True)

@@ -21,7 +21,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import tyro
@@ -30,16 +29,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # config.json of transfo-xl/transfo-xl-wt103
-WT103 = dict(
-    vocab_size=267735, cutoffs=[20000, 40000, 200000], div_val=4, d_model=1024, d_embed=1024, n_head=16, d_head=64,
-    d_inner=4096, n_layer=18, clamp_len=1000, same_length=True, untie_r=True, pre_lnorm=False, attn_type=0,
-    adaptive=True, layer_norm_epsilon=1e-5,
-)
+WT103 = {
+    "vocab_size": 267735,
+    "cutoffs": [20000, 40000, 200000],
+    "div_val": 4,
+    "d_model": 1024,
+    "d_embed": 1024,
+    "n_head": 16,
+    "d_head": 64,
+    "d_inner": 4096,
+    "n_layer": 18,
+    "clamp_len": 1000,
+    "same_length": True,
+    "untie_r": True,
+    "pre_lnorm": False,
+    "attn_type": 0,
+    "adaptive": True,
+    "layer_norm_epsilon": 1e-5,
+}
 
 
 @dataclass
 class Args:
-    only: Optional[str] = None
+    only: str | None = None
     """trxl or cache (default: both)"""
     cuda: bool = False
     """measure on the GPU"""
@@ -78,9 +90,12 @@ def bench_trxl(args, device):
                     times[n].append(time.perf_counter() - t)
     med = {n: statistics.median(v) for n, v in times.items()}
     return {
-        "frozen_params_18": params[18], "frozen_params_2": params[2],
+        "frozen_params_18": params[18],
+        "frozen_params_2": params[2],
         "param_reduction_2_vs_18": 1 - params[2] / params[18],
-        "step_ms_18": 1000 * med[18], "step_ms_2": 1000 * med[2], "speedup_2_vs_18": med[18] / med[2],
+        "step_ms_18": 1000 * med[18],
+        "step_ms_2": 1000 * med[2],
+        "speedup_2_vs_18": med[18] / med[2],
     }
 
 
@@ -113,16 +128,22 @@ def bench_cache(args, device):
     hit_rate = enc[100_000].hits / enc[100_000].lookups
     total = {c: sum(v) for c, v in times.items()}
     return {
-        "env_steps": args.cache_steps, "envs": 16, "hit_rate": hit_rate, "tokens_identical": same,
-        "encoder_s_per_step_off": total[0] / args.cache_steps, "encoder_s_per_step_on": total[100_000] / args.cache_steps,
+        "env_steps": args.cache_steps,
+        "envs": 16,
+        "hit_rate": hit_rate,
+        "tokens_identical": same,
+        "encoder_s_per_step_off": total[0] / args.cache_steps,
+        "encoder_s_per_step_on": total[100_000] / args.cache_steps,
         "speedup_cache_on_vs_off": total[0] / total[100_000],
     }
 
 
 def main(args):
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               "torch_threads": torch.get_num_threads()}
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
     if args.only in (None, "trxl"):
         results["trxl"] = bench_trxl(args, device)
         print(json.dumps(results["trxl"], indent=1), flush=True)

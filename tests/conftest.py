@@ -17,8 +17,23 @@ sys.path.insert(0, str(ROOT))
 SCRIPTS = ["shelm_ppo.py", "helm_ppo.py", "helmv2_ppo.py"]
 
 # a run short enough for tests: 2 updates of 4 envs x 16 steps on DoorKey-5x5
-QUICK = ["--env-id", "MiniGrid-DoorKey-5x5-v0", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
-         "--update-epochs", "1", "--total-timesteps", "128", "--n-layer", "2", "--no-progress-bar"]
+QUICK = [
+    "--env-id",
+    "MiniGrid-DoorKey-5x5-v0",
+    "--num-envs",
+    "4",
+    "--num-steps",
+    "16",
+    "--num-minibatches",
+    "2",
+    "--update-epochs",
+    "1",
+    "--total-timesteps",
+    "128",
+    "--n-layer",
+    "2",
+    "--no-progress-bar",
+]
 
 
 def tiny_args(script, tmp_path):
@@ -41,7 +56,12 @@ def run_script(script, args, cwd, timeout=300, **kwargs):
     """Run a training script in `cwd` (its runs/ land there) and return the CompletedProcess."""
     return subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],
-        cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=timeout, **kwargs,
+        cwd=cwd,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
     )
 
 

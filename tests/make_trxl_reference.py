@@ -78,54 +78,87 @@ LAYER0_QKV_DAMP = 0.25  # see redraw_parameters()
 # (adaptive, div_val > 1, 3 cutoffs, untied r biases, same_length, clamp_len < mem_len,
 # post-LayerNorm, projections shared for all clusters but the first, tied embeddings).
 N_TOKEN = 300
-CONFIG_KWARGS = dict(
-    vocab_size=N_TOKEN,
-    cutoffs=[20, 60, 150],
-    d_model=32,
-    d_embed=32,
-    n_head=4,
-    d_head=8,
-    d_inner=64,
-    div_val=2,
-    pre_lnorm=False,
-    n_layer=4,
-    mem_len=5,
-    clamp_len=3,
-    same_length=True,
-    proj_share_all_but_first=True,  # -> tie_projs = [False, True, True, True] as in wt103
-    attn_type=0,
-    sample_softmax=-1,
-    adaptive=True,
-    dropout=0.0,
-    dropatt=0.0,
-    untie_r=True,
-    init="normal",
-    init_range=0.01,
-    proj_init_std=0.01,
-    init_std=0.02,
-    layer_norm_epsilon=1e-5,
-    eos_token_id=0,
+CONFIG_KWARGS = {
+    "vocab_size": N_TOKEN,
+    "cutoffs": [20, 60, 150],
+    "d_model": 32,
+    "d_embed": 32,
+    "n_head": 4,
+    "d_head": 8,
+    "d_inner": 64,
+    "div_val": 2,
+    "pre_lnorm": False,
+    "n_layer": 4,
+    "mem_len": 5,
+    "clamp_len": 3,
+    "same_length": True,
+    "proj_share_all_but_first": True,  # -> tie_projs = [False, True, True, True] as in wt103
+    "attn_type": 0,
+    "sample_softmax": -1,
+    "adaptive": True,
+    "dropout": 0.0,
+    "dropatt": 0.0,
+    "untie_r": True,
+    "init": "normal",
+    "init_range": 0.01,
+    "proj_init_std": 0.01,
+    "init_std": 0.02,
+    "layer_norm_epsilon": 1e-5,
+    "eos_token_id": 0,
     # extra keys present in the official wt103 config.json (ignored by the HF model code)
-    tgt_len=7,
-    ext_len=0,
-    tie_weight=True,
-    architectures=["TransfoXLLMHeadModel"],
-)
+    "tgt_len": 7,
+    "ext_len": 0,
+    "tie_weight": True,
+    "architectures": ["TransfoXLLMHeadModel"],
+}
 
 # Vocabulary: index 0 is the only `special` symbol ("<eos>"), the rest is ordered by
 # (synthetic) frequency like the original Vocab.build_vocab(); "<unk>" is an ordinary
 # corpus token and sits at index 24 exactly as in transfo-xl-wt103.
 PLACED_SYMBOLS = {
-    1: "the", 2: ",", 3: ".", 4: "of", 5: "and", 6: "in", 7: "to", 8: "a", 9: "was",
-    10: "is", 11: "@-@", 12: "on", 13: "as", 14: "for", 15: "with", 16: "by", 17: "that",
-    18: "'s", 19: "door",
+    1: "the",
+    2: ",",
+    3: ".",
+    4: "of",
+    5: "and",
+    6: "in",
+    7: "to",
+    8: "a",
+    9: "was",
+    10: "is",
+    11: "@-@",
+    12: "on",
+    13: "as",
+    14: "for",
+    15: "with",
+    16: "by",
+    17: "that",
+    18: "'s",
+    19: "door",
     # cluster 1: [20, 60)
-    20: "key", 21: "ball", 22: "box", 23: "red", 24: "<unk>", 25: "green", 26: "blue",
+    20: "key",
+    21: "ball",
+    22: "box",
+    23: "red",
+    24: "<unk>",
+    25: "green",
+    26: "blue",
     27: "wall",
     # cluster 2: [60, 150)
-    60: "yellow", 61: "purple", 62: "grey", 63: "goal", 64: "dog", 100: "café",
+    60: "yellow",
+    61: "purple",
+    62: "grey",
+    63: "goal",
+    64: "dog",
+    100: "café",
     # cluster 3: [150, 300)
-    150: "agent", 151: "pick", 152: "up", 153: "go", 154: "open", 155: "put", 156: "next",
+    150: "agent",
+    151: "pick",
+    152: "up",
+    153: "go",
+    154: "open",
+    155: "put",
+    156: "next",
     299: "w299",
 }
 
@@ -243,8 +276,10 @@ def rollout(model, inputs, key: str, want_attn: bool):
 
 def attention_report(name: str, per_step) -> None:
     mem_len = CONFIG_KWARGS["mem_len"]
-    print(f"[attn] {name}: per layer mean / min of row-max prob; uniform over the "
-          f"{mem_len} visible keys would be {1 / mem_len:.3f}; row-entropy mean (uniform = {torch.log(torch.tensor(float(mem_len))):.3f})")
+    print(
+        f"[attn] {name}: per layer mean / min of row-max prob; uniform over the "
+        f"{mem_len} visible keys would be {1 / mem_len:.3f}; row-entropy mean (uniform = {torch.log(torch.tensor(float(mem_len))):.3f})"
+    )
     n_layer = per_step[0]["attn"].shape[0]
     for layer in range(n_layer):
         rowmax, ent = [], []
@@ -258,8 +293,10 @@ def attention_report(name: str, per_step) -> None:
             ent.append(-(a.clamp_min(1e-30).log() * a).sum(-1).reshape(-1))
         rm = torch.cat(rowmax)
         en = torch.cat(ent)
-        print(f"    layer {layer}: rowmax mean {rm.mean():.3f} min {rm.min():.3f} max {rm.max():.3f} "
-              f"(rows > 0.99: {(rm > 0.99).float().mean():.0%}); entropy mean {en.mean():.3f}")
+        print(
+            f"    layer {layer}: rowmax mean {rm.mean():.3f} min {rm.min():.3f} max {rm.max():.3f} "
+            f"(rows > 0.99: {(rm > 0.99).float().mean():.0%}); entropy mean {en.mean():.3f}"
+        )
         assert rm.mean() > 2.0 / mem_len, "attention too close to uniform"
 
 
@@ -288,8 +325,10 @@ def main() -> int:
     config.save_pretrained(MODEL_DIR)
     state = {k: v.detach().clone().contiguous() for k, v in lm.state_dict().items()}
     save_file(state, MODEL_DIR / "model.safetensors", metadata={"format": "pt"})
-    print(f"[ckpt] {len(state)} tensors, e.g. {sorted(state)[:3]} ... crit keys: "
-          f"{sorted(k for k in state if k.startswith('crit.'))}")
+    print(
+        f"[ckpt] {len(state)} tensors, e.g. {sorted(state)[:3]} ... crit keys: "
+        f"{sorted(k for k in state if k.startswith('crit.'))}"
+    )
     assert "transformer.pos_emb.inv_freq" in state
 
     # ---- 2. vocab.pkl ------------------------------------------------------------------
@@ -308,17 +347,21 @@ def main() -> int:
         ids = tok.convert_tokens_to_ids(["<eos>", "the", "dog", "<unk>", "not-in-vocab"])
         assert ids == [0, 1, 64, 24, 24], ids
         assert tok.vocab_size == N_TOKEN and tok.eos_token_id == 0 and tok.unk_token_id == 24
-        print(f"[vocab] HF TransfoXLTokenizer reads vocab.pkl: vocab_size={tok.vocab_size} "
-              f"ids(<eos>,the,dog,<unk>,oov)={ids}")
+        print(
+            f"[vocab] HF TransfoXLTokenizer reads vocab.pkl: vocab_size={tok.vocab_size} "
+            f"ids(<eos>,the,dog,<unk>,oov)={ids}"
+        )
     except ImportError as exc:  # sacremoses missing
         print(f"[vocab] skipped HF tokenizer check ({exc})")
 
     # ---- 3. reference outputs from TransfoXLModel loaded from the LM-head checkpoint ---
     model, info = TransfoXLModel.from_pretrained(str(MODEL_DIR), output_loading_info=True)
     model.eval()
-    print(f"[load] TransfoXLModel(n_layer=4): missing={info['missing_keys']} "
-          f"unexpected={info['unexpected_keys']} mismatched={info['mismatched_keys']} "
-          f"errors={info['error_msgs']}")
+    print(
+        f"[load] TransfoXLModel(n_layer=4): missing={info['missing_keys']} "
+        f"unexpected={info['unexpected_keys']} mismatched={info['mismatched_keys']} "
+        f"errors={info['error_msgs']}"
+    )
     assert info["missing_keys"] == [] and info["mismatched_keys"] == []
     assert all(k.startswith("crit.") for k in info["unexpected_keys"])
     for k, v in model.state_dict().items():  # weights really came from the file
@@ -326,8 +369,10 @@ def main() -> int:
 
     model2, info2 = TransfoXLModel.from_pretrained(str(MODEL_DIR), n_layer=2, output_loading_info=True)
     model2.eval()
-    print(f"[load] TransfoXLModel(n_layer=2): missing={info2['missing_keys']} "
-          f"unexpected={sorted(info2['unexpected_keys'])} mismatched={info2['mismatched_keys']}")
+    print(
+        f"[load] TransfoXLModel(n_layer=2): missing={info2['missing_keys']} "
+        f"unexpected={sorted(info2['unexpected_keys'])} mismatched={info2['mismatched_keys']}"
+    )
     assert info2["missing_keys"] == [] and len(model2.layers) == 2
 
     embeds = [torch.randn(BSZ, q, config.d_model, generator=gen) * EMBEDS_SCALE for q in QLENS]
@@ -369,14 +414,34 @@ def main() -> int:
         "n_steps": str(len(QLENS)),
         "embeds_scale": str(EMBEDS_SCALE),
         "seed": str(SEED),
-        "config": json.dumps({k: CONFIG_KWARGS[k] for k in (
-            "vocab_size", "cutoffs", "d_model", "d_embed", "n_head", "d_head", "d_inner",
-            "div_val", "n_layer", "mem_len", "clamp_len", "same_length", "pre_lnorm",
-            "untie_r", "attn_type", "layer_norm_epsilon", "proj_share_all_but_first")}
-            | {"tie_projs": config.tie_projs}),
+        "config": json.dumps(
+            {
+                k: CONFIG_KWARGS[k]
+                for k in (
+                    "vocab_size",
+                    "cutoffs",
+                    "d_model",
+                    "d_embed",
+                    "n_head",
+                    "d_head",
+                    "d_inner",
+                    "div_val",
+                    "n_layer",
+                    "mem_len",
+                    "clamp_len",
+                    "same_length",
+                    "pre_lnorm",
+                    "untie_r",
+                    "attn_type",
+                    "layer_norm_epsilon",
+                    "proj_share_all_but_first",
+                )
+            }
+            | {"tie_projs": config.tie_projs}
+        ),
         "nlayer2": json.dumps({"n_layer": 2}),
         "generator": f"tests/make_trxl_reference.py; transformers {transformers.__version__}; "
-                     f"torch {torch.__version__}",
+        f"torch {torch.__version__}",
     }
     save_file(tensors, REFERENCE_FILE, metadata=metadata)
 

@@ -71,7 +71,10 @@ CASES = {
     "learning-rate-negative": (["--learning-rate", "-1"], ["--learning-rate", "-1"]),
 }
 SHELM_CASES = {
-    "embeddings-file-missing": (["--embeddings-file", "/missing.safetensors"], ["/missing.safetensors", "does not exist"]),
+    "embeddings-file-missing": (
+        ["--embeddings-file", "/missing.safetensors"],
+        ["/missing.safetensors", "does not exist"],
+    ),
     "topk-0": (["--topk", "0"], ["--topk", "got 0"]),
 }
 

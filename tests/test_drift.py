@@ -35,7 +35,9 @@ def test_shared_code_is_identical():
     reference = shared_parts((ROOT / SCRIPTS[0]).read_text())
     for name in SCRIPTS[1:]:
         parts = shared_parts((ROOT / name).read_text())
-        assert len(parts) == len(reference), f"{name} has {len(parts) - 1} specific sections, {SCRIPTS[0]} {len(reference) - 1}"
+        assert len(parts) == len(reference), (
+            f"{name} has {len(parts) - 1} specific sections, {SCRIPTS[0]} {len(reference) - 1}"
+        )
         for i, (a, b) in enumerate(zip(reference, parts)):
             if a != b:
                 diff = next(j for j, (x, y) in enumerate(zip(a.splitlines() + [""], b.splitlines() + [""])) if x != y)

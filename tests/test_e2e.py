@@ -7,20 +7,44 @@ import sys
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, offline_env, tiny_args
-
 import prepare_embeddings
 import shelm_ppo
+from conftest import QUICK, ROOT, offline_env, tiny_args
 
 ENV_ID = "MiniGrid-Empty-5x5-v0"
 # Empty-5x5 truncates an episode at 100 steps, so 2 envs x 128 steps end at least one episode per env
 # in the second update, whatever the random policy does; two updates of two minibatches each
-RUN = [*QUICK, "--env-id", ENV_ID, "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "256",
-       "--topk", "2", "--save-model", "--log-tokens-every", "1"]
+RUN = [
+    *QUICK,
+    "--env-id",
+    ENV_ID,
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "64",
+    "--total-timesteps",
+    "256",
+    "--topk",
+    "2",
+    "--save-model",
+    "--log-tokens-every",
+    "1",
+]
 STEPS = [128, 256]  # global step at the end of each update
-SCALARS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
-           "charts/token_cache_hit_rate", "losses/value_loss", "losses/policy_loss", "losses/entropy",
-           "losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance"]
+SCALARS = [
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/SPS",
+    "charts/learning_rate",
+    "charts/token_cache_hit_rate",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/old_approx_kl",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +52,11 @@ def run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("e2e")
     args = [*RUN, *tiny_args("shelm_ppo.py", cwd)]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "shelm_ppo.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(ROOT / "shelm_ppo.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=dict(offline_env(), OMP_NUM_THREADS="1"),  # tiny models: threads only contend on a shared machine
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -150,7 +178,11 @@ def test_enjoy_replays_the_trained_agent(run):
     # run built included) and prints each step's memory words, which must be tiny-vocabulary words
     proc = subprocess.run(
         [sys.executable, str(ROOT / "enjoy.py"), str(run / "model_final.pt"), "--episodes", "1", "--show-memory"],
-        cwd=run.parent.parent, capture_output=True, text=True, timeout=300, env=dict(offline_env(), OMP_NUM_THREADS="1"),
+        cwd=run.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(offline_env(), OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

@@ -158,7 +158,9 @@ def test_colour_channels_are_averaged(word_emb):
     assert (soft_t - soft_sq).abs().max() > 1e-2 * square.embeddings.abs().max()
 
 
-@pytest.mark.parametrize("field,value", [("beta", 0.0), ("beta", -1.0), ("beta", math.nan), ("beta", math.inf), ("hopfield_chunk", 0)])
+@pytest.mark.parametrize(
+    "field,value", [("beta", 0.0), ("beta", -1.0), ("beta", math.nan), ("beta", math.inf), ("hopfield_chunk", 0)]
+)
 def test_check_args_rejects(field, value):
     with pytest.raises(SystemExit) as e:
         helm_ppo.check_args(helm_ppo.Args(**{field: value}))
@@ -168,7 +170,13 @@ def test_check_args_rejects(field, value):
 def test_helm_defaults_follow_the_original_minigrid_memory_config():
     args = helm_ppo.Args()
     assert helm_ppo.ALGORITHM == "helm"
-    assert (args.learning_rate, args.mem_len, args.ent_coef, args.num_steps, args.num_envs) == (1e-4, 15, 0.005, 128, 16)
+    assert (args.learning_rate, args.mem_len, args.ent_coef, args.num_steps, args.num_envs) == (
+        1e-4,
+        15,
+        0.005,
+        128,
+        16,
+    )
     assert args.beta == 100.0 and args.total_timesteps == 2_000_000
     assert not hasattr(args, "topk") and not hasattr(args, "clip_model")  # no SHELM-only fields
     helm_ppo.check_args(args)

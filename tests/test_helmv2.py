@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import QUICK, error_line, run_script, tiny_args
-
 import helmv2_ppo as h
+from conftest import QUICK, error_line, run_script, tiny_args
 
 EPS = 1e-8
 

@@ -24,9 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, error_line, offline_env, run_script, tiny_args
-
 import prepare_embeddings
+from conftest import QUICK, ROOT, error_line, offline_env, run_script, tiny_args
 
 # episodes of a few dozen steps (the agent bumps into an obstacle), so returns get recorded
 ENV = "MiniGrid-Dynamic-Obstacles-5x5-v0"
@@ -48,8 +47,12 @@ def train_args(script, shared, **overrides):
             args[args.index(flag) + 1] = str(value)
         else:
             args += [flag, str(value)]
-    for flag, value in [("--num-envs", NUM_ENVS), ("--num-steps", NUM_STEPS), ("--num-minibatches", MINIBATCHES),
-                        ("--update-epochs", EPOCHS)]:
+    for flag, value in [
+        ("--num-envs", NUM_ENVS),
+        ("--num-steps", NUM_STEPS),
+        ("--num-minibatches", MINIBATCHES),
+        ("--update-epochs", EPOCHS),
+    ]:
         assert args[args.index(flag) + 1] == str(value), "QUICK changed: update the constants above"
     return args + tiny_args(script, shared)  # one embeddings file for all runs
 
@@ -78,8 +81,9 @@ def assert_same(a, b, where="checkpoint"):
     """Equal nested checkpoint content: tensors bitwise, floats with NaN == NaN."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
-                                     and torch.equal(a.nan_to_num(), b.nan_to_num())), where
+        assert torch.equal(a, b) or (
+            a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        ), where
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {set(a) ^ set(b)}"
         for key in a:
@@ -107,8 +111,13 @@ def start(script, args, cwd):
     thread each: runs side by side with torch's default threads spin against each other."""
     cwd.mkdir(parents=True, exist_ok=True)
     out, err = open(cwd / "stdout.txt", "w"), open(cwd / "stderr.txt", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                            env=dict(offline_env(), OMP_NUM_THREADS="1"), stdout=out, stderr=err)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd,
+        env=dict(offline_env(), OMP_NUM_THREADS="1"),
+        stdout=out,
+        stderr=err,
+    )
     out.close(), err.close()
     proc.cwd = cwd
     return proc
@@ -117,8 +126,11 @@ def start(script, args, cwd):
 def finish(proc):
     """Wait for a run from start(); the result reads like run_script's."""
     proc.wait(timeout=WAIT)
-    return SimpleNamespace(returncode=proc.returncode, stdout=(proc.cwd / "stdout.txt").read_text(),
-                           stderr=(proc.cwd / "stderr.txt").read_text())
+    return SimpleNamespace(
+        returncode=proc.returncode,
+        stdout=(proc.cwd / "stdout.txt").read_text(),
+        stderr=(proc.cwd / "stderr.txt").read_text(),
+    )
 
 
 def side_by_side(script, runs):
@@ -149,11 +161,14 @@ def runs(script, shared, cache):
     (`twin`), and of one update with another seed (`other`), made side by side on first use."""
     if ("runs", script) not in cache:
         base = shared / script[:-3]
-        results = side_by_side(script, {
-            "reference": (train_args(script, shared, save_model=True), base / "reference"),
-            "twin": (train_args(script, shared, save_model=True), base / "twin"),
-            "other": (train_args(script, shared, seed=2, total_timesteps=BATCH), base / "other"),
-        })
+        results = side_by_side(
+            script,
+            {
+                "reference": (train_args(script, shared, save_model=True), base / "reference"),
+                "twin": (train_args(script, shared, save_model=True), base / "twin"),
+                "other": (train_args(script, shared, seed=2, total_timesteps=BATCH), base / "other"),
+            },
+        )
         for name, result in results.items():
             assert result.returncode == 0, f"{name}: {result.stderr}"
         cache["runs", script] = SimpleNamespace(**{name: run_dir_of(base / name) for name in results})
@@ -173,7 +188,9 @@ def interrupted(script, shared, cache):
     {signal: what each step left}."""
     if ("interrupted", script) not in cache:
         base = shared / script[:-3]
-        procs = {sig: start(script, train_args(script, shared), base / sig.name) for sig in (signal.SIGTERM, signal.SIGKILL)}
+        procs = {
+            sig: start(script, train_args(script, shared), base / sig.name) for sig in (signal.SIGTERM, signal.SIGKILL)
+        }
         found, deadline = {}, time.time() + WAIT
         while len(found) < len(procs) and time.time() < deadline:
             for sig, proc in procs.items():
@@ -181,18 +198,28 @@ def interrupted(script, shared, cache):
                     proc.send_signal(sig)
                     found[sig] = next(proc.cwd.glob("runs/*/checkpoint.pt"))
                 elif sig not in found:
-                    assert proc.poll() is None, f"{sig.name} run ended before its first checkpoint: {finish(proc).stderr}"
+                    assert proc.poll() is None, (
+                        f"{sig.name} run ended before its first checkpoint: {finish(proc).stderr}"
+                    )
             time.sleep(0.02)
         assert len(found) == len(procs), "no checkpoint in time"
         result = {sig: SimpleNamespace(stopped=finish(proc), path=found[sig]) for sig, proc in procs.items()}
         for sig, r in result.items():
             r.saved = load(r.path)
             r.leftovers = [p.name for p in r.path.parent.iterdir() if ".tmp" in p.name]
-        resumed = side_by_side(script, {
-            sig: (["--resume", r.path.relative_to(base / sig.name), "--no-progress-bar"], base / sig.name) for sig, r in result.items()
-        })
+        resumed = side_by_side(
+            script,
+            {
+                sig: (["--resume", r.path.relative_to(base / sig.name), "--no-progress-bar"], base / sig.name)
+                for sig, r in result.items()
+            },
+        )
         for sig, r in result.items():
-            r.resumed, r.final, r.loss_steps = resumed[sig], load(r.path), [s for s, _ in scalars(r.path.parent)["losses/value_loss"]]
+            r.resumed, r.final, r.loss_steps = (
+                resumed[sig],
+                load(r.path),
+                [s for s, _ in scalars(r.path.parent)["losses/value_loss"]],
+            )
         cache["interrupted", script] = result
     return cache["interrupted", script]
 
@@ -218,7 +245,11 @@ def test_sigterm_saves_boundary_and_resume_completes_the_run(interrupted, refere
     r = interrupted[signal.SIGTERM]
     assert r.stopped.returncode == 128 + signal.SIGTERM, r.stopped.stderr
     assert "Traceback" not in r.stopped.stderr
-    assert r.stopped.stderr.strip().splitlines()[-1].endswith(f"--resume {Path('runs') / r.path.parent.name / 'checkpoint.pt'}")
+    assert (
+        r.stopped.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"--resume {Path('runs') / r.path.parent.name / 'checkpoint.pt'}")
+    )
     # the checkpoint of the last finished update: the steps of the interrupted rollout are not in it
     assert 1 <= r.saved["iteration"] < UPDATES, "the run finished before the signal: nothing was tested"
     assert r.saved["global_step"] == r.saved["iteration"] * BATCH
@@ -243,8 +274,12 @@ def test_resuming_a_finished_run_changes_nothing(script, reference, tmp_path):
     run_dir = tmp_path / "runs" / reference.name
     before, logged = load(run_dir / "checkpoint.pt"), scalars(run_dir)
     # the arguments that --resume takes from the command line, as the reference run had them
-    proc = run_script(script, ["--resume", Path("runs") / reference.name / "checkpoint.pt", "--no-progress-bar",
-                               "--checkpoint-every", "1"], tmp_path, timeout=WAIT)
+    proc = run_script(
+        script,
+        ["--resume", Path("runs") / reference.name / "checkpoint.pt", "--no-progress-bar", "--checkpoint-every", "1"],
+        tmp_path,
+        timeout=WAIT,
+    )
     assert proc.returncode == 0, proc.stderr
     after = load(run_dir / "checkpoint.pt")
     assert after["args"].pop("resume") == str(Path("runs") / reference.name / "checkpoint.pt")
@@ -365,14 +400,18 @@ def test_nonfinite_losses_abort_with_a_checkpoint(script, reference, tmp_path):
     torch.save(ckpt, run_dir / "checkpoint.pt")
     good = (run_dir / "checkpoint.pt").read_bytes()
     resume = Path("runs") / reference.name / "checkpoint.pt"
-    proc = run_script(script, ["--resume", resume, "--no-progress-bar", "--checkpoint-every", "1"], tmp_path, timeout=WAIT)
+    proc = run_script(
+        script, ["--resume", resume, "--no-progress-bar", "--checkpoint-every", "1"], tmp_path, timeout=WAIT
+    )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     skipped = [line for line in proc.stderr.splitlines() if "UserWarning: non-finite loss or gradient" in line]
     assert [line.split("(")[-1] for line in skipped] == ["1 in a row)", "2 in a row)", "3 in a row)"]
     line = error_line(proc)
     assert line.startswith(f"error: 3 non-finite losses or gradients in a row at step {(UPDATES + 2) * BATCH}; ")
-    assert line.endswith(f"state saved to {resume.with_name('checkpoint_nonfinite.pt')} (last periodic checkpoint: {resume})")
+    assert line.endswith(
+        f"state saved to {resume.with_name('checkpoint_nonfinite.pt')} (last periodic checkpoint: {resume})"
+    )
     saved = load(run_dir / "checkpoint_nonfinite.pt")
     assert (saved["iteration"], saved["global_step"]) == (UPDATES + 2, (UPDATES + 2) * BATCH)
     # update 5 ended inside the run of non-finite losses: a periodic checkpoint would have put the
@@ -397,8 +436,13 @@ def test_checkpoint_that_cannot_be_written_leaves_the_previous_one(script, refer
     previous = (run_dir / "checkpoint.pt").read_bytes()
     resume = Path("runs") / reference.name / "checkpoint.pt"
     # room for the log, not for the checkpoint (written again at the end of a resumed finished run)
-    proc = run_script(script, ["--resume", resume, "--no-progress-bar"], tmp_path, timeout=WAIT,
-                      preexec_fn=limit_file_size(len(previous) // 2))
+    proc = run_script(
+        script,
+        ["--resume", resume, "--no-progress-bar"],
+        tmp_path,
+        timeout=WAIT,
+        preexec_fn=limit_file_size(len(previous) // 2),
+    )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert error_line(proc) == f"error: could not write {resume}: File too large; nothing was overwritten"
@@ -409,9 +453,22 @@ def test_checkpoint_that_cannot_be_written_leaves_the_previous_one(script, refer
 
 def test_embeddings_that_cannot_be_written_leave_nothing(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "prepare_embeddings.py"), "--clip-model", "tiny-random", "--trxl-model", "tiny-random",
-         "--out-dir", "data"],
-        cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=WAIT, preexec_fn=limit_file_size(64 * 1024),
+        [
+            sys.executable,
+            str(ROOT / "prepare_embeddings.py"),
+            "--clip-model",
+            "tiny-random",
+            "--trxl-model",
+            "tiny-random",
+            "--out-dir",
+            "data",
+        ],
+        cwd=tmp_path,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        preexec_fn=limit_file_size(64 * 1024),
     )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -451,9 +508,11 @@ def test_write_atomically_on_a_crash(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
     # killed outright in the middle of the write: no cleanup can run, the previous file is intact
-    code = ("import os, signal, prepare_embeddings as p\n"
-            "def w(tmp):\n    open(tmp, 'wb').write(b'half a')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
-            f"p.write_atomically({str(path)!r}, w)\n")
+    code = (
+        "import os, signal, prepare_embeddings as p\n"
+        "def w(tmp):\n    open(tmp, 'wb').write(b'half a')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"p.write_atomically({str(path)!r}, w)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=offline_env())
     assert proc.wait(timeout=WAIT) == -signal.SIGKILL
     assert path.read_bytes() == b"previous"

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from open_clip.tokenizer import SimpleTokenizer, tokenize
 
-from conftest import ROOT
-
 import prepare_embeddings
 import shelm_ppo
+from conftest import ROOT
 
 TINY = prepare_embeddings.TINY
 FIXTURE_TRXL = ROOT / "tests" / "fixtures" / "tiny_trxl"
@@ -174,16 +173,20 @@ def test_clip_preprocessing_long_side_truncated_like_torchvision():
 def test_clip_preprocessing_close_to_clip_own_on_minigrid():
     # CLIP's own preprocessing is PIL's bicubic on the uint8 image; the batched one is an
     # approximation of it that must stay close on what the agents see: MiniGrid views, at ViT-B/16's 224
-    from PIL import Image
-
     import gymnasium as gym
     import minigrid
+    from PIL import Image
 
     env = minigrid.wrappers.RGBImgPartialObsWrapper(gym.make("MiniGrid-DoorKey-5x5-v0"), tile_size=8)
     images = torch.stack([torch.from_numpy(env.reset(seed=s)[0]["image"]) for s in range(3)])
-    clip_own = T.Compose([
-        T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)
-    ])
+    clip_own = T.Compose(
+        [
+            T.Resize(224, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
     expected = torch.stack([clip_own(Image.fromarray(image.numpy())) for image in images])
     got = prepare_embeddings.clip_image_features(PixelsOut(224), images)
     diff = (got - expected).abs()
@@ -214,7 +217,9 @@ def fixture_vocab():
 
 
 def build(clip, vocab, out_dir, **kwargs):
-    return prepare_embeddings.build_embeddings(clip, TINY, "openai", str(FIXTURE_TRXL), vocab, out_dir, verbose=True, **kwargs)
+    return prepare_embeddings.build_embeddings(
+        clip, TINY, "openai", str(FIXTURE_TRXL), vocab, out_dir, verbose=True, **kwargs
+    )
 
 
 def expected_meta(clip, vocab):
@@ -246,7 +251,10 @@ def test_embeddings_file_of_other_models_refused(tmp_path, clip, fixture_vocab):
     retrained = copy.deepcopy(clip)
     with torch.no_grad():
         retrained.token_embedding.weight[5] += 1.0
-    for vocab, model, field in [(other_vocab, clip, "trxl_vocab_sha256"), (fixture_vocab, retrained, "clip_text_sha256")]:
+    for vocab, model, field in [
+        (other_vocab, clip, "trxl_vocab_sha256"),
+        (fixture_vocab, retrained, "clip_text_sha256"),
+    ]:
         with pytest.raises(SystemExit) as e:
             build(clip=model, vocab=vocab, out_dir=tmp_path)  # same file name: the models' names agree
         message = str(e.value.code)
@@ -266,7 +274,10 @@ def test_embeddings_file_corrupt_refused_then_force_rebuilds(tmp_path, clip, fix
     good = path.read_bytes()
     path.write_bytes(good[: len(good) - 100])
     meta = expected_meta(clip, fixture_vocab)
-    for attempt in (lambda: build(clip, fixture_vocab, tmp_path), lambda: prepare_embeddings.read_embeddings(path, meta)):
+    for attempt in (
+        lambda: build(clip, fixture_vocab, tmp_path),
+        lambda: prepare_embeddings.read_embeddings(path, meta),
+    ):
         with pytest.raises(SystemExit) as e:
             attempt()
         message = str(e.value.code)
@@ -294,7 +305,11 @@ def test_write_atomically_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(SystemExit) as e:
         prepare_embeddings.write_atomically(path, half_written(OSError(errno.ENOSPC, "No space left on device")))
     message = str(e.value.code)
-    assert message.startswith("error: could not write ") and "No space left on device" in message and "nothing was overwritten" in message
+    assert (
+        message.startswith("error: could not write ")
+        and "No space left on device" in message
+        and "nothing was overwritten" in message
+    )
     assert path.read_bytes() == b"old content" and os.listdir(tmp_path) == ["file.bin"]
     with pytest.raises(KeyboardInterrupt):  # an interrupt stays an interrupt, but cleans up too
         prepare_embeddings.write_atomically(path, half_written(KeyboardInterrupt()))
@@ -331,15 +346,22 @@ def test_embeddings_dir_is_a_file(tmp_path, clip, fixture_vocab):
 @pytest.fixture(scope="module")
 def memory(tmp_path_factory):
     args = shelm_ppo.Args(
-        trxl_model=TINY, clip_model=TINY, n_layer=2, mem_len=4, topk=2,
-        embeddings_dir=str(tmp_path_factory.mktemp("data")), token_cache_size=0,
+        trxl_model=TINY,
+        clip_model=TINY,
+        n_layer=2,
+        mem_len=4,
+        topk=2,
+        embeddings_dir=str(tmp_path_factory.mktemp("data")),
+        token_cache_size=0,
     )
     return shelm_ppo.build_memory(args, "cpu", verbose=False)
 
 
 def retrieval(encoder, cache_size):
     clip, word_emb = encoder.frozen
-    return shelm_ppo.TokenRetrieval(clip, encoder.text_embeddings, encoder.trxl_ids, word_emb, encoder.tokens_per_step, cache_size)
+    return shelm_ppo.TokenRetrieval(
+        clip, encoder.text_embeddings, encoder.trxl_ids, word_emb, encoder.tokens_per_step, cache_size
+    )
 
 
 def observation_stream(n_distinct=10, steps=200, batch=8, seed=0):

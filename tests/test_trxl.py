@@ -11,10 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT
-
 import prepare_embeddings
 import shelm_ppo
+from conftest import ROOT
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_trxl"
 REFERENCE = ROOT / "tests" / "fixtures" / "tiny_trxl_reference.safetensors"
@@ -180,7 +179,11 @@ def legacy_vocab_file(path, vocab):
     with open(path, "wb") as f:
         pickle.dump(0x1950A86A20F9469CFC6C, f, protocol=2)
         pickle.dump(1001, f, protocol=2)
-        pickle.dump({"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}, f, protocol=2)
+        pickle.dump(
+            {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+            f,
+            protocol=2,
+        )
         pickle.dump(vocab, f, protocol=2)
         pickle.dump([], f, protocol=2)
 
@@ -194,7 +197,9 @@ def test_read_vocab_of_legacy_torch_save_stream(tmp_path):
     assert prepare_embeddings.read_vocab(tmp_path / "torch.pkl") == vocab["idx2sym"]
 
 
-@pytest.mark.parametrize("content", [b"", b"\x80\x02}q\x00.", b"not a pickle at all"], ids=["empty", "no-idx2sym", "garbage"])
+@pytest.mark.parametrize(
+    "content", [b"", b"\x80\x02}q\x00.", b"not a pickle at all"], ids=["empty", "no-idx2sym", "garbage"]
+)
 def test_read_vocab_of_unusable_file(tmp_path, content):
     path = tmp_path / "vocab.pkl"
     path.write_bytes(content)
@@ -209,7 +214,8 @@ def test_read_vocab_of_unusable_file(tmp_path, content):
 
 
 @pytest.mark.parametrize(
-    "source,n_layer,maximum", [(str(FIXTURE), 0, 4), (str(FIXTURE), 5, 4), ("tiny-random", 19, 18), ("tiny-random", -1, 18)]
+    "source,n_layer,maximum",
+    [(str(FIXTURE), 0, 4), (str(FIXTURE), 5, 4), ("tiny-random", 19, 18), ("tiny-random", -1, 18)],
 )
 def test_build_trxl_refuses_n_layer_out_of_range(source, n_layer, maximum):
     with pytest.raises(SystemExit) as e:
