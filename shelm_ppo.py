@@ -108,7 +108,7 @@ class Args:
 
     # Memory: the frozen Transformer-XL
     trxl_model: str = "transfo-xl/transfo-xl-wt103"
-    """Transformer-XL: Hugging Face hub id, local directory, or tiny-random (tests and benchmarks only)"""
+    """Transformer-XL: Hugging Face hub id, local directory, tiny-random (tests) or random-wt103 (speed benchmarks)"""
     n_layer: int = 18
     """keep the first N of the Transformer-XL's layers (1..18); 2 learns as well and is faster"""
     mem_len: int = 15
@@ -120,7 +120,7 @@ class Args:
     clip_model: str = "ViT-B-16"
     """open_clip model name, or tiny-random (tests and benchmarks only)"""
     clip_pretrained: str = "openai"
-    """open_clip pretrained tag, or a local weights file"""
+    """open_clip pretrained tag, a local weights file, or random (random weights: speed benchmarks only)"""
     topk: int = 1
     """number of vocabulary words retrieved per observation (Transformer-XL tokens per step)"""
     embeddings_dir: str = "data"
@@ -394,12 +394,10 @@ def build_trxl(source, n_layer, mem_len, device):
         fail(f"--n-layer must be between 1 and {config['n_layer']} for {source}, got {n_layer}")
     if len(vocab) != config["vocab_size"]:
         fail(f"{source}: the vocabulary has {len(vocab)} words but the model {config['vocab_size']}")
-    if weights is None:  # tiny random model: the same weights in every process, whatever n_layer
+    if weights is None:  # random model: the same weights in every process, its layers a prefix of all 18
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            trxl = TransformerXL(config, config["n_layer"], mem_len)
-        trxl.layers = trxl.layers[:n_layer]
-        trxl.n_layer = n_layer
+            trxl = TransformerXL(config, n_layer, mem_len)  # the layers are drawn after the embeddings, in order
     else:
         trxl = TransformerXL(config, n_layer, mem_len)
         state = {}
@@ -591,6 +589,25 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), self.critic(x)
 
 
+class Laps:
+    """Wall time of each phase of the training loop: lap(name) adds the time since the previous lap
+    to that phase. Logged per update as perf/<phase>_s, so a run shows where its time goes. On a GPU
+    a phase ends when its work is queued, not done: the phases shift, their sum stays right."""
+
+    def __init__(self):
+        self.totals, self.last = collections.defaultdict(float), time.perf_counter()
+
+    def __call__(self, name):
+        now = time.perf_counter()
+        self.totals[name] += now - self.last
+        self.last = now
+
+    def pop(self):
+        """The totals since the last pop, and a fresh start."""
+        totals, self.totals = dict(self.totals), collections.defaultdict(float)
+        return totals
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: tensors and plain data only, read back with torch.load(weights_only=True).
 # ---------------------------------------------------------------------------------------------
@@ -642,6 +659,18 @@ def set_rng_state(state):
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(state["python"])
+
+
+def log_perf(writer, phases, batch_size, device, global_step):
+    """perf/<phase>_s of one update, perf/rollout_s and perf/update_sps (this update's steps per second
+    of wall time, the previous update's logging included), and the peak CUDA memory on a GPU."""
+    for name, seconds in phases.items():
+        writer.add_scalar(f"perf/{name}_s", seconds, global_step)
+    rollout = sum(v for k, v in phases.items() if k in ("agent", "env", "encoder", "trxl", "rollout_other"))
+    writer.add_scalar("perf/rollout_s", rollout, global_step)
+    writer.add_scalar("perf/update_sps", batch_size / sum(phases.values()), global_step)
+    if device.type == "cuda":
+        writer.add_scalar("perf/cuda_max_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, global_step)
 
 
 def versions():
@@ -802,8 +831,10 @@ if __name__ == "__main__":
         progress = tqdm(
             total=args.num_iterations * args.batch_size, initial=global_step, unit="step", dynamic_ncols=True
         )
+    lap = Laps()
 
     for iteration in range(start_iteration, args.num_iterations + 1):
+        lap("logging")  # the previous update's logging and checkpoints
         boundary = snapshot(iteration - 1)
         if stop:
             stop_now(boundary)
@@ -828,6 +859,7 @@ if __name__ == "__main__":
                 values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob
+            lap("agent")
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
@@ -835,14 +867,17 @@ if __name__ == "__main__":
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device).view(-1)
             next_obs = torch.from_numpy(next_obs_np).to(device)
             next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
+            lap("env")
 
             # the memory step of the next observation, which belongs to a new episode where done
             episode_text.append(" ".join(vocab[t] for t in tokens[step, 0].tolist()))
             with torch.no_grad():
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
                 trxl_in, next_tokens = encoder(next_obs_np)
+                lap("encoder")
                 trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
                 next_trxl_out = trxl_out[-1]
+                lap("trxl")
 
             if "episode" in infos:
                 for i in np.nonzero(infos["_episode"])[0]:
@@ -855,6 +890,7 @@ if __name__ == "__main__":
                 episode_text = []
             if progress is not None:
                 progress.update(args.num_envs)
+            lap("rollout_other")
 
         # bootstrap value if not done
         with torch.no_grad():
@@ -951,6 +987,7 @@ if __name__ == "__main__":
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
+        lap("update")
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -966,6 +1003,7 @@ if __name__ == "__main__":
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
+        log_perf(writer, lap.pop(), args.batch_size, device, global_step)
         for key, value in encoder.log_scalars().items():
             writer.add_scalar(key, value, global_step)
         if args.log_tokens_every and iteration % args.log_tokens_every == 0 and last_episode_text:
