@@ -298,7 +298,8 @@ def clip_image_features(clip, images):
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     x = x[..., top : top + size, left : left + size].clamp(0.0, 1.0)  # PIL clamps bicubic overshoot too
     x = (x - mean.to(x.device)[:, None, None]) / std.to(x.device)[:, None, None]
-    return clip.encode_image(x).float()
+    weights = next(iter(clip.visual.parameters()), None) if isinstance(clip.visual, torch.nn.Module) else None
+    return clip.encode_image(x if weights is None else x.to(weights.dtype)).float()  # CLIP may be bfloat16
 
 
 def encode_words(clip, clip_ids, batch_size=1024):

@@ -14,6 +14,7 @@ and helmv2_ppo.py; everything else is the same code in the three scripts (tests/
 
 # [end algorithm-specific]
 import collections
+import hashlib
 import io
 import math
 import os
@@ -39,9 +40,6 @@ import prepare_embeddings
 from prepare_embeddings import fail
 
 # [algorithm-specific]
-# isort: split
-import hashlib  # the token cache's keys; only SHELM needs it
-
 ALGORITHM = "shelm"
 # [end algorithm-specific]
 CHECKPOINT_FORMAT = "helm-checkpoint/1"
@@ -115,6 +113,10 @@ class Args:
     """number of past steps (tokens) the Transformer-XL keeps per layer"""
     memory_reset: Literal["mask", "zero"] = "mask"
     """at an episode start: mask (the new episode cannot attend to the old one) or zero (zero the memories, as the original)"""
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the frozen Transformer-XL (and SHELM's CLIP): auto is bfloat16 where the hardware has fast bfloat16"""
+    observation_cache_size: int = 100_000
+    """observations whose frozen-encoder outputs are remembered, so exact repeats skip the encoder (0: off)"""
     # [algorithm-specific]
     # SHELM: CLIP + token retrieval
     clip_model: str = "ViT-B-16"
@@ -127,8 +129,6 @@ class Args:
     """directory of the vocabulary embeddings file (built by prepare_embeddings.py on first use)"""
     embeddings_file: str | None = None
     """use this embeddings file instead of the one in embeddings_dir; it must exist and match the models"""
-    token_cache_size: int = 100_000
-    """observations whose retrieved tokens are remembered, so exact repeats skip CLIP (0: off)"""
     # [end algorithm-specific]
     log_tokens_every: int = 10
     """every N updates, log the memory tokens of one whole episode as tensorboard text (0: never)"""
@@ -169,8 +169,6 @@ def check_args(args):
     ]
     # [algorithm-specific]
     positive += ["topk"]
-    if args.token_cache_size < 0:
-        fail(f"--token-cache-size must be >= 0, got {args.token_cache_size}")
     # [end algorithm-specific]
     for name in positive:
         if getattr(args, name) < 1:
@@ -181,7 +179,7 @@ def check_args(args):
     for name in ["gamma", "gae_lambda"]:
         if not 0 <= getattr(args, name) <= 1:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    for name in ["ent_coef", "vf_coef", "log_tokens_every", "checkpoint_every"]:
+    for name in ["ent_coef", "vf_coef", "log_tokens_every", "checkpoint_every", "observation_cache_size"]:
         if not getattr(args, name) >= 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.target_kl is not None and not args.target_kl > 0:
@@ -296,19 +294,25 @@ class RelMultiHeadAttn(nn.Module):
         x = torch.cat([x.new_zeros(q, 1, *x.shape[2:]), x], dim=1)
         return x.view(k + 1, q, *x.shape[2:])[1:].view(q, k, *x.shape[2:])
 
-    def forward(self, h, pos_emb, mask, mem):
+    def keys_values(self, h):
+        """Keys and values (..., 2 * n_head * d_head) of layer inputs h: what a memory slot holding h
+        offers to later steps. The weights are frozen, so a slot's are computed once, when it is written."""
+        return F.linear(h, self.qkv_net.weight[self.n_head * self.d_head :])
+
+    def forward(self, h, pos_emb, mask, mem_kv):
+        """h (qlen, bsz, d_model) this step's inputs, mem_kv (mlen, bsz, 2 * n_head * d_head) the keys and
+        values of the memory -> (output, the keys and values of h: the memory slots this step writes)."""
         qlen, bsz = h.shape[:2]
-        q, k, v = self.qkv_net(torch.cat([mem, h], dim=0)).chunk(3, dim=-1)
-        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head)
-        k = k.view(-1, bsz, self.n_head, self.d_head)
-        v = v.view(-1, bsz, self.n_head, self.d_head)
+        q, kv = self.qkv_net(h).split([self.n_head * self.d_head, 2 * self.n_head * self.d_head], dim=-1)
+        q = q.view(qlen, bsz, self.n_head, self.d_head)
+        k, v = torch.cat([mem_kv, kv], dim=0).view(-1, bsz, 2, self.n_head, self.d_head).unbind(2)
         r = self.r_net(pos_emb).view(-1, self.n_head, self.d_head)
         content = torch.einsum("ibnd,jbnd->ijbn", q + self.r_w_bias, k)
         position = self.rel_shift(torch.einsum("ibnd,jnd->ijbn", q + self.r_r_bias, r))
-        score = (content + position) * self.scale
+        score = (content + position).float() * self.scale  # the softmax in float32 whatever the weights' dtype
         score = score.masked_fill(mask[..., None], torch.finfo(score.dtype).min)
-        out = torch.einsum("ijbn,jbnd->ibnd", score.softmax(dim=1), v).reshape(qlen, bsz, -1)
-        return self.layer_norm(h + self.o_net(out))
+        out = torch.einsum("ijbn,jbnd->ibnd", score.softmax(dim=1).to(v.dtype), v).reshape(qlen, bsz, -1)
+        return self.layer_norm(h + self.o_net(out)), kv
 
 
 class PositionwiseFF(nn.Module):
@@ -328,31 +332,43 @@ class DecoderLayer(nn.Module):
         self.dec_attn = RelMultiHeadAttn(n_head, d_model, d_head, eps)
         self.pos_ff = PositionwiseFF(d_model, d_inner, eps)
 
-    def forward(self, h, pos_emb, mask, mem):
-        return self.pos_ff(self.dec_attn(h, pos_emb, mask, mem))
+    def forward(self, h, pos_emb, mask, mem_kv):
+        h, kv = self.dec_attn(h, pos_emb, mask, mem_kv)
+        return self.pos_ff(h), kv
 
 
 class TransformerXL(nn.Module):
     """Transformer-XL with per-layer memories of the last mem_len steps.
 
-    mems (n_layer, mem_len, batch, d_model) hold each layer's past inputs; memory_mask (mem_len, batch)
-    says which memory slots a step may attend to (None: all, as Hugging Face's model does)."""
+    mems (n_layer, mem_len, batch, 2 * n_head * d_head) hold the attention keys and values of each layer's
+    past inputs (keys_values(hidden) of Hugging Face's mems, which hold the inputs themselves): the
+    weights are frozen, so each slot's keys and values are computed once instead of at every step.
+    memory_mask (mem_len, batch) says which memory slots a step may attend to (None: all, as Hugging
+    Face's model does). The frozen weights may be bfloat16; inputs are cast to them, outputs are float32."""
 
     def __init__(self, c, n_layer, mem_len):
         super().__init__()
         self.n_layer, self.mem_len, self.d_model = n_layer, mem_len, c["d_model"]
+        self.mem_width = 2 * c["n_head"] * c["d_head"]  # a memory slot holds the keys and values of one input
         self.clamp_len, self.same_length = c["clamp_len"], c["same_length"]
         self.word_emb = AdaptiveEmbedding(c["vocab_size"], c["d_embed"], c["d_model"], c["cutoffs"], c["div_val"])
         eps = c.get("layer_norm_epsilon", 1e-5)
         self.layers = nn.ModuleList(
             DecoderLayer(c["n_head"], c["d_model"], c["d_head"], c["d_inner"], eps) for _ in range(n_layer)
         )
-        self.register_buffer(
-            "inv_freq", 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0) / self.d_model)), persistent=False
-        )
+
+    @property
+    def dtype(self):
+        return self.word_emb.emb_projs[0].dtype
+
+    def keys_values(self, hidden):
+        """Memories as this model keeps them (keys and values) from Hugging Face's (each layer's inputs),
+        (n_layer, mem_len, batch, d_model) -> (n_layer, mem_len, batch, mem_width)."""
+        return torch.stack([layer.dec_attn.keys_values(h) for layer, h in zip(self.layers, hidden)])
 
     def forward(self, x, mems, memory_mask=None):
         """x (qlen, batch, d_model) input embeddings -> (output of the last layer, new mems, new memory_mask)."""
+        x = x.to(self.dtype)
         qlen, bsz = x.shape[:2]
         mlen = mems.shape[1]
         klen = mlen + qlen
@@ -365,21 +381,22 @@ class TransformerXL(nn.Module):
         if memory_mask is not None:
             visible = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool, device=x.device)])
             mask = mask | ~visible[None]
-        pos = torch.arange(klen - 1, -1, -1.0, device=x.device, dtype=x.dtype)
+        pos = torch.arange(klen - 1, -1, -1.0, device=x.device)
         if self.clamp_len > 0:
             pos = pos.clamp(max=self.clamp_len)
-        angles = torch.outer(pos, self.inv_freq.to(x.dtype))
-        pos_emb = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, None, :]
-        hids, h = [], x
-        for layer, mem in zip(self.layers, mems):
-            hids.append(h)
-            h = layer(h, pos_emb, mask, mem)
-        new_mems = torch.cat([mems, torch.stack(hids)], dim=1)[:, -self.mem_len :]
+        inv_freq = 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0, device=x.device) / self.d_model))
+        angles = torch.outer(pos, inv_freq)  # in float32 whatever the weights' dtype
+        pos_emb = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, None, :].to(x.dtype)
+        new_kvs, h = [], x
+        for layer, mem_kv in zip(self.layers, mems):
+            h, kv = layer(h, pos_emb, mask, mem_kv)
+            new_kvs.append(kv)
+        new_mems = torch.cat([mems, torch.stack(new_kvs)], dim=1)[:, -self.mem_len :]
         if memory_mask is not None:
             memory_mask = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool, device=x.device)])[
                 -self.mem_len :
             ]
-        return h, new_mems, memory_mask
+        return h.float(), new_mems, memory_mask
 
 
 def build_trxl(source, n_layer, mem_len, device):
@@ -417,8 +434,9 @@ def build_trxl(source, n_layer, mem_len, device):
 
 def init_memory(trxl, num_envs, memory_reset, device):
     """Empty memories. With mask, a fresh start has nothing to attend to; with zero, every slot is
-    visible and holds zeros, as in the original (and as Hugging Face initialises mems)."""
-    mems = torch.zeros(trxl.n_layer, trxl.mem_len, num_envs, trxl.d_model, device=device)
+    visible and holds zeros, as in the original (and as Hugging Face initialises mems): the keys and
+    values of a zero input are zeros, since qkv_net has no bias."""
+    mems = torch.zeros(trxl.n_layer, trxl.mem_len, num_envs, trxl.mem_width, dtype=trxl.dtype, device=device)
     memory_mask = torch.full((trxl.mem_len, num_envs), memory_reset == "zero", dtype=torch.bool, device=device)
     return mems, memory_mask
 
@@ -428,6 +446,67 @@ def reset_memory(mems, memory_mask, done, memory_reset):
     if memory_reset == "mask":
         return mems, memory_mask & ~done[None, :]
     return mems * ~done[None, None, :, None], memory_mask
+
+
+def resolve_frozen_dtype(name, device):
+    """torch dtype of --frozen-dtype: auto is bfloat16 where matrix products in it are fast (CUDA, CPUs
+    with AVX512-BF16 or AMX), float32 elsewhere."""
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        else:
+            name = "bfloat16" if torch.backends.mkldnn.is_available() and mkldnn_bf16_supported() else "float32"
+    return getattr(torch, name)
+
+
+def mkldnn_bf16_supported():
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
+class ObservationCache:
+    """What a frozen encoder computed for each observation seen, so exact repeats skip it: grid worlds
+    show the same views again and again. Keys are 128-bit BLAKE2 hashes of the observation's bytes; at
+    most `size` entries are kept, the least recently used go first; size 0 turns the cache off."""
+
+    def __init__(self, size):
+        self.size, self.entries = size, collections.OrderedDict()
+        self.lookups = self.hits = 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __call__(self, obs, compute):
+        """compute(observations) -> tuple of tensors with one row per observation. The same for obs
+        (numpy, batch x ...), with compute run only on the observations not in the cache, each once."""
+        if self.size == 0:
+            return compute(obs)
+        keys = [hashlib.blake2b(o.tobytes(), digest_size=16).digest() for o in obs]
+        missing = {}  # key -> first index in the batch: an observation shown by several envs is computed once
+        for i, key in enumerate(keys):
+            if key not in self.entries:
+                missing.setdefault(key, i)
+        self.lookups += len(keys)
+        self.hits += sum(key in self.entries for key in keys)
+        rows = {key: self.entries[key] for key in keys if key in self.entries}
+        if missing:
+            computed = compute(obs[list(missing.values())])
+            for j, key in enumerate(missing):
+                rows[key] = tuple(t[j].clone() for t in computed)  # clone: a row alone, not a view of the batch
+        for key in keys:  # most recently used last
+            self.entries[key] = rows[key]
+            self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return tuple(torch.stack(column) for column in zip(*(rows[key] for key in keys)))
+
+    def log_scalars(self):
+        """The share of lookups since the last call that the cache answered."""
+        if not self.size:
+            return {}
+        rate = self.hits / self.lookups if self.lookups else float("nan")
+        self.lookups = self.hits = 0
+        return {"charts/observation_cache_hit_rate": rate}
 
 
 # [algorithm-specific]
@@ -447,46 +526,29 @@ def retrieve_tokens(image_features, text_embeddings, trxl_ids, k):
 class TokenRetrieval(nn.Module):
     """Observations (uint8 numpy, batch x H x W x 3) -> Transformer-XL input embeddings (k, batch, d).
 
-    Grid worlds show the same observation again and again, so the tokens of each observation seen
-    are remembered (bounded, least recently used out) and exact repeats skip CLIP."""
+    The tokens of each observation seen are remembered (ObservationCache): exact repeats skip CLIP, and
+    the observations missing from the cache go through CLIP together, as one batch."""
 
     def __init__(self, clip, text_embeddings, trxl_ids, word_emb, topk, cache_size):
         super().__init__()
         self.frozen = [clip, word_emb]  # in a list: not submodules, so not in checkpoints
         self.register_buffer("text_embeddings", text_embeddings, persistent=False)
         self.register_buffer("trxl_ids", trxl_ids, persistent=False)
-        self.tokens_per_step, self.cache_size = topk, cache_size
-        self.cache = collections.OrderedDict()
-        self.lookups = self.hits = 0
+        self.tokens_per_step = topk
+        self.cache = ObservationCache(cache_size)
 
     def retrieve(self, obs):
         images = torch.from_numpy(obs).to(self.text_embeddings.device)
         features = prepare_embeddings.clip_image_features(self.frozen[0], images)
-        return retrieve_tokens(features, self.text_embeddings, self.trxl_ids, self.tokens_per_step)
+        return (retrieve_tokens(features, self.text_embeddings, self.trxl_ids, self.tokens_per_step),)
 
     @torch.no_grad()
     def forward(self, obs):
-        if self.cache_size == 0:
-            tokens = self.retrieve(obs)
-        else:
-            keys = [hashlib.blake2b(o.tobytes(), digest_size=16).digest() for o in obs]
-            missing = [i for i, key in enumerate(keys) if key not in self.cache]
-            self.lookups += len(keys)
-            self.hits += len(keys) - len(missing)
-            if missing:
-                for i, t in zip(missing, self.retrieve(obs[missing]).cpu()):
-                    self.cache[keys[i]] = t
-            for key in keys:
-                self.cache.move_to_end(key)
-            tokens = torch.stack([self.cache[key] for key in keys]).to(self.text_embeddings.device)
-            while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+        (tokens,) = self.cache(obs, self.retrieve)
         return self.frozen[1](tokens.T), tokens
 
     def log_scalars(self):
-        rate = self.hits / self.lookups if self.lookups else float("nan")
-        self.lookups = self.hits = 0
-        return {"charts/token_cache_hit_rate": rate} if self.cache_size else {}
+        return self.cache.log_scalars()
 
     def encoder_state(self):
         return {}  # nothing trained or drawn at random: the models and the embeddings file define it
@@ -509,6 +571,9 @@ def build_memory(args, device, verbose=True):
             clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab, args.embeddings_dir, verbose=verbose
         )
     table = prepare_embeddings.read_embeddings(path, expected)
+    dtype = resolve_frozen_dtype(args.frozen_dtype, device)  # after the embeddings: they are made in float32
+    trxl.to(dtype)
+    clip.to(dtype)
     if verbose:
         print(f"token retrieval over the {len(table['trxl_ids'])} words CLIP and the Transformer-XL share ({path})")
     if args.topk > len(table["trxl_ids"]):
@@ -519,7 +584,7 @@ def build_memory(args, device, verbose=True):
         table["trxl_ids"].to(device),
         trxl.word_emb,
         args.topk,
-        args.token_cache_size,
+        args.observation_cache_size,
     )
     return trxl, vocab, encoder
 
