@@ -242,7 +242,7 @@ def play(loaded, episodes, outputs, greedy=False, seed=None, attention_layer=-1,
                 visible = memory_mask[:, 0].tolist()
                 trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
                 obs = torch.from_numpy(obs_np).to(device)
-                x = agent.features(trxl_out[-1], obs)
+                x = agent.features(algo.memory_readout(trxl_out, args.ablate_memory), obs)
                 logits, value = agent.actor(x), agent.critic(x)[:, 0]
                 if greedy:
                     action = logits.argmax(dim=-1)
