@@ -575,7 +575,7 @@ def evaluate(checkpoint, episodes, video_dir=None, cuda=True):
     """Returns of `episodes` episodes of a saved agent (sampled actions, new seeds), and the mp4 of env
     0's first episode with its memory strip (written to video_dir, default videos/<run_name>-eval)."""
     loaded = load(checkpoint, cuda=cuda, frames=True)
-    video_dir = Path(video_dir or Path("videos") / f"{safe_name(loaded.ckpt['run_name'])}-eval")
+    video_dir = Path(video_dir or Path("videos") / f"{safe_name(loaded.ckpt.get('run_name'))}-eval")
     video = Video(video_dir, Picture(loaded.algorithm, loaded.trxl.n_layer - 1), fps=4, max_episodes=1)
     returns = play(loaded, episodes, [video])
     print(f"evaluation: mean return over {len(returns)} episodes {np.mean(returns):.3f} +- {np.std(returns):.3f}")
@@ -643,7 +643,7 @@ model-index:
 
 A {name} agent trained with `{algorithm}_ppo.py`: a PPO agent whose memory is a frozen, pretrained
 Transformer-XL ({args["trxl_model"]}, first {args["n_layer"]} layers). This repository holds its trainable
-weights (`{HUB_FILE}`, {ckpt["global_step"]} steps); the frozen models are rebuilt from their sources.
+weights (`{HUB_FILE}`, {ckpt.get("global_step")} steps); the frozen models are rebuilt from their sources.
 
 ## Evaluation
 
@@ -732,7 +732,7 @@ def main(cli):
     if not -n_layer <= cli.attention_layer < n_layer:
         fail(f"--attention-layer must be in [{-n_layer}, {n_layer - 1}] (the model keeps {n_layer} layers)")
     layer = cli.attention_layer % n_layer
-    out_dir = Path(cli.out_dir or Path("videos") / f"{safe_name(loaded.ckpt['run_name'])}-enjoy")
+    out_dir = Path(cli.out_dir or Path("videos") / f"{safe_name(loaded.ckpt.get('run_name'))}-enjoy")
     picture = Picture(loaded.algorithm, layer)
     outputs = []
     if video:
@@ -744,7 +744,7 @@ def main(cli):
     if cli.trace:
         outputs.append(Trace(out_dir / f"trace.{cli.trace}", cli.trace))
     ckpt = loaded.ckpt
-    print(f"{loaded.algorithm} agent from {path} (step {ckpt['global_step']}) on {loaded.args.env_id}")
+    print(f"{loaded.algorithm} agent from {path} (step {ckpt.get('global_step')}) on {loaded.args.env_id}")
     returns = play(loaded, cli.episodes, outputs, cli.greedy, cli.seed, layer, cli.show_memory)
     print(f"mean return over {len(returns)} episodes: {np.mean(returns):.3f} +- {np.std(returns):.3f}")
 

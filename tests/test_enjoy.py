@@ -2,6 +2,8 @@
 the hub (download from a cache, upload through a fake client) and every bad input as one line."""
 
 import json
+import os
+from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
@@ -136,3 +138,159 @@ def test_most_attended_step_is_in_the_window(enjoyed):
         j = int(mean.argmax())
         assert row["attended_step"] == record.key_steps[j][1] and 0 <= row["attended_step"] <= row["step"]
         assert row["attended_word"] in row["window"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub: a checkpoint from the cache, an upload through a fake client
+# ---------------------------------------------------------------------------------------------
+
+
+def hub_cache(root, repo_id, files):
+    """A cache laid out as huggingface_hub lays it out: models--org--name/snapshots/<rev>/file + refs/main."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def test_hub_checkpoint_loads_from_the_cache(enjoyed, shelm_run, offline_hub, tmp_path, monkeypatch, capsys):
+    snapshot = hub_cache(offline_hub, "someone/tiny-shelm", {"model.pt": (shelm_run / "model_final.pt").read_bytes()})
+    monkeypatch.chdir(shelm_run.parent.parent)  # a hub checkpoint's embeddings go to ./data
+    enjoy.main(enjoy.Args(hub="someone/tiny-shelm", episodes=1, trace="jsonl", out_dir=str(tmp_path / "out")))
+    assert f"shelm agent from {snapshot / 'model.pt'} (step 256)" in capsys.readouterr().out
+    # the same agent, seeds and sampling as from the local file: the same first episode
+    trace = [json.loads(line) for line in (tmp_path / "out" / "trace.jsonl").read_text().splitlines()]
+    assert trace == [row for row in enjoyed[3] if row["episode"] == 1]
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: records what would go over the network."""
+
+    calls = []
+
+    def create_repo(self, repo_id, repo_type=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, repo_type, exist_ok))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
+        files = {p.name: p.read_bytes() for p in sorted(Path(folder_path).iterdir())}
+        self.calls.append(("upload_folder", repo_id, repo_type, files))
+
+
+def test_evaluate_and_upload_through_the_hub_client(shelm_run, tmp_path, monkeypatch):
+    import huggingface_hub
+    import tyro
+
+    monkeypatch.chdir(shelm_run.parent.parent)
+    returns, video = enjoy.evaluate(shelm_run / "model_final.pt", 1, video_dir=tmp_path / "eval")
+    assert len(returns) == 1 and video == tmp_path / "eval" / "episode-001.mp4"
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(video))
+    assert 1 <= frames <= 100
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    returns = [0.25, 0.75]
+    sent = enjoy.push_to_hub(shelm_run / "model_final.pt", "someone/tiny-shelm", returns, video)
+    assert sent == ["README.md", "model.pt", "replay.mp4"]
+    (create, upload) = FakeHfApi.calls
+    assert create == ("create_repo", "someone/tiny-shelm", "model", True)
+    assert upload[:3] == ("upload_folder", "someone/tiny-shelm", "model") and sorted(upload[3]) == sent
+    files = upload[3]
+    assert files["model.pt"] == (shelm_run / "model_final.pt").read_bytes()
+    assert files["replay.mp4"] == video.read_bytes()
+    card = files["README.md"].decode()
+    ckpt = torch.load(shelm_run / "model_final.pt", weights_only=True)
+    assert "0.500 +- 0.250" in card and "value: 0.50 +/- 0.25" in card  # mean +- std of the returns
+    assert "python enjoy.py --hub someone/tiny-shelm" in card and "MiniGrid-Empty-5x5-v0" in card
+    for package, version in ckpt["meta"]["versions"].items():
+        assert f"- {package}: {version}" in card
+    # the card's command reproduces the run's arguments
+    command = next(line for line in card.splitlines() if line.startswith("python shelm_ppo.py "))
+    parsed = tyro.cli(shelm_ppo.Args, args=command.split()[2:])
+    runtime = {"batch_size", "minibatch_size", "num_iterations"}
+    assert {k: v for k, v in vars(parsed).items() if k not in runtime} == {
+        k: v for k, v in ckpt["args"].items() if k not in runtime
+    }
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["offline", "no-token"])
+def test_upload_without_network_or_token_is_one_line(shelm_run, monkeypatch, offline):
+    import huggingface_hub
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    checkpoint = shelm_run / "model_final.pt"
+    before = checkpoint.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        enjoy.push_to_hub(checkpoint, "someone/tiny-shelm", [0.5], None)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert ("offline" if offline else "no Hugging Face token") in message
+    assert f"python enjoy.py {checkpoint} --upload someone/tiny-shelm" in message
+    assert FakeHfApi.calls == [] and checkpoint.read_bytes() == before
+
+
+def test_training_script_evaluates_then_reports_the_failed_upload(shelm_run, tmp_path):
+    # offline, --upload-model: the run is trained and saved, evaluated (logged, with a video), then one line
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import error_line, run_script
+
+    args = [*QUICK_UPLOAD, "--embeddings-dir", str(shelm_run.parent.parent / "data")]
+    proc = run_script("shelm_ppo.py", args, tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    line = error_line(proc)
+    assert line.startswith("error: cannot upload to the Hugging Face hub while offline")
+    assert f"python enjoy.py {os.path.join('runs', run.name, 'model_final.pt')} --upload" in line
+    assert line.endswith("MiniGrid-Empty-5x5-v0-shelm_ppo-seed1")
+    assert {"checkpoint.pt", "model_final.pt"} <= {p.name for p in run.iterdir()}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/episodic_return")] == [0]
+    videos = list((tmp_path / "videos" / f"{run.name}-eval").glob("*.mp4"))
+    assert len(videos) == 1
+
+
+QUICK_UPLOAD = [
+    "--env-id",
+    "MiniGrid-Empty-5x5-v0",
+    "--num-envs",
+    "1",
+    "--num-steps",
+    "16",
+    "--total-timesteps",
+    "16",
+    "--num-minibatches",
+    "1",
+    "--update-epochs",
+    "1",
+    "--n-layer",
+    "1",
+    "--no-progress-bar",
+    "--trxl-model",
+    "tiny-random",
+    "--clip-model",
+    "tiny-random",
+    "--upload-model",
+    "--eval-episodes",
+    "1",
+]
