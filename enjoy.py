@@ -359,6 +359,12 @@ class Picture:
 
         self.algorithm, self.attention_layer = algorithm, attention_layer
         self.font = ImageFont.load_default(size=12)
+        self.lengths = {}  # pixel width of each word drawn so far: the memory repeats its words
+
+    def length(self, text):
+        if text not in self.lengths:
+            self.lengths[text] = self.font.getlength(text)
+        return self.lengths[text]
 
     def __call__(self, record):
         from PIL import Image, ImageDraw
@@ -369,33 +375,36 @@ class Picture:
         width = frame.shape[1] + frame.shape[1] % 2  # even sizes, as H.264 needs
         strip = Image.new("RGB", (width, self.LINES * self.LINE_HEIGHT + 2 * self.PAD), (16, 16, 16))
         draw = ImageDraw.Draw(strip)
-        lines = self.wrap(strip_lines(self.algorithm, record, self.attention_layer), width - 2 * self.PAD)
-        for i, line in enumerate(lines[: self.LINES]):
+        lines = self.fit(strip_lines(self.algorithm, record, self.attention_layer), width - 2 * self.PAD)
+        for i, line in enumerate(lines):
             draw.text((self.PAD, self.PAD + i * self.LINE_HEIGHT), line, fill=(235, 235, 235), font=self.font)
         top = np.zeros((frame.shape[0] + frame.shape[0] % 2, width, 3), dtype=np.uint8)
         top[: frame.shape[0], : frame.shape[1]] = frame
         return np.concatenate([top, np.asarray(strip)])
 
-    def wrap(self, lines, width):
-        """Lines broken at spaces to fit `width` pixels; a window too long keeps its newest words."""
-        out = []
-        for line in lines:
-            words, current = line.split(" "), ""
-            for word in words:
-                candidate = f"{current} {word}" if current else word
-                if current and self.font.getlength(candidate) > width:
-                    out.append(current)
-                    current = "  " + word
-                else:
-                    current = candidate
-            out.append(current)
-        while len(out) > self.LINES:  # drop the oldest window words' line (the second wrapped window line)
-            window_start = next((i for i, line in enumerate(out) if line.startswith("window: ")), None)
-            if window_start is None or window_start + 1 >= len(out) - 1:
-                break
-            out.pop(window_start + 1)
-            out[window_start] = "window: ..." + out[window_start][len("window:") :]
-        return out
+    def fit(self, lines, width):
+        """Lines broken at spaces to fit `width` pixels, at most LINES of them: a window too long loses
+        its oldest words."""
+        lines = list(lines)
+        while True:
+            out = [piece for line in lines for piece in self.wrap(line, width)]
+            window = next((i for i, line in enumerate(lines) if line.startswith("window: ")), None)
+            if len(out) <= self.LINES or window is None or len(lines[window].split(" ")) <= 3:
+                return out[: self.LINES]
+            words = lines[window].removeprefix("window: ").removeprefix("... ").split(" ")
+            lines[window] = "window: ... " + " ".join(words[1:])
+
+    def wrap(self, line, width):
+        """One line broken at spaces into lines of at most `width` pixels."""
+        out, current, used = [], "", 0.0
+        for word in line.split(" "):
+            extra = self.length(" " + word) if current else self.length(word)
+            if current and used + extra > width:
+                out.append(current)
+                current, used = "  " + word, self.length("  " + word)
+            else:
+                current, used = (current + " " + word if current else word), used + extra
+        return out + [current]
 
 
 class Video(Output):

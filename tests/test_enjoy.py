@@ -294,3 +294,143 @@ QUICK_UPLOAD = [
     "--eval-episodes",
     "1",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# HELM and HELMv2: their memory's text
+# ---------------------------------------------------------------------------------------------
+
+
+class Enough(Exception):
+    pass
+
+
+class StopAfter(Recorder):
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def step(self, record):
+        super().step(record)
+        if len(self.steps) == self.n:
+            raise Enough
+
+
+@pytest.mark.parametrize("script", ["helm_ppo.py", "helmv2_ppo.py"])
+def test_memory_text_of_helm_and_helmv2(script, tmp_path, monkeypatch):
+    import importlib
+
+    from conftest import run_script, tiny_args
+
+    tiny = ["--num-envs", "2", "--num-steps", "4", "--total-timesteps", "8", "--num-minibatches", "1"]
+    proc = run_script(
+        script, [*tiny, "--n-layer", "1", "--save-model", "--no-progress-bar", *tiny_args(script, tmp_path)], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (checkpoint,) = (tmp_path / "runs").glob("*/model_final.pt")
+    algo = importlib.import_module(script[:-3])
+    encoder_class = algo.FrozenHopfield if script == "helm_ppo.py" else algo.CLIPRescale
+    forward, seen = encoder_class.forward, []
+
+    def recording_forward(self, obs):
+        trxl_in, tokens = forward(self, obs)
+        seen.append((obs[0].copy(), trxl_in[0, 0].clone(), self))
+        return trxl_in, tokens
+
+    monkeypatch.setattr(encoder_class, "forward", recording_forward)
+    loaded = enjoy.load(checkpoint, frames=True)
+    recorder = StopAfter(5)
+    with pytest.raises(Enough):
+        enjoy.play(loaded, 1, [recorder])
+    picture = enjoy.Picture(loaded.algorithm, 0)
+    vocab = loaded.vocab
+    full = loaded.trxl.word_emb(torch.arange(len(vocab)))  # every word's Transformer-XL input embedding
+    for record, (obs, trxl_in, encoder) in zip(recorder.steps, seen):
+        assert picture(record).shape[1] >= enjoy.Picture.MIN_WIDTH
+        if script == "helm_ppo.py":
+            # the most attended word of the soft token and its weight: softmax(beta * cosine) over all words
+            x = (torch.from_numpy(obs).float() / 255).mean(-1).flatten() @ encoder.projection.T
+            cos = (full @ x) / (full.norm(dim=1) * x.norm() + 1e-8)
+            weights = (loaded.args.beta * cos).softmax(dim=0)
+            assert record.words == [vocab[int(weights.argmax())]]
+            assert record.weight == pytest.approx(float(weights.max()), rel=1e-4)
+        else:
+            # the 3 words whose embeddings are nearest (cosine) to the rescaled CLIP embedding, nearest first
+            cos = (full @ trxl_in) / (full.norm(dim=1) * trxl_in.norm())
+            assert record.words == [vocab[i] for i in cos.topk(3).indices.tolist()] and record.weight is None
+        assert loaded.algorithm == algo.ALGORITHM
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad checkpoints and hub files: one line each
+# ---------------------------------------------------------------------------------------------
+
+
+def altered(shelm_run, change):
+    ckpt = torch.load(shelm_run / "model_final.pt", weights_only=True)
+    change(ckpt)
+    return ckpt
+
+
+BAD_CHECKPOINTS = {
+    "missing": (None, "does not exist"),
+    "not-torch": (b"not a checkpoint at all", "corrupt or not a checkpoint"),
+    "a-list": ([1, 2, 3], "is not a checkpoint of these scripts"),
+    "other-format": ({"format": "something/1", "algorithm": "shelm"}, "is not a checkpoint of these scripts"),
+    "unknown-algorithm": (lambda c: c.update(algorithm="dqn"), "is not a checkpoint of helm_ppo.py"),
+    "unknown-argument": (lambda c: c["args"].update(no_such_flag=1), "other arguments"),
+    "no-arguments": (lambda c: c.pop("args"), "other arguments"),
+    "wrong-weights": (lambda c: c["agent"].pop(next(iter(c["agent"]))), "does not match this model"),
+    "bad-run-name": (lambda c: c.update(run_name="../../elsewhere"), "not a plain file name"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_is_one_line(case, shelm_run, tmp_path, monkeypatch):
+    content, phrase = BAD_CHECKPOINTS[case]
+    path = tmp_path / "model.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif callable(content):
+        torch.save(altered(shelm_run, content), path)
+    elif content is not None:
+        torch.save(content, path)
+    monkeypatch.chdir(shelm_run.parent.parent)
+    with pytest.raises(SystemExit) as e:
+        enjoy.main(enjoy.Args(checkpoint=str(path), episodes=1))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and phrase in message, message
+
+
+@pytest.mark.parametrize(
+    "hub, hub_file, phrase",
+    [
+        ("someone/tiny-shelm", "nothing.pt", "hub cache does not hold it"),
+        ("someone/not-cached", "model.pt", "hub cache does not hold it"),
+        ("not a repo id!", "model.pt", "not a Hugging Face hub repository id"),
+    ],
+)
+def test_missing_hub_file_is_one_line(hub, hub_file, phrase, offline_hub):
+    hub_cache(offline_hub, "someone/tiny-shelm", {"model.pt": b"x"})
+    with pytest.raises(SystemExit) as e:
+        enjoy.main(enjoy.Args(hub=hub, hub_file=hub_file, episodes=1))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and phrase in message, message
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        ({}, "give a checkpoint file or --hub"),
+        ({"checkpoint": "a.pt", "hub": "someone/x"}, "give a checkpoint file or --hub"),
+        ({"checkpoint": "a.pt", "episodes": 0}, "must be >= 1"),
+        ({"attention_layer": 2}, "--attention-layer must be in [-2, 1]"),
+    ],
+)
+def test_bad_arguments_are_one_line(args, phrase, shelm_run, monkeypatch):
+    monkeypatch.chdir(shelm_run.parent.parent)
+    args = {"checkpoint": str(shelm_run / "model_final.pt"), **args} if "attention_layer" in args else args
+    with pytest.raises(SystemExit) as e:
+        enjoy.main(enjoy.Args(**args))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and phrase in message, message
