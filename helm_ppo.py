@@ -67,6 +67,12 @@ class Args:
     """whether to capture videos of the agent performances (check out `videos` folder)"""
     save_model: bool = False
     """whether to save the trainable weights (runs/{run_name}/model_final.pt and model_best.pt)"""
+    upload_model: bool = False
+    """after training, evaluate the saved model and upload it, a model card and a video to the Hugging Face hub"""
+    hf_entity: str | None = None
+    """the user or org name of the model repository from the Hugging Face Hub"""
+    eval_episodes: int = 10
+    """episodes of the evaluation before the upload (logged as eval/episodic_return)"""
 
     # Algorithm specific arguments
     env_id: str = "MiniGrid-MemoryS11-v0"
@@ -147,7 +153,7 @@ class Args:
 
 
 # What --resume takes from the command line when given there; every other argument comes from the checkpoint.
-RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every")
+RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
 
 
 def check_args(args):
@@ -160,6 +166,7 @@ def check_args(args):
         "update_epochs",
         "mem_len",
         "nonfinite_limit",
+        "eval_episodes",
     ]
     # [algorithm-specific]
     positive += ["hopfield_chunk"]
@@ -190,10 +197,10 @@ def check_args(args):
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({rollout})")
 
 
-def make_env(env_id, idx, capture_video, run_name):
+def make_env(env_id, idx, capture_video, run_name, render_mode=None):
     def thunk():
         try:
-            env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else None)
+            env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else render_mode)
         except gym.error.Error as e:
             fail(f"unknown or unusable environment {env_id!r} ({e})")
         if isinstance(env.observation_space, gym.spaces.Dict) and "image" in env.observation_space.spaces:
@@ -280,6 +287,8 @@ class RelMultiHeadAttn(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=eps)
         self.r_w_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.1)
         self.r_r_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.1)
+        # enjoy.py sets keep_probs to read the attention; training never does, so nothing is kept
+        self.keep_probs, self.probs = False, None
 
     @staticmethod
     def rel_shift(x):
@@ -299,7 +308,10 @@ class RelMultiHeadAttn(nn.Module):
         position = self.rel_shift(torch.einsum("ibnd,jnd->ijbn", q + self.r_r_bias, r))
         score = (content + position) * self.scale
         score = score.masked_fill(mask[..., None], torch.finfo(score.dtype).min)
-        out = torch.einsum("ijbn,jbnd->ibnd", score.softmax(dim=1), v).reshape(qlen, bsz, -1)
+        probs = score.softmax(dim=1)  # (query, key, batch, head); keys: the memory slots, then this step's tokens
+        if self.keep_probs:
+            self.probs = probs
+        out = torch.einsum("ijbn,jbnd->ibnd", probs, v).reshape(qlen, bsz, -1)
         return self.layer_norm(h + self.o_net(out))
 
 
@@ -478,6 +490,7 @@ class FrozenHopfield(nn.Module):
         projection = torch.normal(0.0, 1 / math.sqrt(self.d_model), shape, generator=generator)
         self.register_buffer("projection", projection.to(device), persistent=False)
         self.top_weight_sum, self.top_weight_count = 0.0, 0
+        self.last_top_weight = None
 
     def project(self, obs):
         """uint8 (batch, H, W, 3) array or tensor -> projected observations (batch, d_model)."""
@@ -514,6 +527,7 @@ class FrozenHopfield(nn.Module):
     @torch.no_grad()
     def forward(self, obs):
         soft, best, top_weight = self.retrieve(self.project(obs))
+        self.last_top_weight = top_weight  # enjoy.py shows it beside the word
         self.top_weight_sum += float(top_weight.sum())
         self.top_weight_count += top_weight.numel()
         return soft[None], best[:, None]
@@ -685,6 +699,11 @@ class StopRequest:
 
 
 def load_checkpoint(path):
+    return check_checkpoint(read_checkpoint(path), path)
+
+
+def read_checkpoint(path):
+    """A checkpoint of any of the three scripts, read once (enjoy.py then checks it with its own script)."""
     if not Path(path).is_file():
         fail(f"checkpoint {path} does not exist")
     try:
@@ -693,6 +712,10 @@ def load_checkpoint(path):
         fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         fail(f"{path} is not a checkpoint of these scripts")
+    return ckpt
+
+
+def check_checkpoint(ckpt, path):
     if ckpt.get("algorithm") != ALGORITHM:
         fail(f"checkpoint {path} is of {ckpt.get('algorithm')}_ppo.py, not {ALGORITHM}_ppo.py")
     return ckpt
@@ -1035,10 +1058,21 @@ if __name__ == "__main__":
 
     final = training_state(args.num_iterations, global_step, best_return, recent_returns, reward_norm, encoder)
     checkpoints.save("checkpoint.pt", final)
-    if args.save_model:
+    if args.save_model or args.upload_model:
         checkpoints.save("model_final.pt", final)
         print(f"model saved to {run_dir / 'model_final.pt'}")
     if progress is not None:
         progress.close()
     envs.close()
+    if args.upload_model:
+        # enjoy.py watches agents, so it evaluates and uploads them too (docs/enjoy.md); only then imported
+        import enjoy
+
+        episodic_returns, video = enjoy.evaluate(run_dir / "model_final.pt", args.eval_episodes, cuda=args.cuda)
+        for idx, episodic_return in enumerate(episodic_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
     writer.close()
+    if args.upload_model:
+        repo_name = f"{args.env_id}-{args.exp_name}-seed{args.seed}"
+        repo_id = f"{args.hf_entity}/{repo_name}" if args.hf_entity else repo_name
+        enjoy.push_to_hub(run_dir / "model_final.pt", repo_id, episodic_returns, video)
