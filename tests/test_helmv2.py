@@ -19,7 +19,7 @@ def models():
     """(trxl, vocab, clip, word_emb) of the tiny models, built once through build_memory."""
     args = h.Args(trxl_model="tiny-random", clip_model="tiny-random", n_layer=2, mem_len=4, cuda=False)
     trxl, vocab, encoder = h.build_memory(args, torch.device("cpu"), verbose=False)
-    return trxl, vocab, encoder.frozen[0], trxl.word_emb
+    return trxl, vocab, encoder.frozen["clip"], trxl.word_emb
 
 
 @pytest.fixture(scope="module")
