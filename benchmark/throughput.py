@@ -69,6 +69,8 @@ class Args:
     """further arguments for every script, e.g. "--frozen-dtype float32" """
     out: str = str(ROOT / "docs" / "results" / "throughput.json")
     docs: str = str(ROOT / "docs" / "benchmarks.md")
+    report: bool = False
+    """measure nothing: rewrite the docs table from throughput.json"""
     baseline: str | None = None
     """internal: run one baseline (env or cnn-ppo) in this process and print its phase times"""
 
@@ -302,6 +304,9 @@ def main(args):
     if args.baseline is not None:
         phases = baseline_env(args) if args.baseline == "env" else baseline_cnn_ppo(args)
         print(json.dumps(phases))
+        return
+    if args.report:
+        write_docs(args.docs, markdown(json.loads(Path(args.out).read_text())))
         return
     variants = ["env", "cnn-ppo"] + [f"{s} --n-layer {n}" for s in args.scripts for n in args.n_layers]
     runs = {v: [] for v in variants}

@@ -69,12 +69,14 @@ def load(path):
 
 
 def scalars(run_dir):
-    """{tag: [(step, value), ...]} as TensorBoard shows it (what a restart purged is gone)."""
+    """{tag: [(step, value), ...]} as TensorBoard shows it (what a restart purged is gone), but for the
+    perf/* timings: speed is not deterministic."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    tags = [t for t in acc.Tags()["scalars"] if not t.startswith("perf/")]
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags}
 
 
 def assert_same(a, b, where="checkpoint"):
@@ -110,15 +112,14 @@ def start(script, args, cwd):
     """A training run in the background, in cwd (created); its output goes to files there. One
     thread each: runs side by side with torch's default threads spin against each other."""
     cwd.mkdir(parents=True, exist_ok=True)
-    out, err = open(cwd / "stdout.txt", "w"), open(cwd / "stderr.txt", "w")
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        cwd=cwd,
-        env=dict(offline_env(), OMP_NUM_THREADS="1"),
-        stdout=out,
-        stderr=err,
-    )
-    out.close(), err.close()
+    with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *map(str, args)],
+            cwd=cwd,
+            env=dict(offline_env(), OMP_NUM_THREADS="1"),
+            stdout=out,
+            stderr=err,
+        )
     proc.cwd = cwd
     return proc
 
@@ -204,7 +205,7 @@ def interrupted(script, shared, cache):
             time.sleep(0.02)
         assert len(found) == len(procs), "no checkpoint in time"
         result = {sig: SimpleNamespace(stopped=finish(proc), path=found[sig]) for sig, proc in procs.items()}
-        for sig, r in result.items():
+        for r in result.values():
             r.saved = load(r.path)
             r.leftovers = [p.name for p in r.path.parent.iterdir() if ".tmp" in p.name]
         resumed = side_by_side(

@@ -198,8 +198,7 @@ def test_helmv2_cache_gives_the_uncached_embeddings():
         trxl_model="tiny-random", clip_model="tiny-random", n_layer=1, mem_len=4, frozen_dtype="float32"
     )
     trxl, _, plain = helmv2_ppo.build_memory(args, torch.device("cpu"), verbose=False)
-    clip, word = plain.frozen
-    cached = helmv2_ppo.CLIPRescale(clip, word, "running", cache_size=100)
+    cached = helmv2_ppo.CLIPRescale(plain.frozen["clip"], plain.frozen["word_emb"], "running", cache_size=100)
     rng = np.random.default_rng(3)
     pool = rng.integers(0, 256, (5, 56, 56, 3), dtype=np.uint8)
     for ids in rng.integers(0, 5, (6, 4)):
