@@ -684,6 +684,7 @@ class Laps:
 
     def __init__(self):
         self.totals, self.last = collections.defaultdict(float), time.perf_counter()
+        self.cpu_start = time.process_time()
 
     def __call__(self, name):
         now = time.perf_counter()
@@ -691,9 +692,10 @@ class Laps:
         self.last = now
 
     def pop(self):
-        """The totals since the last pop, and a fresh start."""
+        """(the phases' totals, the process's CPU time) since the last pop, and a fresh start."""
         totals, self.totals = dict(self.totals), collections.defaultdict(float)
-        return totals
+        cpu, self.cpu_start = time.process_time() - self.cpu_start, time.process_time()
+        return totals, cpu
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,9 +808,12 @@ def set_rng_state(state):
     random.setstate(state["python"])
 
 
-def log_perf(writer, phases, batch_size, device, global_step):
+def log_perf(writer, phases, cpu_seconds, batch_size, device, global_step):
     """perf/<phase>_s of one update, perf/rollout_s and perf/update_sps (this update's steps per second
-    of wall time, the previous update's logging included), and the peak CUDA memory on a GPU."""
+    of wall time, the previous update's logging included), perf/cpu_s (the process's CPU time in that
+    while, all threads: with one thread, what the update costs on a core of its own), and the peak CUDA
+    memory on a GPU."""
+    writer.add_scalar("perf/cpu_s", cpu_seconds, global_step)
     for name, seconds in phases.items():
         writer.add_scalar(f"perf/{name}_s", seconds, global_step)
     rollout = sum(v for k, v in phases.items() if k in ("agent", "env", "encoder", "trxl", "rollout_other"))
@@ -1115,7 +1120,7 @@ if __name__ == "__main__":
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
-        log_perf(writer, lap.pop(), args.batch_size, device, global_step)
+        log_perf(writer, *lap.pop(), args.batch_size, device, global_step)
         for key, value in encoder.log_scalars().items():
             writer.add_scalar(key, value, global_step)
         if args.log_tokens_every and iteration % args.log_tokens_every == 0 and last_episode_text:

@@ -116,13 +116,16 @@ def read_perf(run_dir):
     return {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if t.startswith(("perf/", "charts/"))}
 
 
-def summarise(phases_per_update, args, extra=None):
-    """Per-run numbers from the phase times (seconds) of each update; the warm-up updates are left out."""
+def summarise(phases_per_update, cpu_per_update, args, extra=None):
+    """Per-run numbers from the phase times and the CPU time (seconds) of each update; the warm-up
+    updates are left out. cpu_sps: steps per second of the process's CPU time, which other processes
+    on a shared machine do not inflate as they do wall time (with one thread: SPS on a core of its own)."""
     measured = {k: sum(v[args.warmup_updates :]) for k, v in phases_per_update.items()}
     steps = steps_per_update(args) * args.measured_updates
     total = sum(measured.values())
     rollout = sum(measured.get(k, 0.0) for k in ("env", "encoder", "trxl", "agent", "rollout_other"))
     result = {"sps": steps / total, "rollout_sps": steps / rollout if rollout else None}
+    result["cpu_sps"] = steps / sum(cpu_per_update[args.warmup_updates :])
     result |= {f"{k}_ms_per_step": 1000 * v / (steps / args.num_envs) for k, v in measured.items()}
     return result | (extra or {})
 
@@ -140,7 +143,7 @@ def run_script(args, script, n_layer, data_dir):
     for tag in ("charts/token_cache_hit_rate", "charts/observation_cache_hit_rate"):
         if tag in perf:
             extra["cache_hit_rate_measured"] = statistics.mean(perf[tag][args.warmup_updates :])
-    return summarise(phases, args, extra)
+    return summarise(phases, perf["perf/cpu_s"], args, extra)
 
 
 def run_baseline(args, name):
@@ -151,7 +154,7 @@ def run_baseline(args, name):
         cmd += ["--cuda" if args.cuda else "--no-cuda"]
         stdout, rss = run_process(cmd, cwd, args.threads)
     phases = json.loads(stdout.strip().splitlines()[-1])
-    return summarise(phases, args, {"peak_rss_gb": rss})
+    return summarise(phases, phases.pop("cpu"), args, {"peak_rss_gb": rss})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,12 +170,13 @@ def baseline_env(args):
     envs, _ = S.make_envs(S.Args(env_id=args.env_id, num_envs=args.num_envs), "throughput")
     envs.action_space.seed(1)
     envs.reset(seed=1)
-    phases = {"env": []}
+    phases = {"env": [], "cpu": []}
     for _ in range(args.warmup_updates + args.measured_updates):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         for _ in range(args.num_steps):
             envs.step(np.asarray(envs.action_space.sample()))
         phases["env"].append(time.perf_counter() - t)
+        phases["cpu"].append(time.process_time() - cpu)
     return phases
 
 
@@ -202,7 +206,7 @@ def baseline_cnn_ppo(args):
     next_obs = torch.from_numpy(envs.reset(seed=1)[0]).to(device)
     next_done = torch.zeros(args.num_envs, device=device)
     lap = S.Laps()
-    phases = {p: [] for p in ("env", "agent", "update")}
+    phases = {p: [] for p in ("env", "agent", "update", "cpu")}
     for _ in range(args.warmup_updates + args.measured_updates):
         for step in range(args.num_steps):
             obs[step], dones[step] = next_obs, next_done
@@ -243,8 +247,10 @@ def baseline_cnn_ppo(args):
                 optimizer.step()
         loss.item()
         lap("update")
-        for name, seconds in lap.pop().items():
+        totals, cpu = lap.pop()
+        for name, seconds in totals.items():
             phases[name].append(seconds)
+        phases["cpu"].append(cpu)
     return phases
 
 
@@ -269,22 +275,25 @@ def markdown(results):
             f"**{label}** ({res['date']}, load average before/after {res['load_before']} / {res['load_after']}, "
             f"{res['threads']} thread(s), {res['repeats']} repeat(s), `{res['command']}`):",
             "",
-            "| variant | SPS | ratio to CNN-PPO | env | encoder | Transformer-XL | agent | update | "
-            "peak RSS | cache hit rate |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| variant | SPS | ratio to CNN-PPO | SPS of CPU time | its ratio | env | encoder | Transformer-XL | "
+            "agent | update | peak RSS | cache hit rate |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, v in res["variants"].items():
             ms = [v.get(f"{p}_ms_per_step") for p in ("env", "encoder", "trxl", "agent", "update")]
             cells = ["" if x is None else f"{x:.1f}" for x in ms]
             hit = v.get("cache_hit_rate_measured")
+            cpu = f"{v['cpu_sps']:.0f} | {v['cpu_ratio_to_cnn_ppo']:.2f}" if "cpu_sps" in v else "not measured | "
             lines.append(
-                f"| {name} | {v['sps']:.0f} | {v['ratio_to_cnn_ppo']:.2f} | {' | '.join(cells)} | "
+                f"| {name} | {v['sps']:.0f} | {v['ratio_to_cnn_ppo']:.2f} | {cpu} | {' | '.join(cells)} | "
                 f"{v['peak_rss_gb']:.2f} GB | {'' if hit is None else f'{hit:.3f}'} |"
             )
     lines += [
         "",
-        "Phase columns: milliseconds per step of all envs (16 env steps), the update's share included;"
-        " each column is the median over repeats.",
+        "SPS: steps per second of wall time; SPS of CPU time: steps per second of the process's CPU time"
+        " (one thread: SPS on a core of its own, which other jobs on the machine do not inflate). Phase"
+        " columns: milliseconds of wall time per step of all envs (16 env steps), the update's share"
+        " included. Every column is the median over repeats; ratios are ratios of those medians.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -328,6 +337,7 @@ def main(args):
         median[v] = {k: statistics.median(r[k] for r in rs) for k in rs[0] if rs[0][k] is not None}
     for v in variants:
         median[v]["ratio_to_cnn_ppo"] = median[v]["sps"] / median["cnn-ppo"]["sps"]
+        median[v]["cpu_ratio_to_cnn_ppo"] = median[v]["cpu_sps"] / median["cnn-ppo"]["cpu_sps"]
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     results["runs"][args.label] = {
@@ -346,6 +356,9 @@ def main(args):
     }
     results["ratio_to_cnn_ppo"] = {
         s: median[f"{s} --n-layer 2"]["ratio_to_cnn_ppo"] for s in args.scripts if f"{s} --n-layer 2" in median
+    }
+    results["cpu_ratio_to_cnn_ppo"] = {
+        s: median[f"{s} --n-layer 2"]["cpu_ratio_to_cnn_ppo"] for s in args.scripts if f"{s} --n-layer 2" in median
     }
     results["ratio_to_cnn_ppo_label"] = args.label
     out.parent.mkdir(parents=True, exist_ok=True)

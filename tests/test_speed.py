@@ -213,9 +213,9 @@ def test_laps_add_up():
     lap = shelm_ppo.Laps()
     for name in ("a", "b", "a"):
         lap(name)
-    totals = lap.pop()
+    totals, cpu = lap.pop()
     assert set(totals) == {"a", "b"} and all(v >= 0 and math.isfinite(v) for v in totals.values())
-    assert lap.pop() == {}
+    assert cpu >= 0 and lap.pop()[0] == {}
 
 
 def test_throughput_benchmark_reads_the_scripts_timers(tmp_path):
@@ -231,7 +231,7 @@ def test_throughput_benchmark_reads_the_scripts_timers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     perf = throughput.read_perf(run_dir)
-    for phase in ("env", "encoder", "trxl", "agent", "update"):
+    for phase in ("env", "encoder", "trxl", "agent", "update", "cpu"):
         assert len(perf[f"perf/{phase}_s"]) == 2 and min(perf[f"perf/{phase}_s"]) > 0, phase
     # the phases cover the whole loop: its steps over their sum is the logged per-update rate
     per_update = [sum(perf[f"perf/{p}_s"][i] for p in throughput.PHASES if f"perf/{p}_s" in perf) for i in range(2)]
