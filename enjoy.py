@@ -62,7 +62,8 @@ def main(cli):
 
     envs, _ = algo.make_envs(args, f"{ckpt['run_name']}-enjoy")
     trxl, vocab, encoder = algo.build_memory(args, device, verbose=False)
-    agent = algo.Agent(envs.single_observation_space.shape, envs.single_action_space.n, trxl.d_model).to(device)
+    action_dims = algo.action_dims(envs.single_action_space)
+    agent = algo.Agent(envs.single_observation_space.shape, action_dims, trxl.d_model).to(device)
     algo.load_trained(agent, encoder, ckpt, cli.checkpoint)
     agent.eval()
     encoder.eval()  # evaluation: HELMv2's running statistics are frozen
@@ -77,12 +78,13 @@ def main(cli):
             trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
             obs = torch.from_numpy(obs_np).to(device)
             if cli.greedy:
-                action = agent.actor(agent.features(trxl_out[-1], obs)).argmax(dim=-1)
+                logits = agent.actor(agent.features(trxl_out[-1], obs))
+                action = torch.stack([part.argmax(dim=-1) for part in logits.split(action_dims, dim=-1)], dim=-1)
             else:
                 action, _, _, _ = agent.get_action_and_value(trxl_out[-1], obs)
             if cli.show_memory:
                 print(f"  t={t:3d}  memory <- {' '.join(vocab[i] for i in tokens[0].tolist())}")
-            obs_np, _, terminations, truncations, infos = envs.step(action.cpu().numpy())
+            obs_np, _, terminations, truncations, infos = envs.step(algo.env_actions(action, envs.single_action_space))
             done = np.logical_or(terminations, truncations)
             mems, memory_mask = algo.reset_memory(
                 mems, memory_mask, torch.as_tensor(done, device=device), args.memory_reset
