@@ -77,11 +77,12 @@ def main(cli):
             trxl_in, tokens = encoder(obs_np)
             trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
             obs = torch.from_numpy(obs_np).to(device)
+            memory = algo.memory_readout(trxl_out, args.ablate_memory)
             if cli.greedy:
-                logits = agent.actor(agent.features(trxl_out[-1], obs))
+                logits = agent.actor(agent.features(memory, obs))
                 action = torch.stack([part.argmax(dim=-1) for part in logits.split(action_dims, dim=-1)], dim=-1)
             else:
-                action, _, _, _ = agent.get_action_and_value(trxl_out[-1], obs)
+                action, _, _, _ = agent.get_action_and_value(memory, obs)
             if cli.show_memory:
                 print(f"  t={t:3d}  memory <- {' '.join(vocab[i] for i in tokens[0].tolist())}")
             obs_np, _, terminations, truncations, infos = envs.step(algo.env_actions(action, envs.single_action_space))

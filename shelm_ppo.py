@@ -117,6 +117,8 @@ class Args:
     """number of past steps (tokens) the Transformer-XL keeps per layer"""
     memory_reset: Literal["mask", "zero"] = "mask"
     """at an episode start: mask (the new episode cannot attend to the old one) or zero (zero the memories, as the original)"""
+    ablate_memory: bool = False
+    """feed the agent zeros instead of the Transformer-XL's output (the papers' memoryless baseline)"""
     # [algorithm-specific]
     # SHELM: CLIP + token retrieval
     clip_model: str = "ViT-B-16"
@@ -486,6 +488,12 @@ def init_memory(trxl, num_envs, memory_reset, device):
     mems = torch.zeros(trxl.n_layer, trxl.mem_len, num_envs, trxl.d_model, device=device)
     memory_mask = torch.full((trxl.mem_len, num_envs), memory_reset == "zero", dtype=torch.bool, device=device)
     return mems, memory_mask
+
+
+def memory_readout(trxl_out, ablate_memory):
+    """The agent's memory input: the Transformer-XL's output at the step's last token. With
+    --ablate-memory it is zeros, while everything else (the frozen models included) runs unchanged."""
+    return torch.zeros_like(trxl_out[-1]) if ablate_memory else trxl_out[-1]
 
 
 def reset_memory(mems, memory_mask, done, memory_reset):
@@ -860,7 +868,7 @@ if __name__ == "__main__":
     with torch.no_grad():
         trxl_in, next_tokens = encoder(next_obs_np)
         trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
-        next_trxl_out = trxl_out[-1]  # the output at the step's last token is the memory read-out
+        next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
     episode_text, last_episode_text = [], None
     nonfinite_in_row = 0
     progress = None
@@ -912,7 +920,7 @@ if __name__ == "__main__":
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
                 trxl_in, next_tokens = encoder(next_obs_np)
                 trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
-                next_trxl_out = trxl_out[-1]
+                next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
 
             if "episode" in infos:
                 for i in np.nonzero(infos["_episode"])[0]:
