@@ -19,6 +19,7 @@ L2-normalised; `trxl_ids` and `clip_ids` (n_shared,) int64; metadata (strings) `
 """
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -398,10 +399,8 @@ def write_atomically(path, write):
 
 
 def _remove(path):
-    try:
+    with contextlib.suppress(OSError):  # never written, or its directory is not one
         path.unlink()
-    except OSError:  # never written, or its directory is not one
-        pass
 
 
 def build_embeddings(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, out_dir, force=False, verbose=True):

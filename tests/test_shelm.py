@@ -5,6 +5,7 @@ import copy
 import errno
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,7 +315,7 @@ def test_write_atomically_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(KeyboardInterrupt):  # an interrupt stays an interrupt, but cleans up too
         prepare_embeddings.write_atomically(path, half_written(KeyboardInterrupt()))
     assert path.read_bytes() == b"old content" and os.listdir(tmp_path) == ["file.bin"]
-    prepare_embeddings.write_atomically(path, lambda tmp: open(tmp, "wb").write(b"new"))
+    prepare_embeddings.write_atomically(path, lambda tmp: Path(tmp).write_bytes(b"new"))
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["file.bin"]
 
 
@@ -358,7 +359,7 @@ def memory(tmp_path_factory):
 
 
 def retrieval(encoder, cache_size):
-    clip, word_emb = encoder.frozen
+    clip, word_emb = encoder.frozen["clip"], encoder.frozen["word_emb"]
     return shelm_ppo.TokenRetrieval(
         clip, encoder.text_embeddings, encoder.trxl_ids, word_emb, encoder.tokens_per_step, cache_size
     )
