@@ -137,6 +137,8 @@ class Args:
     """directory of the vocabulary embeddings file (built by prepare_embeddings.py on first use)"""
     embeddings_file: str | None = None
     """use this embeddings file instead of the one in embeddings_dir; it must exist and match the models"""
+    prompts: tuple[str, ...] = ()
+    """embed each word in prompt templates with {} for it, or a preset of the original (dmlab, avalon)"""
     token_cache_size: int = 100_000
     """observations whose retrieved tokens are remembered, so exact repeats skip CLIP (0: off)"""
     # [end algorithm-specific]
@@ -180,6 +182,7 @@ def check_args(args):
     ]
     # [algorithm-specific]
     positive += ["topk"]
+    prepare_embeddings.prompt_templates(args.prompts)  # one error line for a template without {}
     if args.token_cache_size < 0:
         fail(f"--token-cache-size must be >= 0, got {args.token_cache_size}")
     # [end algorithm-specific]
@@ -586,15 +589,15 @@ def build_memory(args, device, verbose=True):
     """(frozen Transformer-XL, its vocabulary, frozen encoder) for these arguments."""
     trxl, vocab = build_trxl(args.trxl_model, args.n_layer, args.mem_len, device)
     clip = prepare_embeddings.load_clip(args.clip_model, args.clip_pretrained, device, tiny_kind="ViT")
-    expected = prepare_embeddings.expected_metadata(clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab)
+    templates = prepare_embeddings.prompt_templates(args.prompts)
+    models = (clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab)
+    expected = prepare_embeddings.expected_metadata(*models, templates)
     if args.embeddings_file is not None:
         if not Path(args.embeddings_file).is_file():
             fail(f"embeddings file {args.embeddings_file} does not exist (build it with prepare_embeddings.py)")
         path = args.embeddings_file
     else:
-        path = prepare_embeddings.build_embeddings(
-            clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab, args.embeddings_dir, verbose=verbose
-        )
+        path = prepare_embeddings.build_embeddings(*models, args.embeddings_dir, verbose=verbose, templates=templates)
     table = prepare_embeddings.read_embeddings(path, expected)
     if verbose:
         print(f"token retrieval over the {len(table['trxl_ids'])} words CLIP and the Transformer-XL share ({path})")
