@@ -434,3 +434,29 @@ def test_bad_arguments_are_one_line(args, phrase, shelm_run, monkeypatch):
         enjoy.main(enjoy.Args(**args))
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message and phrase in message, message
+
+
+def test_render_without_display_writes_the_video(shelm_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(enjoy.sys, "platform", "linux")
+    monkeypatch.chdir(shelm_run.parent.parent)
+    enjoy.main(enjoy.Args(checkpoint=str(shelm_run / "model_final.pt"), episodes=1, render=True, out_dir=str(tmp_path)))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "no display: --render shows no window; the video with the memory strip is written instead"
+    assert [p.name for p in tmp_path.iterdir()] == ["episode-001.mp4"]
+
+
+def test_window_shows_the_pictures(enjoyed, monkeypatch):
+    # a real pygame window, on SDL's dummy video driver (no display here)
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    recorder = enjoyed[2]
+    picture = enjoy.Picture("shelm", 1)
+    window = enjoy.Window(picture, fps=1000)
+    try:
+        for record in recorder.steps[:3]:
+            window.step(record)
+        shown = window.pygame.surfarray.array3d(window.screen).swapaxes(0, 1)
+        np.testing.assert_array_equal(shown, picture(recorder.steps[2]))
+    finally:
+        window.close()
