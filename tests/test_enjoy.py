@@ -118,7 +118,7 @@ def test_attention_heatmap_per_episode(enjoyed):
     for png in pngs:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # what the first heatmap draws: each step's attention over the steps of the episode, rows summing to 1
-    maps = enjoy.AttentionMaps(out / "again", 1, per_head=False, label_words=True)
+    maps = enjoy.AttentionMaps(out / "again", 1, per_head=False)
     first = [r for r in recorder.steps if r.episode == 1]
     for record in first:
         maps.step(record)
@@ -424,6 +424,7 @@ def test_missing_hub_file_is_one_line(hub, hub_file, phrase, offline_hub):
         ({}, "give a checkpoint file or --hub"),
         ({"checkpoint": "a.pt", "hub": "someone/x"}, "give a checkpoint file or --hub"),
         ({"checkpoint": "a.pt", "episodes": 0}, "must be >= 1"),
+        ({"checkpoint": "a.pt", "seed": -1}, "--seed must be >= 0"),
         ({"attention_layer": 2}, "--attention-layer must be in [-2, 1]"),
     ],
 )
