@@ -118,7 +118,7 @@ def test_attention_heatmap_per_episode(enjoyed):
     for png in pngs:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # what the first heatmap draws: each step's attention over the steps of the episode, rows summing to 1
-    maps = enjoy.AttentionMaps(out / "again", 1, per_head=False)
+    maps = enjoy.AttentionMaps(out / "heads", 1, per_head=True)
     first = [r for r in recorder.steps if r.episode == 1]
     for record in first:
         maps.step(record)
@@ -129,6 +129,8 @@ def test_attention_heatmap_per_episode(enjoyed):
     assert np.all(matrix[:, :, -1] == 0)  # nothing from before the episode
     for t in range(len(first)):  # nothing older than the window of mem_len tokens (2 per step)
         assert np.all(matrix[:, t, : max(0, t - 7)] == 0)
+    maps.end_episode(1)  # one panel per head
+    assert [p.name for p in (out / "heads").iterdir()] == ["attention-episode-001.png"]
 
 
 def test_most_attended_step_is_in_the_window(enjoyed):
