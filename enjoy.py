@@ -149,7 +149,8 @@ def load(path, num_envs=None, cuda=True, frames=False, from_hub=False):
     torch.manual_seed(args.seed)
     envs = make_envs(algo, args, frames)
     trxl, vocab, encoder = algo.build_memory(args, device, verbose=False)
-    agent = algo.Agent(envs.single_observation_space.shape, envs.single_action_space.n, trxl.d_model).to(device)
+    agent = algo.Agent(envs.single_observation_space.shape, algo.action_dims(envs.single_action_space), trxl.d_model)
+    agent = agent.to(device)
     algo.load_trained(agent, encoder, ckpt, path)
     agent.eval()
     encoder.eval()  # evaluation: HELMv2's running statistics are frozen
@@ -178,7 +179,7 @@ class Step:
 
     episode: int  # 1, 2, ... (env 0's episodes)
     t: int  # step within the episode
-    action: int
+    action: int | list  # a list of one number per dimension for a MultiDiscrete action space
     action_name: str
     reward: float  # the environment's own reward
     value: float  # the critic's estimate
@@ -241,20 +242,24 @@ def play(loaded, episodes, outputs, greedy=False, seed=None, attention_layer=-1,
                 obs = torch.from_numpy(obs_np).to(device)
                 x = agent.features(algo.memory_readout(trxl_out, args.ablate_memory), obs)
                 logits, value = agent.actor(x), agent.critic(x)[:, 0]
+                parts = logits.split(agent.action_dims, dim=-1)  # one categorical per action dimension
                 if greedy:
-                    action = logits.argmax(dim=-1)
+                    action = torch.stack([part.argmax(dim=-1) for part in parts], dim=-1)
                 else:
-                    action = torch.distributions.Categorical(logits=logits).sample()
+                    action = torch.stack([torch.distributions.Categorical(logits=p).sample() for p in parts], dim=-1)
                 words, weight = memory_words(loaded, trxl_in, tokens)
                 step_words = [loaded.vocab[i] for i in tokens[0].tolist()]
                 keys = slots + [(episode, t, w) for w in step_words]
                 window = [k[2] for k, v in zip(keys, visible + [True] * len(step_words)) if k is not None and v]
-                obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+                obs_np, reward, terminations, truncations, infos = envs.step(
+                    algo.env_actions(action, envs.single_action_space)
+                )
+                action0 = action[0].tolist()
                 record = Step(
                     episode=episode,
                     t=t,
-                    action=int(action[0]),
-                    action_name=name_of(int(action[0])),
+                    action=action0[0] if len(action0) == 1 else action0,
+                    action_name=name_of(action0[0]) if len(action0) == 1 else " ".join(map(str, action0)),
                     reward=float(reward[0]),
                     value=float(value[0]),
                     words=words,
