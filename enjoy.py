@@ -16,6 +16,7 @@ import csv
 import importlib
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -184,7 +185,7 @@ class Step:
     value: float  # the critic's estimate
     words: list  # the memory's text of this step (see memory_words)
     weight: float | None  # HELM: softmax weight of the most attended word
-    window: list  # SHELM: the words the Transformer-XL window holds now, oldest first
+    window: list  # the words of the tokens the Transformer-XL window holds now, oldest first (SHELM's strip)
     attention: np.ndarray  # (n_head, keys) of the step's last token in the chosen layer
     key_steps: list  # for each key: the (episode, t) whose token it is, or None (zero or earlier memory)
     frame: np.ndarray | None = None  # the environment, before the action
@@ -218,14 +219,8 @@ def memory_words(loaded, trxl_in, tokens):
 def play(loaded, episodes, outputs, greedy=False, seed=None, attention_layer=-1, show_memory=False):
     """Run until `episodes` episodes (over all envs) end; hand each step of env 0 to every output.
     Returns the episodes' returns."""
-    algo, args, trxl, agent, envs, device = (
-        loaded.algo,
-        loaded.args,
-        loaded.trxl,
-        loaded.agent,
-        loaded.envs,
-        loaded.device,
-    )
+    algo, args, trxl, agent = loaded.algo, loaded.args, loaded.trxl, loaded.agent
+    envs, device = loaded.envs, loaded.device
     attn = trxl.layers[attention_layer].dec_attn
     attn.keep_probs = True
     env0 = envs.unwrapped.envs[0]
@@ -239,6 +234,8 @@ def play(loaded, episodes, outputs, greedy=False, seed=None, attention_layer=-1,
         with torch.no_grad():
             while len(returns) < episodes:
                 frame = env0.render() if want_frames else None
+                if want_frames and frame is None:  # an env that draws nothing: show what the agent sees
+                    frame = obs_np[0]
                 trxl_in, tokens = loaded.encoder(obs_np)
                 visible = memory_mask[:, 0].tolist()
                 trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
@@ -476,8 +473,8 @@ class AttentionMaps(Output):
     episode (the weights of a step's tokens summed), and over memory from before the episode (zeros
     or the old episode, which --memory-reset mask hides); mean over heads, or one panel per head."""
 
-    def __init__(self, out_dir, layer, per_head, label_words):
-        self.out_dir, self.layer, self.per_head, self.label_words = Path(out_dir), layer, per_head, label_words
+    def __init__(self, out_dir, layer, per_head):
+        self.out_dir, self.layer, self.per_head = Path(out_dir), layer, per_head
         self.rows, self.labels, self.written = [], [], []
 
     def step(self, record):
@@ -489,7 +486,7 @@ class AttentionMaps(Output):
             else:
                 row[:, -1] += record.attention[:, j]
         self.rows.append(row)
-        self.labels.append(f"{record.t} {' '.join(record.words)}" if self.label_words else str(record.t))
+        self.labels.append(f"{record.t} {' '.join(record.words)}")  # each step's words label its row and column
 
     def matrix(self):
         """(n_head, steps, steps + 1): attention of each step to each step, then to earlier memory."""
@@ -514,22 +511,24 @@ class AttentionMaps(Output):
             maps = maps[:, :, :-1]
         panels = list(maps) if self.per_head else [maps.mean(axis=0)]
         n = len(self.rows)
-        size = min(3 + 0.18 * n, 14)
-        fig, axes = plt.subplots(
-            1, len(panels), figsize=(size * len(panels), size), squeeze=False, layout="constrained"
-        )
-        step = max(1, n // 40)  # at most about 40 labels per axis
+        cols = int(np.ceil(np.sqrt(len(panels))))  # heads on a near-square grid
+        rows = -(-len(panels) // cols)
+        size = min(3 + 0.18 * n, 14) if len(panels) == 1 else min(3 + 0.1 * n, 7)
+        fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False, layout="constrained")
+        step = max(1, n // (40 if len(panels) == 1 else 20))  # at most about 40 (20) labels per axis
         vmax = max(panel.max() for panel in panels)  # one colour scale for all panels
-        for h, (ax, panel) in enumerate(zip(axes[0], panels)):
+        xlabels = self.labels + (["before"] if earlier else [])
+        xticks = list(range(0, n, step)) + ([n] if earlier else [])
+        for ax in axes.flat[len(panels) :]:
+            ax.axis("off")
+        for h, (ax, panel) in enumerate(zip(axes.flat, panels)):
             image = ax.imshow(panel, cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
             ax.set_yticks(range(0, n, step), self.labels[::step], fontsize=7)
-            xlabels = self.labels + (["before"] if earlier else [])
-            xticks = list(range(0, n, step)) + ([n] if earlier else [])
             ax.set_xticks(xticks, [xlabels[i] for i in xticks], fontsize=7, rotation=90)
             ax.set_xlabel("attended step")
             ax.set_ylabel("step")
-            ax.set_title(f"head {h}" if self.per_head else f"layer {self.layer}, mean over heads", fontsize=9)
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention")
+            ax.set_title(f"layer {self.layer}, head {h}" if self.per_head else f"layer {self.layer}, mean over heads")
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention")
         fig.suptitle(f"episode {episode}: attention of each step to the steps it could see", fontsize=10)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"attention-episode-{episode:03d}.png"
@@ -585,10 +584,10 @@ class Trace(Output):
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(checkpoint, episodes, video_dir=None, cuda=True):
+def evaluate(checkpoint, episodes, video_dir=None, cuda=True, from_hub=False):
     """Returns of `episodes` episodes of a saved agent (sampled actions, new seeds), and the mp4 of env
     0's first episode with its memory strip (written to video_dir, default videos/<run_name>-eval)."""
-    loaded = load(checkpoint, cuda=cuda, frames=True)
+    loaded = load(checkpoint, cuda=cuda, frames=True, from_hub=from_hub)
     video_dir = Path(video_dir or Path("videos") / f"{safe_name(loaded.ckpt.get('run_name'))}-eval")
     video = Video(video_dir, Picture(loaded.algorithm, loaded.trxl.n_layer - 1), fps=4, max_episodes=1)
     returns = play(loaded, episodes, [video])
@@ -615,7 +614,7 @@ def training_command(algorithm, args, defaults):
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + name.replace("_", "-"))
         elif value is not None:
-            parts.append(f"{flag} {value}")
+            parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
 
 
@@ -730,11 +729,13 @@ def push_to_hub(checkpoint, repo_id, returns, video):
 def main(cli):
     if cli.episodes < 1 or cli.num_envs < 1 or cli.fps < 1:
         fail("--episodes, --num-envs and --fps must be >= 1")
+    if cli.seed is not None and cli.seed < 0:
+        fail(f"--seed must be >= 0, got {cli.seed}")
     if (cli.checkpoint is None) == (cli.hub is None):
         fail("give a checkpoint file or --hub REPO_ID (one of them)")
     path = cli.checkpoint if cli.hub is None else download_checkpoint(cli.hub, cli.hub_file)
     if cli.upload:
-        returns, video = evaluate(path, cli.episodes, cli.out_dir, cli.cuda)
+        returns, video = evaluate(path, cli.episodes, cli.out_dir, cli.cuda, from_hub=cli.hub is not None)
         push_to_hub(path, cli.upload, returns, video)
         return
     window = cli.render and has_display()
@@ -754,12 +755,16 @@ def main(cli):
     if window:
         outputs.append(Window(picture, cli.fps))
     if cli.attention:
-        outputs.append(AttentionMaps(out_dir, layer, cli.attention_heads, label_words=True))
+        outputs.append(AttentionMaps(out_dir, layer, cli.attention_heads))
     if cli.trace:
         outputs.append(Trace(out_dir / f"trace.{cli.trace}", cli.trace))
     ckpt = loaded.ckpt
     print(f"{loaded.algorithm} agent from {path} (step {ckpt.get('global_step')}) on {loaded.args.env_id}")
-    returns = play(loaded, cli.episodes, outputs, cli.greedy, cli.seed, layer, cli.show_memory)
+    try:
+        returns = play(loaded, cli.episodes, outputs, cli.greedy, cli.seed, layer, cli.show_memory)
+    except KeyboardInterrupt:  # Ctrl-C, or the window closed: what was written stays
+        print("stopped")
+        return
     print(f"mean return over {len(returns)} episodes: {np.mean(returns):.3f} +- {np.std(returns):.3f}")
 
 
