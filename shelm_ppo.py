@@ -14,15 +14,17 @@ and helmv2_ppo.py; everything else is the same code in the three scripts (tests/
 
 # [end algorithm-specific]
 import collections
+import importlib.util
 import io
 import math
+import operator
 import os
 import random
 import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -67,6 +69,12 @@ class Args:
     """whether to capture videos of the agent performances (check out `videos` folder)"""
     save_model: bool = False
     """whether to save the trainable weights (runs/{run_name}/model_final.pt and model_best.pt)"""
+    upload_model: bool = False
+    """after training, evaluate the saved model and upload it, a model card and a video to the Hugging Face hub"""
+    hf_entity: str | None = None
+    """the user or org name of the model repository from the Hugging Face Hub"""
+    eval_episodes: int = 10
+    """episodes of the evaluation before the upload (logged as eval/episodic_return)"""
 
     # Algorithm specific arguments
     env_id: str = "MiniGrid-MemoryS11-v0"
@@ -114,7 +122,7 @@ class Args:
     mem_len: int = 15
     """number of past steps (tokens) the Transformer-XL keeps per layer"""
     memory_reset: Literal["mask", "zero"] = "mask"
-    """at an episode start: mask (the new episode cannot attend to the old one) or zero (zero the memories, as the original)"""
+    """at an episode start: mask (hide the old episode from the new) or zero (zero the memories, as the original)"""
     ablate_memory: bool = False
     """feed the agent zeros instead of the Transformer-XL's output (the papers' memoryless baseline)"""
     # [algorithm-specific]
@@ -129,6 +137,8 @@ class Args:
     """directory of the vocabulary embeddings file (built by prepare_embeddings.py on first use)"""
     embeddings_file: str | None = None
     """use this embeddings file instead of the one in embeddings_dir; it must exist and match the models"""
+    prompts: tuple[str, ...] = ()
+    """embed each word in prompt templates with {} for it, or a preset of the original (dmlab, avalon)"""
     token_cache_size: int = 100_000
     """observations whose retrieved tokens are remembered, so exact repeats skip CLIP (0: off)"""
     # [end algorithm-specific]
@@ -155,7 +165,23 @@ class Args:
 
 
 # What --resume takes from the command line when given there; every other argument comes from the checkpoint.
-RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every")
+RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
+
+
+def resume_args(ckpt, path):
+    """The checkpoint's arguments with the flags given on this command line: tyro parses it again with the
+    checkpoint's values as defaults. Flags outside RESUME_OVERRIDES may only repeat the checkpoint's value."""
+    try:
+        saved = Args(**ckpt["args"])
+    except TypeError as e:
+        fail(f"checkpoint {path} was written with other arguments than this script has ({e})")
+    args = tyro.cli(Args, default=replace(saved, resume=path))
+    changed = [name for name, value in asdict(saved).items() if getattr(args, name) != value]
+    fixed = [f"--{name.replace('_', '-')}" for name in changed if name not in (*RESUME_OVERRIDES, "resume")]
+    if fixed:
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDES)
+        fail(f"{' '.join(fixed)}: a resumed run keeps its checkpoint's arguments; only {allowed} can be given")
+    return args
 
 
 def check_args(args):
@@ -168,9 +194,11 @@ def check_args(args):
         "update_epochs",
         "mem_len",
         "nonfinite_limit",
+        "eval_episodes",
     ]
     # [algorithm-specific]
     positive += ["topk"]
+    prepare_embeddings.prompt_templates(args.prompts)  # one error line for a template without {}
     if args.token_cache_size < 0:
         fail(f"--token-cache-size must be >= 0, got {args.token_cache_size}")
     # [end algorithm-specific]
@@ -191,25 +219,68 @@ def check_args(args):
     if args.n_layer < 1:
         fail(f"--n-layer must be >= 1, got {args.n_layer}")
     if args.num_envs * args.num_steps < args.num_minibatches:
-        fail(
-            f"--num-minibatches ({args.num_minibatches}) exceeds the batch size num_envs * num_steps ({args.num_envs * args.num_steps})"
-        )
+        batch_size = args.num_envs * args.num_steps
+        fail(f"--num-minibatches ({args.num_minibatches}) exceeds the batch size num_envs * num_steps ({batch_size})")
     if args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({args.num_envs * args.num_steps})"
-        )
+        rollout = args.num_envs * args.num_steps
+        fail(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({rollout})")
 
 
-def make_env(env_id, idx, capture_video, run_name):
+GL_HELP = (
+    "MiniWorld renders with OpenGL, headless through EGL: on Debian or Ubuntu, "
+    "apt-get install libegl1 libgl1 libglu1-mesa libgl1-mesa-dri libfontconfig1"
+)
+MEMORY_GYM = ("memory_gym", "pip install --no-deps -r requirements/memory-gym.txt")
+# Suites beside MiniGrid, by the start of their env ids: the module that registers their envs (imported only
+# when one of them is asked for) and how to install it. docs/environments.md
+ENV_SUITES = {
+    "MiniWorld-": ("miniworld", f"pip install -r requirements/requirements.txt; {GL_HELP}"),
+    "MortarMayhem": MEMORY_GYM,
+    "MysteryPath": MEMORY_GYM,
+    "SearingSpotlights": MEMORY_GYM,
+    "Endless-": MEMORY_GYM,
+}
+
+
+def import_env_suite(env_id):
+    """Register the envs of env_id's suite (docs/environments.md). MiniWorld renders off-screen through
+    EGL, so no display (nor xvfb) is needed."""
+    suite = next((suite for prefix, suite in ENV_SUITES.items() if env_id.startswith(prefix)), None)
+    if suite is None or env_id in gym.registry:
+        return
+    module, install = suite
+    if module == "miniworld":
+        os.environ.setdefault("PYGLET_HEADLESS", "true")  # read by pyglet when miniworld first imports it
+        # triton, which torch's compiler stack imports later (through torchvision), carries its own LLVM; loaded
+        # after Mesa's software renderer (linked to the system's LLVM) has made a GL context, it segfaults.
+        # Loaded before any GL context, both work.
+        if importlib.util.find_spec("triton") is not None:
+            import triton  # noqa: F401
+    if module == "memory_gym":
+        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")  # pygame.init() opens a sound card it never uses
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        fail(f"{env_id} needs the {module} package ({e}); install it with: {install}")
+
+
+def make_env(env_id, idx, capture_video, run_name, render_mode=None):
     def thunk():
+        import_env_suite(env_id)
         try:
-            env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else None)
+            env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else render_mode)
         except gym.error.Error as e:
             fail(f"unknown or unusable environment {env_id!r} ({e})")
+        except ImportError as e:  # a system library of the renderer
+            fail(f"{env_id} cannot be made: {e}" + (f"; {GL_HELP}" if env_id.startswith("MiniWorld-") else ""))
         if isinstance(env.observation_space, gym.spaces.Dict) and "image" in env.observation_space.spaces:
             # MiniGrid as in the original: the agent's partial view rendered as 56x56 RGB pixels
             env = minigrid.wrappers.RGBImgPartialObsWrapper(env, tile_size=8)
             env = minigrid.wrappers.ImgObsWrapper(env)
+        if isinstance(env.observation_space, gym.spaces.Dict) and "obs" in env.observation_space.spaces:
+            # MiniWorld-Sign observes {obs: image, goal: box or key}; the original kept the image only. The
+            # goal is fixed when the env is made (box, by default), so nothing is lost.
+            env = gym.wrappers.TransformObservation(env, operator.itemgetter("obs"), env.observation_space["obs"])
         space = env.observation_space
         if not (
             isinstance(space, gym.spaces.Box)
@@ -220,13 +291,29 @@ def make_env(env_id, idx, capture_video, run_name):
             fail(f"{env_id} does not observe RGB images (H, W, 3) of uint8 but {space}; these agents need pixels")
         if min(space.shape[:2]) < 8:
             fail(f"{env_id} observes images of {space.shape[0]}x{space.shape[1]} pixels; the CNN needs at least 8x8")
-        if not isinstance(env.action_space, gym.spaces.Discrete):
-            fail(f"{env_id} has a {type(env.action_space).__name__} action space; these agents need Discrete actions")
+        if not isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)) or (
+            isinstance(env.action_space, gym.spaces.MultiDiscrete) and env.action_space.nvec.ndim != 1
+        ):
+            fail(
+                f"{env_id} has the action space {env.action_space}; these agents need Discrete or MultiDiscrete "
+                "(one dimension) actions"
+            )
         if capture_video and idx == 0:
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
         return env
 
     return thunk
+
+
+def action_dims(space):
+    """Choices per action dimension: (n,) for Discrete, nvec for MultiDiscrete (one categorical each)."""
+    return (int(space.n),) if isinstance(space, gym.spaces.Discrete) else tuple(int(n) for n in space.nvec)
+
+
+def env_actions(action, space):
+    """The agent's actions (num_envs, n_dims) as the vector env takes them: (num_envs,) for Discrete."""
+    action = action.cpu().numpy()
+    return action[:, 0] if isinstance(space, gym.spaces.Discrete) else action
 
 
 def make_envs(args, run_name):
@@ -238,8 +325,8 @@ def make_envs(args, run_name):
     )
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)  # raw returns, before normalization
     # as SB3's VecNormalize(norm_obs=False, norm_reward=True, clip_reward=1) in the original
-    reward_norm = envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
-    envs = gym.wrappers.vector.ClipReward(envs, -1.0, 1.0)
+    reward_norm = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
+    envs = gym.wrappers.vector.ClipReward(reward_norm, -1.0, 1.0)
     return envs, reward_norm
 
 
@@ -290,6 +377,8 @@ class RelMultiHeadAttn(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=eps)
         self.r_w_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.1)
         self.r_r_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.1)
+        # enjoy.py sets keep_probs to read the attention; training never does, so nothing is kept
+        self.keep_probs, self.probs = False, None
 
     @staticmethod
     def rel_shift(x):
@@ -309,7 +398,10 @@ class RelMultiHeadAttn(nn.Module):
         position = self.rel_shift(torch.einsum("ibnd,jnd->ijbn", q + self.r_r_bias, r))
         score = (content + position) * self.scale
         score = score.masked_fill(mask[..., None], torch.finfo(score.dtype).min)
-        out = torch.einsum("ijbn,jbnd->ibnd", score.softmax(dim=1), v).reshape(qlen, bsz, -1)
+        probs = score.softmax(dim=1)  # (query, key, batch, head); keys: the memory slots, then this step's tokens
+        if self.keep_probs:
+            self.probs = probs
+        out = torch.einsum("ijbn,jbnd->ibnd", probs, v).reshape(qlen, bsz, -1)
         return self.layer_norm(h + self.o_net(out))
 
 
@@ -340,14 +432,18 @@ class TransformerXL(nn.Module):
     mems (n_layer, mem_len, batch, d_model) hold each layer's past inputs; memory_mask (mem_len, batch)
     says which memory slots a step may attend to (None: all, as Hugging Face's model does)."""
 
-    def __init__(self, c, n_layer, mem_len):
+    def __init__(self, config, n_layer, mem_len):
+        """config: the Hugging Face config.json of the model (a dict); n_layer: how many of its layers to keep."""
         super().__init__()
-        self.n_layer, self.mem_len, self.d_model = n_layer, mem_len, c["d_model"]
-        self.clamp_len, self.same_length = c["clamp_len"], c["same_length"]
-        self.word_emb = AdaptiveEmbedding(c["vocab_size"], c["d_embed"], c["d_model"], c["cutoffs"], c["div_val"])
-        eps = c.get("layer_norm_epsilon", 1e-5)
+        self.n_layer, self.mem_len, self.d_model = n_layer, mem_len, config["d_model"]
+        self.clamp_len, self.same_length = config["clamp_len"], config["same_length"]
+        self.word_emb = AdaptiveEmbedding(
+            config["vocab_size"], config["d_embed"], config["d_model"], config["cutoffs"], config["div_val"]
+        )
+        eps = config.get("layer_norm_epsilon", 1e-5)
         self.layers = nn.ModuleList(
-            DecoderLayer(c["n_head"], c["d_model"], c["d_head"], c["d_inner"], eps) for _ in range(n_layer)
+            DecoderLayer(config["n_head"], config["d_model"], config["d_head"], config["d_inner"], eps)
+            for _ in range(n_layer)
         )
         self.register_buffer(
             "inv_freq", 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0) / self.d_model)), persistent=False
@@ -462,7 +558,7 @@ class TokenRetrieval(nn.Module):
 
     def __init__(self, clip, text_embeddings, trxl_ids, word_emb, topk, cache_size):
         super().__init__()
-        self.frozen = [clip, word_emb]  # in a list: not submodules, so not in checkpoints
+        self.frozen = {"clip": clip, "word_emb": word_emb}  # in a dict: not submodules, so not in checkpoints
         self.register_buffer("text_embeddings", text_embeddings, persistent=False)
         self.register_buffer("trxl_ids", trxl_ids, persistent=False)
         self.tokens_per_step, self.cache_size = topk, cache_size
@@ -471,7 +567,7 @@ class TokenRetrieval(nn.Module):
 
     def retrieve(self, obs):
         images = torch.from_numpy(obs).to(self.text_embeddings.device)
-        features = prepare_embeddings.clip_image_features(self.frozen[0], images)
+        features = prepare_embeddings.clip_image_features(self.frozen["clip"], images)
         return retrieve_tokens(features, self.text_embeddings, self.trxl_ids, self.tokens_per_step)
 
     @torch.no_grad()
@@ -491,7 +587,7 @@ class TokenRetrieval(nn.Module):
             tokens = torch.stack([self.cache[key] for key in keys]).to(self.text_embeddings.device)
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
-        return self.frozen[1](tokens.T), tokens
+        return self.frozen["word_emb"](tokens.T), tokens
 
     def log_scalars(self):
         rate = self.hits / self.lookups if self.lookups else float("nan")
@@ -509,15 +605,15 @@ def build_memory(args, device, verbose=True):
     """(frozen Transformer-XL, its vocabulary, frozen encoder) for these arguments."""
     trxl, vocab = build_trxl(args.trxl_model, args.n_layer, args.mem_len, device)
     clip = prepare_embeddings.load_clip(args.clip_model, args.clip_pretrained, device, tiny_kind="ViT")
-    expected = prepare_embeddings.expected_metadata(clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab)
+    templates = prepare_embeddings.prompt_templates(args.prompts)
+    models = (clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab)
+    expected = prepare_embeddings.expected_metadata(*models, templates)
     if args.embeddings_file is not None:
         if not Path(args.embeddings_file).is_file():
             fail(f"embeddings file {args.embeddings_file} does not exist (build it with prepare_embeddings.py)")
         path = args.embeddings_file
     else:
-        path = prepare_embeddings.build_embeddings(
-            clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab, args.embeddings_dir, verbose=verbose
-        )
+        path = prepare_embeddings.build_embeddings(*models, args.embeddings_dir, verbose=verbose, templates=templates)
     table = prepare_embeddings.read_embeddings(path, expected)
     if verbose:
         print(f"token retrieval over the {len(table['trxl_ids'])} words CLIP and the Transformer-XL share ({path})")
@@ -540,15 +636,16 @@ def build_memory(args, device, verbose=True):
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_init(layer, gain=np.sqrt(2), init=nn.init.orthogonal_):
+def layer_init(layer, gain=2**0.5, init=nn.init.orthogonal_):
     init(layer.weight, gain)
     nn.init.zeros_(layer.bias)
     return layer
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_shape, n_actions, d_model):
+    def __init__(self, obs_shape, action_dims, d_model):
         super().__init__()
+        self.action_dims = tuple(action_dims)  # one categorical per action dimension, as CleanRL's ppo_trxl
         h, w, _ = obs_shape
         k1, s1 = (8, 4) if h > 9 else (4, 2)
         k2, s2 = (4, 2) if w > 9 else (2, 1)
@@ -568,7 +665,7 @@ class Agent(nn.Module):
             layer_init(nn.Linear(2 * d_model, 128)),
             nn.LayerNorm(128, elementwise_affine=False),
             nn.ReLU(),
-            layer_init(nn.Linear(128, n_actions)),
+            layer_init(nn.Linear(128, sum(self.action_dims))),
         )
         self.critic = nn.Sequential(
             layer_init(nn.Linear(2 * d_model, 512)),
@@ -585,18 +682,22 @@ class Agent(nn.Module):
         return self.critic(self.features(trxl_out, obs))
 
     def get_action_and_value(self, trxl_out, obs, action=None):
+        """action and its log-probability per action dimension (batch, n_dims), the entropy summed over the
+        dimensions (batch,), the value (batch, 1). A Discrete action space has one dimension."""
         x = self.features(trxl_out, obs)
         logits = self.actor(x)
         # not validated: non-finite logits (diverged weights) must reach the non-finite guard, not raise here
-        probs = Categorical(logits=logits, validate_args=False)
+        probs = [Categorical(logits=part, validate_args=False) for part in logits.split(self.action_dims, dim=-1)]
         if action is None:
-            # nor can they be sampled; any action does, the guard skips the updates on what follows
-            action = (
-                probs.sample()
-                if torch.isfinite(logits).all()
-                else logits.new_zeros(logits.shape[:-1], dtype=torch.long)
+            # non-finite logits cannot be sampled either: take action 0; the losses on this rollout will be
+            # non-finite as well, and the guard skips those updates
+            finite = torch.isfinite(logits).all()
+            action = torch.stack(
+                [p.sample() if finite else logits.new_zeros(logits.shape[:-1], dtype=torch.long) for p in probs], -1
             )
-        return action, probs.log_prob(action), probs.entropy(), self.critic(x)
+        logprob = torch.stack([p.log_prob(a) for p, a in zip(probs, action.unbind(-1))], dim=-1)
+        entropy = torch.stack([p.entropy() for p in probs], dim=-1).sum(-1)
+        return action, logprob, entropy, self.critic(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,7 +712,82 @@ def save_checkpoint(path, state):
     prepare_embeddings.write_atomically(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
 
 
+def training_state(iteration, global_step, best_return, recent_returns, reward_norm, encoder):
+    """What a checkpoint holds besides arguments and weights, taken when update `iteration` has finished."""
+    rms = reward_norm.return_rms
+    return {
+        "iteration": iteration,
+        "global_step": global_step,
+        "best_return": best_return,
+        "recent_returns": [float(r) for r in recent_returns],
+        "rng": rng_state(),
+        "reward_rms": (float(np.asarray(rms.mean)), float(np.asarray(rms.var)), float(rms.count)),
+        "encoder": encoder.encoder_state(),  # HELMv2's running statistics change during the rollout
+    }
+
+
+class Checkpoints:
+    """Writes the run's checkpoints into run_dir. What stays fixed during training (arguments, names,
+    the agent and optimizer objects) is given once; each save adds a training_state()."""
+
+    def __init__(self, run_dir, writer, run_info, agent, optimizer):
+        self.run_dir, self.writer, self.run_info = run_dir, writer, run_info
+        self.agent, self.optimizer = agent, optimizer
+
+    def save(self, name, state):
+        self.writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
+        weights = {"agent": self.agent.state_dict(), "optimizer": self.optimizer.state_dict()}
+        save_checkpoint(self.run_dir / name, {"format": CHECKPOINT_FORMAT, **self.run_info, **weights, **state})
+
+    def save_and_exit(self, signum, state):
+        self.save("checkpoint.pt", state)
+        self.writer.close()
+        resume = self.run_dir / "checkpoint.pt"
+        print(f"\ninterrupted by signal {signum}; resume with --resume {resume}", file=sys.stderr)
+        sys.exit(128 + signum)
+
+
+class StopRequest:
+    """Catches SIGINT/SIGTERM (Ctrl-C, preemption) so that the loop can finish the env step or update
+    under way, save and exit; `signum` is the first signal received (None: none yet)."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.catch)
+
+    def catch(self, signum, frame):
+        self.signum = self.signum or signum
+
+
+class VideoLog:
+    """Hands the videos that RecordVideo writes into video_dir to wandb, each once. wandb's own hook
+    (wandb.init(monitor_gym=True)) fails with gymnasium 1.x's RecordVideo."""
+
+    def __init__(self, video_dir):
+        self.video_dir = video_dir
+        self.logged = self.on_disk()  # a resumed run's earlier videos were logged by the earlier process
+
+    def on_disk(self):
+        # with the modification time: a resumed run's recorder writes the same file names again
+        return {path: path.stat().st_mtime_ns for path in sorted(self.video_dir.glob("*.mp4"))}
+
+    def log_new(self):
+        import wandb
+
+        on_disk = self.on_disk()
+        for path, mtime in on_disk.items():
+            if self.logged.get(path) != mtime:
+                wandb.log({"videos": wandb.Video(str(path), format="mp4")})
+        self.logged = on_disk
+
+
 def load_checkpoint(path):
+    return check_checkpoint(read_checkpoint(path), path)
+
+
+def read_checkpoint(path):
+    """A checkpoint of any of the three scripts, read once (enjoy.py then checks it with its own script)."""
     if not Path(path).is_file():
         fail(f"checkpoint {path} does not exist")
     try:
@@ -620,6 +796,10 @@ def load_checkpoint(path):
         fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         fail(f"{path} is not a checkpoint of these scripts")
+    return ckpt
+
+
+def check_checkpoint(ckpt, path):
     if ckpt.get("algorithm") != ALGORITHM:
         fail(f"checkpoint {path} is of {ckpt.get('algorithm')}_ppo.py, not {ALGORITHM}_ppo.py")
     return ckpt
@@ -665,15 +845,7 @@ if __name__ == "__main__":
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        cli = args
-        try:
-            args = Args(**ckpt["args"])
-        except TypeError as e:
-            fail(f"checkpoint {args.resume} was written with other arguments than this script has ({e})")
-        args.resume = cli.resume
-        for name in RESUME_OVERRIDES:  # a value other than the default was given on the command line
-            if getattr(cli, name) != getattr(Args(), name):
-                setattr(args, name, getattr(cli, name))
+        args = resume_args(ckpt, args.resume)
     check_args(args)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -692,7 +864,7 @@ if __name__ == "__main__":
     envs, reward_norm = make_envs(args, run_name)
     obs_shape = envs.single_observation_space.shape
     trxl, vocab, encoder = build_memory(args, device)
-    agent = Agent(obs_shape, envs.single_action_space.n, trxl.d_model).to(device)
+    agent = Agent(obs_shape, action_dims(envs.single_action_space), trxl.d_model).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=args.learning_rate, eps=1e-8)
     start_iteration, global_step, best_return = 1, 0, -math.inf
     recent_returns = collections.deque(maxlen=100)
@@ -709,25 +881,28 @@ if __name__ == "__main__":
         wandb_id = ckpt["wandb_id"]
         set_rng_state(ckpt["rng"])
         print(f"resuming {run_name} at step {global_step} (update {start_iteration - 1} of {args.num_iterations})")
-    print(
-        f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {sum(p.numel() for p in trxl.parameters()):,} frozen parameters"
-    )
+    n_frozen = sum(p.numel() for p in trxl.parameters())
+    print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {n_frozen:,} frozen parameters")
 
+    videos = None
     if args.track:
         import wandb
 
-        wandb_id = wandb_id or wandb.util.generate_id()
+        # wandb logs what the SummaryWriter below writes (sync_tensorboard=True would wait 10 s at the end
+        # to guess the log directory)
+        wandb.tensorboard.patch(root_logdir=str(run_dir))
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
-            sync_tensorboard=True,
             config=vars(args),
             name=run_name,
-            id=wandb_id,
+            id=wandb_id,  # None: a new run; a resumed run continues its checkpoint's
             resume="allow",
-            monitor_gym=True,
             save_code=True,
         )
+        wandb_id = wandb.run.id
+        if args.capture_video:
+            videos = VideoLog(Path("videos") / run_name)
     from torch.utils.tensorboard import SummaryWriter
 
     # purge_step drops what an interrupted run logged after its last checkpoint: the steps after
@@ -739,54 +914,17 @@ if __name__ == "__main__":
             "|param|value|\n|-|-|\n{}".format("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
     meta = {"algorithm": ALGORITHM, "env_id": args.env_id, "versions": versions()}
-
-    def snapshot(iteration):
-        """What a checkpoint needs besides weights, taken where an update has just finished."""
-        rms = reward_norm.return_rms
-        return {
-            "iteration": iteration,
-            "global_step": global_step,
-            "best_return": best_return,
-            "recent_returns": [float(r) for r in recent_returns],
-            "rng": rng_state(),
-            "reward_rms": (float(np.asarray(rms.mean)), float(np.asarray(rms.var)), float(rms.count)),
-            "encoder": encoder.encoder_state(),  # HELMv2's running statistics change during the rollout
-        }
-
-    def checkpoint(path, boundary):
-        writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
-        save_checkpoint(
-            path,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "algorithm": ALGORITHM,
-                "args": asdict(args),
-                "meta": meta,
-                "run_name": run_name,
-                "wandb_id": wandb_id,
-                "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                **boundary,
-            },
-        )
-
-    # SIGINT/SIGTERM (Ctrl-C, preemption): finish the env step or update under way, save, exit
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
-
-    def stop_now(boundary):
-        checkpoint(run_dir / "checkpoint.pt", boundary)
-        writer.close()
-        print(f"\ninterrupted by signal {stop[0]}; resume with --resume {run_dir / 'checkpoint.pt'}", file=sys.stderr)
-        sys.exit(128 + stop[0])
+    run_info = {"algorithm": ALGORITHM, "args": asdict(args), "meta": meta, "run_name": run_name, "wandb_id": wandb_id}
+    checkpoints = Checkpoints(run_dir, writer, run_info, agent, optimizer)
+    stop = StopRequest()
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
     trxl_outs = torch.zeros((args.num_steps, args.num_envs, trxl.d_model), device=device)
     tokens = torch.zeros((args.num_steps, args.num_envs, encoder.tokens_per_step), dtype=torch.long, device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
+    # one column per action dimension (one for Discrete), as CleanRL's ppo_trxl
+    actions = torch.zeros((args.num_steps, args.num_envs, len(agent.action_dims)), dtype=torch.long, device=device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs, len(agent.action_dims)), device=device)
     rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
     dones = torch.zeros((args.num_steps, args.num_envs), device=device)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
@@ -812,9 +950,10 @@ if __name__ == "__main__":
         )
 
     for iteration in range(start_iteration, args.num_iterations + 1):
-        boundary = snapshot(iteration - 1)
-        if stop:
-            stop_now(boundary)
+        # where a run interrupted during this iteration resumes: the end of the previous update
+        resume_state = training_state(iteration - 1, global_step, best_return, recent_returns, reward_norm, encoder)
+        if stop.signum:
+            checkpoints.save_and_exit(stop.signum, resume_state)
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -822,8 +961,8 @@ if __name__ == "__main__":
             optimizer.param_groups[0]["lr"] = lrnow
 
         for step in range(0, args.num_steps):
-            if stop:  # the update has not run yet: the boundary still describes the weights
-                stop_now(boundary)
+            if stop.signum:  # the update has not run yet: resume_state still describes the weights
+                checkpoints.save_and_exit(stop.signum, resume_state)
             global_step += args.num_envs
             obs[step] = next_obs
             dones[step] = next_done
@@ -838,7 +977,9 @@ if __name__ == "__main__":
             logprobs[step] = logprob
 
             # TRY NOT TO MODIFY: execute the game and log data.
-            next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+            next_obs_np, reward, terminations, truncations, infos = envs.step(
+                env_actions(action, envs.single_action_space)
+            )
             next_done_np = np.logical_or(terminations, truncations)
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device).view(-1)
             next_obs = torch.from_numpy(next_obs_np).to(device)
@@ -883,15 +1024,15 @@ if __name__ == "__main__":
         # flatten the batch; the frozen models are not run again: their outputs are in trxl_outs
         b_obs = obs.reshape((-1,) + obs_shape)
         b_trxl_outs = trxl_outs.reshape(-1, trxl.d_model)
-        b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape(-1)
+        b_logprobs = logprobs.reshape(-1, len(agent.action_dims))
+        b_actions = actions.reshape(-1, len(agent.action_dims))
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
         b_values = values.reshape(-1)
 
         # Optimizing the policy and value network
         clipfracs = []
-        for epoch in range(args.update_epochs):
+        for _ in range(args.update_epochs):
             b_inds = torch.randperm(args.batch_size, device=device)
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
@@ -912,6 +1053,7 @@ if __name__ == "__main__":
                 mb_advantages = b_advantages[mb_inds]
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                mb_advantages = mb_advantages[:, None]  # each action dimension's ratio is clipped on its own
 
                 # Policy loss
                 pg_loss1 = -mb_advantages * ratio
@@ -939,18 +1081,23 @@ if __name__ == "__main__":
                 if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     # one bad minibatch must not poison the weights: skip it, give up if it persists
                     nonfinite_in_row += 1
-                    warnings.warn(
-                        f"non-finite loss or gradient at step {global_step}: update skipped ({nonfinite_in_row} in a row)"
-                    )
+                    message = f"non-finite loss or gradient at step {global_step}: update skipped"
+                    warnings.warn(f"{message} ({nonfinite_in_row} in a row)", stacklevel=1)
                     if nonfinite_in_row >= args.nonfinite_limit:
-                        # this iteration's steps are taken, so its counters: global_step == iteration * batch_size
-                        checkpoint(run_dir / "checkpoint_nonfinite.pt", snapshot(iteration))
+                        # saved as the end of this iteration: its rollout is complete, and the counters in the
+                        # checkpoint must say so (global_step == iteration * batch_size) for a resume to add up
+                        state = training_state(
+                            iteration, global_step, best_return, recent_returns, reward_norm, encoder
+                        )
+                        checkpoints.save("checkpoint_nonfinite.pt", state)
                         writer.close()
                         last = run_dir / "checkpoint.pt"
+                        before = (
+                            f"last periodic checkpoint: {last}" if last.exists() else "no periodic checkpoint before it"
+                        )
                         fail(
-                            f"{nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}; state saved to "
-                            f"{run_dir / 'checkpoint_nonfinite.pt'} "
-                            f"({f'last periodic checkpoint: {last}' if last.exists() else 'no periodic checkpoint before it'})"
+                            f"{nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}; "
+                            f"state saved to {run_dir / 'checkpoint_nonfinite.pt'} ({before})"
                         )
                     continue
                 nonfinite_in_row = 0
@@ -978,25 +1125,44 @@ if __name__ == "__main__":
             writer.add_scalar(key, value, global_step)
         if args.log_tokens_every and iteration % args.log_tokens_every == 0 and last_episode_text:
             writer.add_text("memory/episode_tokens", last_episode_text, global_step)
+        if videos is not None:
+            videos.log_new()
         mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
         if progress is not None:
             progress.set_postfix(SPS=sps, ret=f"{mean_return:.3f}")
 
-        if recent_returns and mean_return > best_return:
+        new_best = bool(recent_returns) and mean_return > best_return
+        if new_best:
             best_return = mean_return
-            if args.save_model:
-                checkpoint(run_dir / "model_best.pt", snapshot(iteration))
+        state = training_state(iteration, global_step, best_return, recent_returns, reward_norm, encoder)
+        if new_best and args.save_model:
+            checkpoints.save("model_best.pt", state)
         # not while non-finite updates are being skipped: the weights may have diverged, and checkpoint.pt
         # is the last good state that the non-finite abort points to
         if args.checkpoint_every and iteration % args.checkpoint_every == 0 and not nonfinite_in_row:
-            checkpoint(run_dir / "checkpoint.pt", snapshot(iteration))
+            checkpoints.save("checkpoint.pt", state)
 
-    final = snapshot(args.num_iterations)
-    checkpoint(run_dir / "checkpoint.pt", final)
-    if args.save_model:
-        checkpoint(run_dir / "model_final.pt", final)
+    final = training_state(args.num_iterations, global_step, best_return, recent_returns, reward_norm, encoder)
+    checkpoints.save("checkpoint.pt", final)
+    if args.save_model or args.upload_model:
+        checkpoints.save("model_final.pt", final)
         print(f"model saved to {run_dir / 'model_final.pt'}")
     if progress is not None:
         progress.close()
-    envs.close()
+    envs.close()  # the video under way, if any, is written now
+    if videos is not None:
+        videos.log_new()
+    if args.upload_model:
+        # enjoy.py watches agents, so it evaluates and uploads them too (docs/enjoy.md); only then imported
+        import enjoy
+
+        episodic_returns, video = enjoy.evaluate(run_dir / "model_final.pt", args.eval_episodes, cuda=args.cuda)
+        for idx, episodic_return in enumerate(episodic_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
     writer.close()
+    if args.upload_model:
+        repo_name = f"{args.env_id}-{args.exp_name}-seed{args.seed}"
+        repo_id = f"{args.hf_entity}/{repo_name}" if args.hf_entity else repo_name
+        enjoy.push_to_hub(run_dir / "model_final.pt", repo_id, episodic_returns, video)
+    if args.track:
+        wandb.finish()  # the last tensorboard events synced before the process ends

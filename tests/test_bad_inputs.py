@@ -40,7 +40,7 @@ def assert_clean_failure(proc, cwd, before, *phrases):
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert line.startswith("error: "), proc.stderr[-3000:]
-    assert sum(l.startswith("error:") for l in proc.stderr.splitlines()) == 1
+    assert sum(err.startswith("error:") for err in proc.stderr.splitlines()) == 1
     for phrase in phrases:
         assert phrase in line, line
     assert not (cwd / "runs").exists()
@@ -76,6 +76,7 @@ SHELM_CASES = {
         ["/missing.safetensors", "does not exist"],
     ),
     "topk-0": (["--topk", "0"], ["--topk", "got 0"]),
+    "prompt-without-slot": (["--prompts", "a photo of"], ["'a photo of'", "{}", "dmlab"]),
 }
 
 

@@ -110,15 +110,14 @@ def start(script, args, cwd):
     """A training run in the background, in cwd (created); its output goes to files there. One
     thread each: runs side by side with torch's default threads spin against each other."""
     cwd.mkdir(parents=True, exist_ok=True)
-    out, err = open(cwd / "stdout.txt", "w"), open(cwd / "stderr.txt", "w")
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        cwd=cwd,
-        env=dict(offline_env(), OMP_NUM_THREADS="1"),
-        stdout=out,
-        stderr=err,
-    )
-    out.close(), err.close()
+    with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *map(str, args)],
+            cwd=cwd,
+            env=dict(offline_env(), OMP_NUM_THREADS="1"),
+            stdout=out,
+            stderr=err,
+        )
     proc.cwd = cwd
     return proc
 
@@ -204,7 +203,7 @@ def interrupted(script, shared, cache):
             time.sleep(0.02)
         assert len(found) == len(procs), "no checkpoint in time"
         result = {sig: SimpleNamespace(stopped=finish(proc), path=found[sig]) for sig, proc in procs.items()}
-        for sig, r in result.items():
+        for r in result.values():
             r.saved = load(r.path)
             r.leftovers = [p.name for p in r.path.parent.iterdir() if ".tmp" in p.name]
         resumed = side_by_side(
@@ -295,13 +294,13 @@ def test_checkpoint_content_matches_the_run(script, reference):
     ckpt = module.load_checkpoint(reference / "checkpoint.pt")
     args = module.Args(**ckpt["args"])
     env = module.make_env(ENV, 0, False, "test")()
-    obs_shape, n_actions = env.observation_space.shape, env.action_space.n
+    obs_shape, action_dims = env.observation_space.shape, module.action_dims(env.action_space)
     env.close()
     d_model = prepare_embeddings.TINY_TRXL_CONFIG["d_model"]
 
     # weights and optimizer, loaded into the objects the script builds
     torch.manual_seed(12345)
-    agent = module.Agent(obs_shape, n_actions, d_model)
+    agent = module.Agent(obs_shape, action_dims, d_model)
     fresh = {k: v.clone() for k, v in agent.state_dict().items()}
     agent.load_state_dict(ckpt["agent"])
     assert_same(agent.state_dict(), ckpt["agent"])
