@@ -618,6 +618,8 @@ def training_command(algorithm, args, defaults):
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            parts.append(" ".join([flag, *(shlex.quote(str(v)) for v in value)]))
         elif value is not None:
             parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
