@@ -12,10 +12,17 @@ Run alone to build the table ahead of time (shelm_ppo.py builds it on first use 
     python prepare_embeddings.py --clip-model ViT-B-16 --clip-pretrained openai \
         --trxl-model transfo-xl/transfo-xl-wt103 --out-dir data
 
+With --prompts, each word's embedding is the mean CLIP text embedding of the word in prompt templates
+("a render of {}", ...), as the original SHELM offered for its 3D environments:
+
+    python prepare_embeddings.py --prompts dmlab                 # the original's templates for Psychlab
+    python prepare_embeddings.py --prompts "a photo of {}" "a render of {}"
+
 File format (safetensors, see docs/shelm_ppo.md): tensors `text_embeddings` (n_shared, clip_dim) float32,
 L2-normalised; `trxl_ids` and `clip_ids` (n_shared,) int64; metadata (strings) `format`, `clip_model`,
 `clip_pretrained`, `clip_text_sha256` (fingerprint of the CLIP text tower), `trxl_model`,
-`trxl_vocab_sha256`, `n_shared`. A file whose metadata does not match the models in use is refused.
+`trxl_vocab_sha256`, `prompts` (JSON list of the templates; absent or [] for the word alone), `n_shared`.
+A file whose metadata does not match the models and templates in use is refused.
 """
 
 import collections
@@ -55,6 +62,25 @@ def fail(message):
 # ---------------------------------------------------------------------------------------------
 
 
+HUB_PROBE_TIMEOUT = 3  # seconds
+
+
+def hub_offline():
+    """Whether the Hugging Face hub is out of reach: HF_HUB_OFFLINE is set, or one request without retries
+    fails within HUB_PROBE_TIMEOUT. Without this check the hub client retries for about 30 s before it
+    gives up. Found out of reach, the hub client is put in its offline mode (cache only) for the rest
+    of the process, so that open_clip's downloads fail at once too."""
+    import httpx2  # the hub client's HTTP library
+    from huggingface_hub import constants, get_session
+
+    if not constants.HF_HUB_OFFLINE:
+        try:  # through the hub client's own session, so that its proxy settings apply
+            get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+        except httpx2.TransportError:
+            constants.HF_HUB_OFFLINE = True
+    return constants.HF_HUB_OFFLINE
+
+
 def find_file(source, names):
     """First of `names` found in a local directory or a hub repository (downloaded once, then cached)."""
     source = os.path.expanduser(source)
@@ -77,6 +103,8 @@ def find_file(source, names):
         cached = try_to_load_from_cache(source, name)
         if isinstance(cached, str):
             return Path(cached)
+    if hub_offline():
+        fail(f"cannot download {names[0]} of {source!r} (no network, not in the cache): {WEIGHTS_HELP}")
     offline = None
     for name in names:
         try:
@@ -249,6 +277,18 @@ TINY_CLIP_CONFIGS = {
 }
 
 
+@contextlib.contextmanager
+def root_log_level(level):
+    """The root logger (open_clip logs there) at `level` within the block."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
 def load_clip(name, pretrained, device, tiny_kind="ViT"):
     """Frozen open_clip model in eval mode. `pretrained` is an open_clip tag ('openai') or a weights file,
     or `random`: the architecture with random weights (the same in every process), for speed benchmarks."""
@@ -261,19 +301,18 @@ def load_clip(name, pretrained, device, tiny_kind="ViT"):
             with tempfile.TemporaryDirectory(prefix="helm-tiny-clip-") as config_dir:  # read at once by open_clip
                 (Path(config_dir) / f"{name}.json").write_text(json.dumps(TINY_CLIP_CONFIGS[tiny_kind]))
                 open_clip.add_model_config(config_dir)
-        root, level = logging.getLogger(), logging.getLogger().level
-        root.setLevel(logging.ERROR)  # open_clip warns that random weights are random
-        try:
-            with torch.random.fork_rng(devices=[]):  # the same tiny model in every process
-                torch.manual_seed(0)
-                model = open_clip.create_model(name, pretrained=None)
-        finally:
-            root.setLevel(level)
+        # open_clip warns that random weights are random
+        with root_log_level(logging.ERROR), torch.random.fork_rng(devices=[]):  # the same model in every process
+            torch.manual_seed(0)
+            model = open_clip.create_model(name, pretrained=None)
     else:
         if name not in open_clip.list_models():
             fail(f"unknown CLIP model {name!r} (open_clip knows e.g. ViT-B-16, RN50)")
+        if not Path(pretrained).is_file():
+            hub_offline()  # out of reach: open_clip then finds cached weights or fails at once, without retries
         try:
-            model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
+            with root_log_level(logging.CRITICAL):  # open_clip logs its failures before raising them
+                model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
         except Exception as e:  # noqa: BLE001 - network, cache and format failures all end here
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             fail(
@@ -329,6 +368,78 @@ def encode_words(clip, clip_ids, batch_size=1024):
     return torch.cat(out) if out else torch.zeros(0, clip.text_projection.shape[-1])
 
 
+# The prompt templates of the original SHELM (github ml-jku/helm, variables.py): dmlab for Psychlab (DeepMind Lab),
+# avalon for Avalon. Its MiniGrid and MiniWorld runs embedded the word alone.
+PROMPT_PRESETS = {
+    "dmlab": [
+        "a render of {}",
+        "a render of a {}",
+        "a screenshot of a {}",
+        "a screenshot of {}",
+        "a screen showing {}",
+        "a screen showing a {}",
+    ],
+    "avalon": [
+        "a screenshot of {}",
+        "a screenshot of a {}",
+        "a screenshot of many {}",
+        "a biome containing {}",
+        "a biome containing a {}",
+        "a biome containing many {}",
+        "a biome full of {}",
+    ],
+}
+
+
+def prompt_templates(prompts):
+    """The templates of --prompts: each given one holds {} once for the word; a preset name stands for its list."""
+    templates = []
+    for prompt in prompts:
+        rest = prompt.replace("{}", "", 1)
+        if prompt in PROMPT_PRESETS:
+            templates += PROMPT_PRESETS[prompt]
+        elif "{}" in prompt and "{" not in rest and "}" not in rest:
+            templates.append(prompt)
+        else:
+            presets = ", ".join(PROMPT_PRESETS)
+            fail(f"prompt {prompt!r} is neither a template with one {{}} for the word nor a preset ({presets})")
+    return templates
+
+
+def encode_prompted_words(clip, words, templates, batch_size=1024):
+    """Mean over the templates of the CLIP text embedding of each word in each template, each text embedded
+    as clip.encode_text(tokenize(text)) does. As in encode_words, the causal tower runs only as many
+    positions as the longest text of a batch needs (shorter ones are padded after their end-of-text token)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    sot, eot = tok.encoder["<start_of_text>"], tok.encoder["<end_of_text>"]
+    context = clip.positional_embedding.shape[0]
+    texts = []
+    for word in words:
+        for template in templates:
+            ids = [sot, *tok.encode(template.format(word)), eot]
+            texts.append(ids[: context - 1] + [eot] if len(ids) > context else ids)  # truncated as tokenize does
+    device = next(clip.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = texts[i : i + batch_size]
+        n = max(len(ids) for ids in batch)
+        text = torch.tensor([ids + [0] * (n - len(ids)) for ids in batch], dtype=torch.long, device=device)
+        ends = torch.tensor([len(ids) - 1 for ids in batch], device=device)
+        with torch.no_grad():
+            x = clip.token_embedding(text) + clip.positional_embedding[:n]
+            x = clip.transformer(x, attn_mask=clip.attn_mask[:n, :n])
+            x = clip.ln_final(x)[torch.arange(len(batch), device=device), ends]
+            x = (
+                x @ clip.text_projection
+                if not isinstance(clip.text_projection, torch.nn.Linear)
+                else clip.text_projection(x)
+            )
+        out.append(x.float().cpu())
+    return torch.cat(out).view(len(words), len(templates), -1).mean(dim=1)
+
+
 def clip_text_sha256(clip):
     """Fingerprint of the CLIP text tower: a stale embeddings file made with other weights is detected."""
     h = hashlib.sha256()
@@ -372,16 +483,19 @@ def shared_vocabulary(trxl_vocab):
     return clip_ids, trxl_ids, words
 
 
-def embeddings_path(out_dir, clip_model, clip_pretrained, trxl_model):
-    """One file per (CLIP weights, Transformer-XL vocabulary) pair."""
+def embeddings_path(out_dir, clip_model, clip_pretrained, trxl_model, templates=()):
+    """One file per (CLIP weights, Transformer-XL vocabulary, prompt templates)."""
 
     def slug(s):
         return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(s)).name if os.sep in str(s) else str(s)).strip("-")
 
-    return Path(out_dir) / f"shelm_vocab__{slug(clip_model)}__{slug(clip_pretrained)}__{slug(trxl_model)}.safetensors"
+    name = f"shelm_vocab__{slug(clip_model)}__{slug(clip_pretrained)}__{slug(trxl_model)}"
+    if templates:
+        name += f"__prompts-{hashlib.sha256(json.dumps(list(templates)).encode()).hexdigest()[:12]}"
+    return Path(out_dir) / f"{name}.safetensors"
 
 
-def expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab):
+def expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, templates=()):
     clip_pretrained = "none" if clip_model == TINY else clip_pretrained
     return {
         "format": EMBEDDINGS_FORMAT,
@@ -390,6 +504,7 @@ def expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab)
         "clip_text_sha256": clip_text_sha256(clip),
         "trxl_model": str(trxl_model),
         "trxl_vocab_sha256": hashlib.sha256("\n".join(trxl_vocab).encode()).hexdigest(),
+        "prompts": json.dumps(list(templates)),
     }
 
 
@@ -403,6 +518,12 @@ def read_embeddings(path, expected):
             tensors = {k: f.get_tensor(k) for k in ("text_embeddings", "trxl_ids", "clip_ids")}
     except Exception as e:  # noqa: BLE001
         fail(f"embeddings file {path} is corrupt ({type(e).__name__}); rebuild it with prepare_embeddings.py --force")
+    meta = {"prompts": "[]", **meta}  # written before prompts existed: the word alone
+    if meta["prompts"] != expected["prompts"]:
+        fail(
+            f"embeddings file {path} was made with the prompt templates {meta['prompts']}, not "
+            f"{expected['prompts']}; build one for these with prepare_embeddings.py --prompts ..."
+        )
     stale = [k for k, v in expected.items() if meta.get(k) != v]
     if stale:
         fail(
@@ -441,12 +562,15 @@ def _remove(path):
         path.unlink()
 
 
-def build_embeddings(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, out_dir, force=False, verbose=True):
-    """Path of the embeddings file for these models, built if absent (or with force)."""
+def build_embeddings(
+    clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, out_dir, force=False, verbose=True, templates=()
+):
+    """Path of the embeddings file for these models and prompt templates, built if absent (or with force)."""
     from safetensors.torch import save
 
-    path = embeddings_path(out_dir, clip_model, "none" if clip_model == TINY else clip_pretrained, trxl_model)
-    meta = expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab)
+    pretrained = "none" if clip_model == TINY else clip_pretrained
+    path = embeddings_path(out_dir, clip_model, pretrained, trxl_model, templates)
+    meta = expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, templates)
     if path.exists() and not force:
         read_embeddings(path, meta)
         if verbose:
@@ -457,7 +581,12 @@ def build_embeddings(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, 
         fail(f"CLIP and {trxl_model} share no word: is the vocabulary a Transformer-XL word vocabulary?")
     if verbose:
         print(f"CLIP and {trxl_model} share {len(words)} words; encoding them with CLIP {clip_model}")
-    emb = F.normalize(encode_words(clip, clip_ids), dim=-1)
+    if templates:
+        if verbose:
+            print(f"each word in {len(templates)} prompt templates: {templates}")
+        emb = F.normalize(encode_prompted_words(clip, words, templates), dim=-1)
+    else:
+        emb = F.normalize(encode_words(clip, clip_ids), dim=-1)
     tensors = {
         "text_embeddings": emb.contiguous(),
         "trxl_ids": torch.tensor(trxl_ids, dtype=torch.long),
@@ -481,6 +610,8 @@ class Args:
     """Transformer-XL: hub id, local directory, or tiny-random"""
     out_dir: str = "data"
     """directory of the embeddings files"""
+    prompts: tuple[str, ...] = ()
+    """prompt templates with {} for the word, or a preset of the original (dmlab, avalon); none: the word alone"""
     force: bool = False
     """rebuild even if an up-to-date file exists"""
     cuda: bool = True
@@ -491,10 +622,18 @@ if __name__ == "__main__":
     import tyro
 
     args = tyro.cli(Args)
+    templates = prompt_templates(args.prompts)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     _, _, vocab = trxl_source(args.trxl_model, weights=False)
     clip = load_clip(args.clip_model, args.clip_pretrained, device)
     build_embeddings(
-        clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab, args.out_dir, force=args.force
+        clip,
+        args.clip_model,
+        args.clip_pretrained,
+        args.trxl_model,
+        vocab,
+        args.out_dir,
+        force=args.force,
+        templates=templates,
     )
     sys.exit(0)

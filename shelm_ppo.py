@@ -15,15 +15,17 @@ and helmv2_ppo.py; everything else is the same code in the three scripts (tests/
 # [end algorithm-specific]
 import collections
 import hashlib
+import importlib.util
 import io
 import math
+import operator
 import os
 import random
 import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -137,6 +139,8 @@ class Args:
     """directory of the vocabulary embeddings file (built by prepare_embeddings.py on first use)"""
     embeddings_file: str | None = None
     """use this embeddings file instead of the one in embeddings_dir; it must exist and match the models"""
+    prompts: tuple[str, ...] = ()
+    """embed each word in prompt templates with {} for it, or a preset of the original (dmlab, avalon)"""
     # [end algorithm-specific]
     log_tokens_every: int = 10
     """every N updates, log the memory tokens of one whole episode as tensorboard text (0: never)"""
@@ -164,6 +168,22 @@ class Args:
 RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
 
 
+def resume_args(ckpt, path):
+    """The checkpoint's arguments with the flags given on this command line: tyro parses it again with the
+    checkpoint's values as defaults. Flags outside RESUME_OVERRIDES may only repeat the checkpoint's value."""
+    try:
+        saved = Args(**ckpt["args"])
+    except TypeError as e:
+        fail(f"checkpoint {path} was written with other arguments than this script has ({e})")
+    args = tyro.cli(Args, default=replace(saved, resume=path))
+    changed = [name for name, value in asdict(saved).items() if getattr(args, name) != value]
+    fixed = [f"--{name.replace('_', '-')}" for name in changed if name not in (*RESUME_OVERRIDES, "resume")]
+    if fixed:
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDES)
+        fail(f"{' '.join(fixed)}: a resumed run keeps its checkpoint's arguments; only {allowed} can be given")
+    return args
+
+
 def check_args(args):
     """One clear line for each argument out of range, before anything is built or written."""
     positive = [
@@ -178,6 +198,7 @@ def check_args(args):
     ]
     # [algorithm-specific]
     positive += ["topk"]
+    prepare_embeddings.prompt_templates(args.prompts)  # one error line for a template without {}
     # [end algorithm-specific]
     for name in positive:
         if getattr(args, name) < 1:
@@ -203,16 +224,61 @@ def check_args(args):
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({rollout})")
 
 
+GL_HELP = (
+    "MiniWorld renders with OpenGL, headless through EGL: on Debian or Ubuntu, "
+    "apt-get install libegl1 libgl1 libglu1-mesa libgl1-mesa-dri libfontconfig1"
+)
+MEMORY_GYM = ("memory_gym", "pip install --no-deps -r requirements/memory-gym.txt")
+# Suites beside MiniGrid, by the start of their env ids: the module that registers their envs (imported only
+# when one of them is asked for) and how to install it. docs/environments.md
+ENV_SUITES = {
+    "MiniWorld-": ("miniworld", f"pip install -r requirements/requirements.txt; {GL_HELP}"),
+    "MortarMayhem": MEMORY_GYM,
+    "MysteryPath": MEMORY_GYM,
+    "SearingSpotlights": MEMORY_GYM,
+    "Endless-": MEMORY_GYM,
+}
+
+
+def import_env_suite(env_id):
+    """Register the envs of env_id's suite (docs/environments.md). MiniWorld renders off-screen through
+    EGL, so no display (nor xvfb) is needed."""
+    suite = next((suite for prefix, suite in ENV_SUITES.items() if env_id.startswith(prefix)), None)
+    if suite is None or env_id in gym.registry:
+        return
+    module, install = suite
+    if module == "miniworld":
+        os.environ.setdefault("PYGLET_HEADLESS", "true")  # read by pyglet when miniworld first imports it
+        # triton, which torch's compiler stack imports later (through torchvision), carries its own LLVM; loaded
+        # after Mesa's software renderer (linked to the system's LLVM) has made a GL context, it segfaults.
+        # Loaded before any GL context, both work.
+        if importlib.util.find_spec("triton") is not None:
+            import triton  # noqa: F401
+    if module == "memory_gym":
+        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")  # pygame.init() opens a sound card it never uses
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        fail(f"{env_id} needs the {module} package ({e}); install it with: {install}")
+
+
 def make_env(env_id, idx, capture_video, run_name, render_mode=None):
     def thunk():
+        import_env_suite(env_id)
         try:
             env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else render_mode)
         except gym.error.Error as e:
             fail(f"unknown or unusable environment {env_id!r} ({e})")
+        except ImportError as e:  # a system library of the renderer
+            fail(f"{env_id} cannot be made: {e}" + (f"; {GL_HELP}" if env_id.startswith("MiniWorld-") else ""))
         if isinstance(env.observation_space, gym.spaces.Dict) and "image" in env.observation_space.spaces:
             # MiniGrid as in the original: the agent's partial view rendered as 56x56 RGB pixels
             env = minigrid.wrappers.RGBImgPartialObsWrapper(env, tile_size=8)
             env = minigrid.wrappers.ImgObsWrapper(env)
+        if isinstance(env.observation_space, gym.spaces.Dict) and "obs" in env.observation_space.spaces:
+            # MiniWorld-Sign observes {obs: image, goal: box or key}; the original kept the image only. The
+            # goal is fixed when the env is made (box, by default), so nothing is lost.
+            env = gym.wrappers.TransformObservation(env, operator.itemgetter("obs"), env.observation_space["obs"])
         space = env.observation_space
         if not (
             isinstance(space, gym.spaces.Box)
@@ -223,13 +289,29 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
             fail(f"{env_id} does not observe RGB images (H, W, 3) of uint8 but {space}; these agents need pixels")
         if min(space.shape[:2]) < 8:
             fail(f"{env_id} observes images of {space.shape[0]}x{space.shape[1]} pixels; the CNN needs at least 8x8")
-        if not isinstance(env.action_space, gym.spaces.Discrete):
-            fail(f"{env_id} has a {type(env.action_space).__name__} action space; these agents need Discrete actions")
+        if not isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)) or (
+            isinstance(env.action_space, gym.spaces.MultiDiscrete) and env.action_space.nvec.ndim != 1
+        ):
+            fail(
+                f"{env_id} has the action space {env.action_space}; these agents need Discrete or MultiDiscrete "
+                "(one dimension) actions"
+            )
         if capture_video and idx == 0:
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
         return env
 
     return thunk
+
+
+def action_dims(space):
+    """Choices per action dimension: (n,) for Discrete, nvec for MultiDiscrete (one categorical each)."""
+    return (int(space.n),) if isinstance(space, gym.spaces.Discrete) else tuple(int(n) for n in space.nvec)
+
+
+def env_actions(action, space):
+    """The agent's actions (num_envs, n_dims) as the vector env takes them: (num_envs,) for Discrete."""
+    action = action.cpu().numpy()
+    return action[:, 0] if isinstance(space, gym.spaces.Discrete) else action
 
 
 def make_envs(args, run_name):
@@ -583,15 +665,15 @@ def build_memory(args, device, verbose=True):
     """(frozen Transformer-XL, its vocabulary, frozen encoder) for these arguments."""
     trxl, vocab = build_trxl(args.trxl_model, args.n_layer, args.mem_len, device)
     clip = prepare_embeddings.load_clip(args.clip_model, args.clip_pretrained, device, tiny_kind="ViT")
-    expected = prepare_embeddings.expected_metadata(clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab)
+    templates = prepare_embeddings.prompt_templates(args.prompts)
+    models = (clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab)
+    expected = prepare_embeddings.expected_metadata(*models, templates)
     if args.embeddings_file is not None:
         if not Path(args.embeddings_file).is_file():
             fail(f"embeddings file {args.embeddings_file} does not exist (build it with prepare_embeddings.py)")
         path = args.embeddings_file
     else:
-        path = prepare_embeddings.build_embeddings(
-            clip, args.clip_model, args.clip_pretrained, args.trxl_model, vocab, args.embeddings_dir, verbose=verbose
-        )
+        path = prepare_embeddings.build_embeddings(*models, args.embeddings_dir, verbose=verbose, templates=templates)
     table = prepare_embeddings.read_embeddings(path, expected)
     dtype = resolve_frozen_dtype(args.frozen_dtype, device)  # after the embeddings: they are made in float32
     trxl.to(dtype)
@@ -624,8 +706,9 @@ def layer_init(layer, gain=2**0.5, init=nn.init.orthogonal_):
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_shape, n_actions, d_model):
+    def __init__(self, obs_shape, action_dims, d_model):
         super().__init__()
+        self.action_dims = tuple(action_dims)  # one categorical per action dimension, as CleanRL's ppo_trxl
         h, w, _ = obs_shape
         k1, s1 = (8, 4) if h > 9 else (4, 2)
         k2, s2 = (4, 2) if w > 9 else (2, 1)
@@ -645,7 +728,7 @@ class Agent(nn.Module):
             layer_init(nn.Linear(2 * d_model, 128)),
             nn.LayerNorm(128, elementwise_affine=False),
             nn.ReLU(),
-            layer_init(nn.Linear(128, n_actions)),
+            layer_init(nn.Linear(128, sum(self.action_dims))),
         )
         self.critic = nn.Sequential(
             layer_init(nn.Linear(2 * d_model, 512)),
@@ -662,19 +745,22 @@ class Agent(nn.Module):
         return self.critic(self.features(trxl_out, obs))
 
     def get_action_and_value(self, trxl_out, obs, action=None):
+        """action and its log-probability per action dimension (batch, n_dims), the entropy summed over the
+        dimensions (batch,), the value (batch, 1). A Discrete action space has one dimension."""
         x = self.features(trxl_out, obs)
         logits = self.actor(x)
         # not validated: non-finite logits (diverged weights) must reach the non-finite guard, not raise here
-        probs = Categorical(logits=logits, validate_args=False)
+        probs = [Categorical(logits=part, validate_args=False) for part in logits.split(self.action_dims, dim=-1)]
         if action is None:
             # non-finite logits cannot be sampled either: take action 0; the losses on this rollout will be
             # non-finite as well, and the guard skips those updates
-            action = (
-                probs.sample()
-                if torch.isfinite(logits).all()
-                else logits.new_zeros(logits.shape[:-1], dtype=torch.long)
+            finite = torch.isfinite(logits).all()
+            action = torch.stack(
+                [p.sample() if finite else logits.new_zeros(logits.shape[:-1], dtype=torch.long) for p in probs], -1
             )
-        return action, probs.log_prob(action), probs.entropy(), self.critic(x)
+        logprob = torch.stack([p.log_prob(a) for p, a in zip(probs, action.unbind(-1))], dim=-1)
+        entropy = torch.stack([p.entropy() for p in probs], dim=-1).sum(-1)
+        return action, logprob, entropy, self.critic(x)
 
 
 class Laps:
@@ -758,6 +844,28 @@ class StopRequest:
         self.signum = self.signum or signum
 
 
+class VideoLog:
+    """Hands the videos that RecordVideo writes into video_dir to wandb, each once. wandb's own hook
+    (wandb.init(monitor_gym=True)) fails with gymnasium 1.x's RecordVideo."""
+
+    def __init__(self, video_dir):
+        self.video_dir = video_dir
+        self.logged = self.on_disk()  # a resumed run's earlier videos were logged by the earlier process
+
+    def on_disk(self):
+        # with the modification time: a resumed run's recorder writes the same file names again
+        return {path: path.stat().st_mtime_ns for path in sorted(self.video_dir.glob("*.mp4"))}
+
+    def log_new(self):
+        import wandb
+
+        on_disk = self.on_disk()
+        for path, mtime in on_disk.items():
+            if self.logged.get(path) != mtime:
+                wandb.log({"videos": wandb.Video(str(path), format="mp4")})
+        self.logged = on_disk
+
+
 def load_checkpoint(path):
     return check_checkpoint(read_checkpoint(path), path)
 
@@ -836,15 +944,7 @@ if __name__ == "__main__":
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        cli = args
-        try:
-            args = Args(**ckpt["args"])
-        except TypeError as e:
-            fail(f"checkpoint {args.resume} was written with other arguments than this script has ({e})")
-        args.resume = cli.resume
-        for name in RESUME_OVERRIDES:  # a value other than the default was given on the command line
-            if getattr(cli, name) != getattr(Args(), name):
-                setattr(args, name, getattr(cli, name))
+        args = resume_args(ckpt, args.resume)
     check_args(args)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -863,7 +963,7 @@ if __name__ == "__main__":
     envs, reward_norm = make_envs(args, run_name)
     obs_shape = envs.single_observation_space.shape
     trxl, vocab, encoder = build_memory(args, device)
-    agent = Agent(obs_shape, envs.single_action_space.n, trxl.d_model).to(device)
+    agent = Agent(obs_shape, action_dims(envs.single_action_space), trxl.d_model).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=args.learning_rate, eps=1e-8)
     start_iteration, global_step, best_return = 1, 0, -math.inf
     recent_returns = collections.deque(maxlen=100)
@@ -883,21 +983,25 @@ if __name__ == "__main__":
     n_frozen = sum(p.numel() for p in trxl.parameters())
     print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {n_frozen:,} frozen parameters")
 
+    videos = None
     if args.track:
         import wandb
 
-        wandb_id = wandb_id or wandb.util.generate_id()
+        # wandb logs what the SummaryWriter below writes (sync_tensorboard=True would wait 10 s at the end
+        # to guess the log directory)
+        wandb.tensorboard.patch(root_logdir=str(run_dir))
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
-            sync_tensorboard=True,
             config=vars(args),
             name=run_name,
-            id=wandb_id,
+            id=wandb_id,  # None: a new run; a resumed run continues its checkpoint's
             resume="allow",
-            monitor_gym=True,
             save_code=True,
         )
+        wandb_id = wandb.run.id
+        if args.capture_video:
+            videos = VideoLog(Path("videos") / run_name)
     from torch.utils.tensorboard import SummaryWriter
 
     # purge_step drops what an interrupted run logged after its last checkpoint: the steps after
@@ -917,8 +1021,9 @@ if __name__ == "__main__":
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
     trxl_outs = torch.zeros((args.num_steps, args.num_envs, trxl.d_model), device=device)
     tokens = torch.zeros((args.num_steps, args.num_envs, encoder.tokens_per_step), dtype=torch.long, device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
+    # one column per action dimension (one for Discrete), as CleanRL's ppo_trxl
+    actions = torch.zeros((args.num_steps, args.num_envs, len(agent.action_dims)), dtype=torch.long, device=device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs, len(agent.action_dims)), device=device)
     rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
     dones = torch.zeros((args.num_steps, args.num_envs), device=device)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
@@ -933,6 +1038,7 @@ if __name__ == "__main__":
         trxl_in, next_tokens = encoder(next_obs_np)
         trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
         next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
+    # env 0's memory as text, one line per step: the episode under way, and the last one finished (logged)
     episode_text, last_episode_text = [], None
     nonfinite_in_row = 0
     progress = None
@@ -974,14 +1080,17 @@ if __name__ == "__main__":
             lap("agent")
 
             # TRY NOT TO MODIFY: execute the game and log data.
-            next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+            next_obs_np, reward, terminations, truncations, infos = envs.step(
+                env_actions(action, envs.single_action_space)
+            )
             next_done_np = np.logical_or(terminations, truncations)
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device).view(-1)
             next_obs = torch.from_numpy(next_obs_np).to(device)
             next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
             lap("env")
 
-            # the memory step of the next observation, which belongs to a new episode where done
+            # the next observation into the memory; where an episode has just ended, that observation is the
+            # new episode's first, so the env's memory is reset before it
             episode_text.append(" ".join(vocab[t] for t in tokens[step, 0].tolist()))
             with torch.no_grad():
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
@@ -1023,8 +1132,8 @@ if __name__ == "__main__":
         # flatten the batch; the frozen models are not run again: their outputs are in trxl_outs
         b_obs = obs.reshape((-1,) + obs_shape)
         b_trxl_outs = trxl_outs.reshape(-1, trxl.d_model)
-        b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape(-1)
+        b_logprobs = logprobs.reshape(-1, len(agent.action_dims))
+        b_actions = actions.reshape(-1, len(agent.action_dims))
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
         b_values = values.reshape(-1)
@@ -1052,6 +1161,7 @@ if __name__ == "__main__":
                 mb_advantages = b_advantages[mb_inds]
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                mb_advantages = mb_advantages[:, None]  # each action dimension's ratio is clipped on its own
 
                 # Policy loss
                 pg_loss1 = -mb_advantages * ratio
@@ -1125,6 +1235,8 @@ if __name__ == "__main__":
             writer.add_scalar(key, value, global_step)
         if args.log_tokens_every and iteration % args.log_tokens_every == 0 and last_episode_text:
             writer.add_text("memory/episode_tokens", last_episode_text, global_step)
+        if videos is not None:
+            videos.log_new()
         mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
         if progress is not None:
             progress.set_postfix(SPS=sps, ret=f"{mean_return:.3f}")
@@ -1147,7 +1259,9 @@ if __name__ == "__main__":
         print(f"model saved to {run_dir / 'model_final.pt'}")
     if progress is not None:
         progress.close()
-    envs.close()
+    envs.close()  # the video under way, if any, is written now
+    if videos is not None:
+        videos.log_new()
     if args.upload_model:
         # enjoy.py watches agents, so it evaluates and uploads them too (docs/enjoy.md); only then imported
         import enjoy
@@ -1160,3 +1274,5 @@ if __name__ == "__main__":
         repo_name = f"{args.env_id}-{args.exp_name}-seed{args.seed}"
         repo_id = f"{args.hf_entity}/{repo_name}" if args.hf_entity else repo_name
         enjoy.push_to_hub(run_dir / "model_final.pt", repo_id, episodic_returns, video)
+    if args.track:
+        wandb.finish()  # the last tensorboard events synced before the process ends

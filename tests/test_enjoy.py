@@ -3,6 +3,7 @@ the hub (download from a cache, upload through a fake client) and every bad inpu
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -118,7 +119,7 @@ def test_attention_heatmap_per_episode(enjoyed):
     for png in pngs:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # what the first heatmap draws: each step's attention over the steps of the episode, rows summing to 1
-    maps = enjoy.AttentionMaps(out / "again", 1, per_head=False, label_words=True)
+    maps = enjoy.AttentionMaps(out / "heads", 1, per_head=True)
     first = [r for r in recorder.steps if r.episode == 1]
     for record in first:
         maps.step(record)
@@ -129,6 +130,8 @@ def test_attention_heatmap_per_episode(enjoyed):
     assert np.all(matrix[:, :, -1] == 0)  # nothing from before the episode
     for t in range(len(first)):  # nothing older than the window of mem_len tokens (2 per step)
         assert np.all(matrix[:, t, : max(0, t - 7)] == 0)
+    maps.end_episode(1)  # one panel per head
+    assert [p.name for p in (out / "heads").iterdir()] == ["attention-episode-001.png"]
 
 
 def test_most_attended_step_is_in_the_window(enjoyed):
@@ -136,7 +139,8 @@ def test_most_attended_step_is_in_the_window(enjoyed):
     for row, record in zip(trace, recorder.steps):
         mean = record.attention.mean(axis=0)
         j = int(mean.argmax())
-        assert row["attended_step"] == record.key_steps[j][1] and 0 <= row["attended_step"] <= row["step"]
+        assert row["attended_slot"] == j and row["attended_step"] == record.key_steps[j][1]
+        assert 0 <= row["attended_step"] <= row["step"]
         assert row["attended_word"] in row["window"]
 
 
@@ -222,7 +226,7 @@ def test_evaluate_and_upload_through_the_hub_client(shelm_run, tmp_path, monkeyp
         assert f"- {package}: {version}" in card
     # the card's command reproduces the run's arguments
     command = next(line for line in card.splitlines() if line.startswith("python shelm_ppo.py "))
-    parsed = tyro.cli(shelm_ppo.Args, args=command.split()[2:])
+    parsed = tyro.cli(shelm_ppo.Args, args=shlex.split(command)[2:])
     runtime = {"batch_size", "minibatch_size", "num_iterations"}
     assert {k: v for k, v in vars(parsed).items() if k not in runtime} == {
         k: v for k, v in ckpt["args"].items() if k not in runtime
@@ -425,6 +429,7 @@ def test_missing_hub_file_is_one_line(hub, hub_file, phrase, offline_hub):
         ({}, "give a checkpoint file or --hub"),
         ({"checkpoint": "a.pt", "hub": "someone/x"}, "give a checkpoint file or --hub"),
         ({"checkpoint": "a.pt", "episodes": 0}, "must be >= 1"),
+        ({"checkpoint": "a.pt", "seed": -1}, "--seed must be >= 0"),
         ({"attention_layer": 2}, "--attention-layer must be in [-2, 1]"),
     ],
 )
@@ -435,3 +440,29 @@ def test_bad_arguments_are_one_line(args, phrase, shelm_run, monkeypatch):
         enjoy.main(enjoy.Args(**args))
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message and phrase in message, message
+
+
+def test_render_without_display_writes_the_video(shelm_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(enjoy.sys, "platform", "linux")
+    monkeypatch.chdir(shelm_run.parent.parent)
+    enjoy.main(enjoy.Args(checkpoint=str(shelm_run / "model_final.pt"), episodes=1, render=True, out_dir=str(tmp_path)))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "no display: --render shows no window; the video with the memory strip is written instead"
+    assert [p.name for p in tmp_path.iterdir()] == ["episode-001.mp4"]
+
+
+def test_window_shows_the_pictures(enjoyed, monkeypatch):
+    # a real pygame window, on SDL's dummy video driver (no display here)
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    recorder = enjoyed[2]
+    picture = enjoy.Picture("shelm", 1)
+    window = enjoy.Window(picture, fps=1000)
+    try:
+        for record in recorder.steps[:3]:
+            window.step(record)
+        shown = window.pygame.surfarray.array3d(window.screen).swapaxes(0, 1)
+        np.testing.assert_array_equal(shown, picture(recorder.steps[2]))
+    finally:
+        window.close()

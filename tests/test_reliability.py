@@ -296,13 +296,13 @@ def test_checkpoint_content_matches_the_run(script, reference):
     ckpt = module.load_checkpoint(reference / "checkpoint.pt")
     args = module.Args(**ckpt["args"])
     env = module.make_env(ENV, 0, False, "test")()
-    obs_shape, n_actions = env.observation_space.shape, env.action_space.n
+    obs_shape, action_dims = env.observation_space.shape, module.action_dims(env.action_space)
     env.close()
     d_model = prepare_embeddings.TINY_TRXL_CONFIG["d_model"]
 
     # weights and optimizer, loaded into the objects the script builds
     torch.manual_seed(12345)
-    agent = module.Agent(obs_shape, n_actions, d_model)
+    agent = module.Agent(obs_shape, action_dims, d_model)
     fresh = {k: v.clone() for k, v in agent.state_dict().items()}
     agent.load_state_dict(ckpt["agent"])
     assert_same(agent.state_dict(), ckpt["agent"])
