@@ -195,14 +195,14 @@ def baseline_cnn_ppo(args):
     envs, _ = S.make_envs(a, "throughput")
     obs_shape = envs.single_observation_space.shape
     d_model = 1024  # transfo-xl-wt103's: the actor and critic have the memory agents' sizes
-    agent = S.Agent(obs_shape, envs.single_action_space.n, d_model).to(device)
+    agent = S.Agent(obs_shape, S.action_dims(envs.single_action_space), d_model).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=a.learning_rate, eps=1e-8)
     no_memory = torch.zeros(args.num_envs, d_model, device=device)
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
-    actions, logprobs, rewards, dones, values = (
-        torch.zeros(args.num_steps, args.num_envs, dtype=dt, device=device)
-        for dt in (torch.long, torch.float, torch.float, torch.float, torch.float)
-    )
+    n_dims = len(agent.action_dims)
+    actions = torch.zeros(args.num_steps, args.num_envs, n_dims, dtype=torch.long, device=device)
+    logprobs = torch.zeros(args.num_steps, args.num_envs, n_dims, device=device)
+    rewards, dones, values = (torch.zeros(args.num_steps, args.num_envs, device=device) for _ in range(3))
     next_obs = torch.from_numpy(envs.reset(seed=1)[0]).to(device)
     next_done = torch.zeros(args.num_envs, device=device)
     lap = S.Laps()
@@ -214,7 +214,7 @@ def baseline_cnn_ppo(args):
                 action, logprob, _, value = agent.get_action_and_value(no_memory, next_obs)
             values[step], actions[step], logprobs[step] = value.flatten(), action, logprob
             lap("agent")
-            next_obs_np, reward, term, trunc, _ = envs.step(action.cpu().numpy())
+            next_obs_np, reward, term, trunc, _ = envs.step(S.env_actions(action, envs.single_action_space))
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
             next_obs = torch.from_numpy(next_obs_np).to(device)
             next_done = torch.as_tensor(np.logical_or(term, trunc), dtype=torch.float32, device=device)
@@ -228,8 +228,8 @@ def baseline_cnn_ppo(args):
                 delta = rewards[t] + a.gamma * nextvalues * nextnonterminal - values[t]
                 advantages[t] = lastgaelam = delta + a.gamma * a.gae_lambda * nextnonterminal * lastgaelam
             returns = advantages + values
-        b_obs, b_actions = obs.reshape((-1,) + obs_shape), actions.reshape(-1)
-        b_logprobs, b_advantages, b_returns = logprobs.reshape(-1), advantages.reshape(-1), returns.reshape(-1)
+        b_obs, b_actions = obs.reshape((-1,) + obs_shape), actions.reshape(-1, n_dims)
+        b_logprobs, b_advantages, b_returns = logprobs.reshape(-1, n_dims), advantages.reshape(-1), returns.reshape(-1)
         b_memory = torch.zeros(batch, d_model, device=device)
         for _epoch in range(a.update_epochs):
             b_inds = torch.randperm(batch, device=device)
@@ -237,7 +237,7 @@ def baseline_cnn_ppo(args):
                 mb = b_inds[start : start + minibatch]
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_memory[mb], b_obs[mb], b_actions[mb])
                 ratio = (newlogprob - b_logprobs[mb]).exp()
-                mb_adv = (b_advantages[mb] - b_advantages[mb].mean()) / (b_advantages[mb].std() + 1e-8)
+                mb_adv = ((b_advantages[mb] - b_advantages[mb].mean()) / (b_advantages[mb].std() + 1e-8))[:, None]
                 pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - a.clip_coef, 1 + a.clip_coef)).mean()
                 v_loss = ((newvalue.view(-1) - b_returns[mb]) ** 2).mean()
                 loss = pg_loss - a.ent_coef * entropy.mean() + v_loss * a.vf_coef

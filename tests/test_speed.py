@@ -236,3 +236,18 @@ def test_throughput_benchmark_reads_the_scripts_timers(tmp_path):
     # the phases cover the whole loop: its steps over their sum is the logged per-update rate
     per_update = [sum(perf[f"perf/{p}_s"][i] for p in throughput.PHASES if f"perf/{p}_s" in perf) for i in range(2)]
     assert perf["perf/update_sps"] == pytest.approx([64 / t for t in per_update], rel=1e-4)
+
+
+def test_cnn_ppo_baseline_runs_the_scripts_agent(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    import throughput
+
+    args = throughput.Args(env_id="MiniGrid-DoorKey-5x5-v0", num_envs=2, num_steps=4, warmup_updates=1)
+    args.measured_updates = 1
+    phases = throughput.baseline_cnn_ppo(args)
+    assert set(phases) == {"env", "agent", "update", "cpu"}
+    assert all(len(v) == 2 and min(v) > 0 for v in phases.values())
+    result = throughput.summarise({k: v for k, v in phases.items() if k != "cpu"}, phases["cpu"], args)
+    assert result["sps"] == pytest.approx(8 / sum(phases[k][1] for k in ("env", "agent", "update")))
