@@ -11,13 +11,12 @@ step of the first env, the vocabulary tokens that entered the Transformer-XL mem
 import importlib
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import tyro
 
-from prepare_embeddings import fail
+from prepare_embeddings import fail, read_checkpoint
 
 
 @dataclass
@@ -43,25 +42,21 @@ class Args:
 def main(cli):
     if cli.episodes < 1 or cli.num_envs < 1:
         fail("--episodes and --num-envs must be >= 1")
-    if not Path(cli.checkpoint).is_file():
-        fail(f"checkpoint {cli.checkpoint} does not exist")
-    try:
-        header = torch.load(cli.checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        fail(f"checkpoint {cli.checkpoint} is corrupt or not a checkpoint ({type(e).__name__})")
-    algorithm = header.get("algorithm") if isinstance(header, dict) else None
+    if cli.seed is not None and not 0 <= cli.seed < 2**32:
+        fail(f"--seed must be in [0, 2**32), got {cli.seed}")
+    ckpt = read_checkpoint(cli.checkpoint)  # read once, validated by the script that wrote it
+    algorithm = ckpt.get("algorithm") if isinstance(ckpt, dict) else None
     if algorithm not in ("helm", "helmv2", "shelm"):
         fail(f"{cli.checkpoint} is not a checkpoint of helm_ppo.py, helmv2_ppo.py or shelm_ppo.py")
     algo = importlib.import_module(f"{algorithm}_ppo")
-    ckpt = algo.load_checkpoint(cli.checkpoint)
-    args = algo.Args(**ckpt["args"])
+    args = algo.validate_checkpoint(ckpt, cli.checkpoint)
     args.num_envs, args.capture_video, args.cuda = cli.num_envs, cli.capture_video, cli.cuda
     algo.check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.manual_seed(args.seed)
 
     envs, _ = algo.make_envs(args, f"{ckpt['run_name']}-enjoy")
-    trxl, vocab, encoder = algo.build_memory(args, device, verbose=False)
+    trxl, vocab, encoder = algo.build_memory(args, device, verbose=False, may_write=algo.may_write_output_dirs(args))
     agent = algo.Agent(envs.single_observation_space.shape, envs.single_action_space.n, trxl.d_model).to(device)
     algo.load_trained(agent, encoder, ckpt, cli.checkpoint)
     agent.eval()
