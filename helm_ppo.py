@@ -75,6 +75,12 @@ class Args:
     """whether to capture videos of the agent performances (check out `videos` folder)"""
     save_model: bool = False
     """whether to save the trainable weights (runs/{run_name}/model_final.pt and model_best.pt)"""
+    upload_model: bool = False
+    """after training, evaluate the saved model and upload it, a model card and a video to the Hugging Face hub"""
+    hf_entity: str | None = None
+    """the user or org name of the model repository from the Hugging Face Hub"""
+    eval_episodes: int = 10
+    """episodes of the evaluation before the upload (logged as eval/episodic_return)"""
 
     # Algorithm specific arguments
     env_id: str = "MiniGrid-MemoryS11-v0"
@@ -122,13 +128,15 @@ class Args:
     mem_len: int = 15
     """number of past steps (tokens) the Transformer-XL keeps per layer"""
     memory_reset: Literal["mask", "zero"] = "mask"
-    """at an episode start: mask (the new episode cannot attend to the old one) or zero (zero the memories, as the original)"""
+    """at an episode start: mask (hide the old episode from the new) or zero (zero the memories, as the original)"""
+    ablate_memory: bool = False
+    """feed the agent zeros instead of the Transformer-XL's output (the papers' memoryless baseline)"""
     # [algorithm-specific]
     # HELM: FrozenHopfield (random projection + Hopfield retrieval over the whole vocabulary)
     beta: float = 100.0
-    """inverse temperature of the Hopfield softmax; the original's default config uses 100; the published HELM configs have beta null, so they could not have run as published; beta = 1 is the distance-preserving choice discussed in the HELM blog"""
+    """inverse temperature of the Hopfield softmax (100: the original's default; see docs/helm_ppo.md)"""
     hopfield_chunk: int = 16384
-    """vocabulary tokens per chunk of the streaming softmax: bounds the per-step working memory to chunk x batch scores"""
+    """vocabulary tokens per chunk of the streaming softmax (working memory: chunk x batch scores)"""
     # [end algorithm-specific]
     log_tokens_every: int = 10
     """every N updates, log the memory tokens of one whole episode as tensorboard text (0: never)"""
@@ -153,7 +161,7 @@ class Args:
 
 
 # What --resume takes from the command line when given there; every other argument comes from the checkpoint.
-RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every")
+RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
 RUNS = Path("runs")  # every run directory lies under it, relative to the working directory
 MAX_NAME_BYTES = 200  # of a run directory's name; file systems allow 255, the rest is for suffixes
 
@@ -168,6 +176,7 @@ def check_args(args):
         "update_epochs",
         "mem_len",
         "nonfinite_limit",
+        "eval_episodes",
     ]
     # [algorithm-specific]
     positive += ["hopfield_chunk"]
@@ -193,13 +202,11 @@ def check_args(args):
     if args.n_layer < 1:
         fail(f"--n-layer must be >= 1, got {args.n_layer}")
     if args.num_envs * args.num_steps < args.num_minibatches:
-        fail(
-            f"--num-minibatches ({args.num_minibatches}) exceeds the batch size num_envs * num_steps ({args.num_envs * args.num_steps})"
-        )
+        batch_size = args.num_envs * args.num_steps
+        fail(f"--num-minibatches ({args.num_minibatches}) exceeds the batch size num_envs * num_steps ({batch_size})")
     if args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({args.num_envs * args.num_steps})"
-        )
+        rollout = args.num_envs * args.num_steps
+        fail(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({rollout})")
     batch = args.num_envs * args.num_steps
     minibatch = batch // args.num_minibatches
     smallest = min(minibatch, batch % minibatch or minibatch)  # the last minibatch takes what is left
@@ -232,10 +239,10 @@ def validate_run_name(run_name, what):
         fail(f"{what} is {max(len(part) for part in parts)} bytes long; at most {MAX_NAME_BYTES} make a directory name")
 
 
-def make_env(env_id, idx, capture_video, run_name):
+def make_env(env_id, idx, capture_video, run_name, render_mode=None):
     def thunk():
         try:
-            env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else None)
+            env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else render_mode)
         except (gym.error.Error, ImportError) as e:  # ImportError: the module of a "module:Env-v0" id
             fail(f"unknown or unusable environment {env_id!r} ({e})")
         if isinstance(env.observation_space, gym.spaces.Dict) and "image" in env.observation_space.spaces:
@@ -270,8 +277,8 @@ def make_envs(args, run_name):
     )
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)  # raw returns, before normalization
     # as SB3's VecNormalize(norm_obs=False, norm_reward=True, clip_reward=1) in the original
-    reward_norm = envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
-    envs = gym.wrappers.vector.ClipReward(envs, -1.0, 1.0)
+    reward_norm = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
+    envs = gym.wrappers.vector.ClipReward(reward_norm, -1.0, 1.0)
     return envs, reward_norm
 
 
@@ -322,6 +329,8 @@ class RelMultiHeadAttn(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=eps)
         self.r_w_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.1)
         self.r_r_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.1)
+        # enjoy.py sets keep_probs to read the attention; training never does, so nothing is kept
+        self.keep_probs, self.probs = False, None
 
     @staticmethod
     def rel_shift(x):
@@ -341,7 +350,10 @@ class RelMultiHeadAttn(nn.Module):
         position = self.rel_shift(torch.einsum("ibnd,jnd->ijbn", q + self.r_r_bias, r))
         score = (content + position) * self.scale
         score = score.masked_fill(mask[..., None], torch.finfo(score.dtype).min)
-        out = torch.einsum("ijbn,jbnd->ibnd", score.softmax(dim=1), v).reshape(qlen, bsz, -1)
+        probs = score.softmax(dim=1)  # (query, key, batch, head); keys: the memory slots, then this step's tokens
+        if self.keep_probs:
+            self.probs = probs
+        out = torch.einsum("ijbn,jbnd->ibnd", probs, v).reshape(qlen, bsz, -1)
         return self.layer_norm(h + self.o_net(out))
 
 
@@ -372,14 +384,18 @@ class TransformerXL(nn.Module):
     mems (n_layer, mem_len, batch, d_model) hold each layer's past inputs; memory_mask (mem_len, batch)
     says which memory slots a step may attend to (None: all, as Hugging Face's model does)."""
 
-    def __init__(self, c, n_layer, mem_len):
+    def __init__(self, config, n_layer, mem_len):
+        """config: the Hugging Face config.json of the model (a dict); n_layer: how many of its layers to keep."""
         super().__init__()
-        self.n_layer, self.mem_len, self.d_model = n_layer, mem_len, c["d_model"]
-        self.clamp_len, self.same_length = c["clamp_len"], c["same_length"]
-        self.word_emb = AdaptiveEmbedding(c["vocab_size"], c["d_embed"], c["d_model"], c["cutoffs"], c["div_val"])
-        eps = c.get("layer_norm_epsilon", 1e-5)
+        self.n_layer, self.mem_len, self.d_model = n_layer, mem_len, config["d_model"]
+        self.clamp_len, self.same_length = config["clamp_len"], config["same_length"]
+        self.word_emb = AdaptiveEmbedding(
+            config["vocab_size"], config["d_embed"], config["d_model"], config["cutoffs"], config["div_val"]
+        )
+        eps = config.get("layer_norm_epsilon", 1e-5)
         self.layers = nn.ModuleList(
-            DecoderLayer(c["n_head"], c["d_model"], c["d_head"], c["d_inner"], eps) for _ in range(n_layer)
+            DecoderLayer(config["n_head"], config["d_model"], config["d_head"], config["d_inner"], eps)
+            for _ in range(n_layer)
         )
         self.register_buffer(
             "inv_freq", 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0) / self.d_model)), persistent=False
@@ -460,6 +476,12 @@ def init_memory(trxl, num_envs, memory_reset, device):
     return mems, memory_mask
 
 
+def memory_readout(trxl_out, ablate_memory):
+    """The agent's memory input: the Transformer-XL's output at the step's last token. With
+    --ablate-memory it is zeros, while everything else (the frozen models included) runs unchanged."""
+    return torch.zeros_like(trxl_out[-1]) if ablate_memory else trxl_out[-1]
+
+
 def reset_memory(mems, memory_mask, done, memory_reset):
     """Forget the finished episodes of the envs in `done` (bool, num_envs)."""
     if memory_reset == "mask":
@@ -511,6 +533,7 @@ class FrozenHopfield(nn.Module):
         projection = torch.normal(0.0, 1 / math.sqrt(self.d_model), shape, generator=generator)
         self.register_buffer("projection", projection.to(device), persistent=False)
         self.top_weight_sum, self.top_weight_count = 0.0, 0
+        self.last_top_weight = None
 
     def project(self, obs):
         """uint8 (batch, H, W, 3) array or tensor -> projected observations (batch, d_model)."""
@@ -547,6 +570,7 @@ class FrozenHopfield(nn.Module):
     @torch.no_grad()
     def forward(self, obs):
         soft, best, top_weight = self.retrieve(self.project(obs))
+        self.last_top_weight = top_weight  # enjoy.py shows it beside the word
         self.top_weight_sum += float(top_weight.sum())
         self.top_weight_count += top_weight.numel()
         return soft[None], best[:, None]
@@ -585,8 +609,9 @@ def build_memory(args, device, verbose=True, may_write=True):
     encoder = FrozenHopfield(trxl.word_emb, len(vocab), obs_hw, args.beta, args.hopfield_chunk, args.seed)
     if verbose:
         print(
-            f"FrozenHopfield: {obs_hw[0]}x{obs_hw[1]} pixels -> {trxl.d_model} dims, softmax(beta={args.beta:g} * cosine) "
-            f"over all {len(vocab):,} Transformer-XL tokens in chunks of {args.hopfield_chunk}"
+            f"FrozenHopfield: {obs_hw[0]}x{obs_hw[1]} pixels -> {trxl.d_model} dims, "
+            f"softmax(beta={args.beta:g} * cosine) over all {len(vocab):,} Transformer-XL tokens "
+            f"in chunks of {args.hopfield_chunk}"
         )
     return trxl, vocab, encoder
 
@@ -597,7 +622,7 @@ def build_memory(args, device, verbose=True, may_write=True):
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_init(layer, gain=np.sqrt(2), init=nn.init.orthogonal_):
+def layer_init(layer, gain=2**0.5, init=nn.init.orthogonal_):
     init(layer.weight, gain)
     nn.init.zeros_(layer.bias)
     return layer
@@ -647,7 +672,8 @@ class Agent(nn.Module):
         # not validated: non-finite logits (diverged weights) must reach the non-finite guard, not raise here
         probs = Categorical(logits=logits, validate_args=False)
         if action is None:
-            # nor can they be sampled; any action does, the guard skips the updates on what follows
+            # non-finite logits cannot be sampled either: take action 0; the losses on this rollout will be
+            # non-finite as well, and the guard skips those updates
             action = (
                 probs.sample()
                 if torch.isfinite(logits).all()
@@ -668,9 +694,69 @@ def save_checkpoint(path, state):
     prepare_embeddings.write_atomically(path, lambda f: f.write(buffer.getbuffer()))
 
 
+def training_state(iteration, global_step, best_return, recent_returns, reward_norm, encoder):
+    """What a checkpoint holds besides arguments and weights, taken when update `iteration` has finished."""
+    rms = reward_norm.return_rms
+    return {
+        "iteration": iteration,
+        "global_step": global_step,
+        "best_return": best_return,
+        "recent_returns": [float(r) for r in recent_returns],
+        "rng": rng_state(),
+        "reward_rms": (float(np.asarray(rms.mean)), float(np.asarray(rms.var)), float(rms.count)),
+        "encoder": encoder.encoder_state(),  # HELMv2's running statistics change during the rollout
+    }
+
+
+class Checkpoints:
+    """Writes the run's checkpoints into run_dir. What stays fixed during training (arguments, names,
+    the agent and optimizer objects) is given once; each save adds a training_state()."""
+
+    def __init__(self, run_dir, writer, run_info, agent, optimizer):
+        self.run_dir, self.writer, self.run_info = run_dir, writer, run_info
+        self.agent, self.optimizer = agent, optimizer
+
+    def save(self, name, state):
+        self.writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
+        weights = {"agent": self.agent.state_dict(), "optimizer": self.optimizer.state_dict()}
+        save_checkpoint(self.run_dir / name, {"format": CHECKPOINT_FORMAT, **self.run_info, **weights, **state})
+
+    def save_and_exit(self, signum, state):
+        self.save("checkpoint.pt", state)
+        self.writer.close()
+        ignore_signals()
+        resume = self.run_dir / "checkpoint.pt"
+        print(f"\ninterrupted by signal {signum}; resume with --resume {resume}", file=sys.stderr)
+        sys.exit(128 + signum)
+
+
+class StopRequest:
+    """Catches SIGINT/SIGTERM (Ctrl-C, preemption) so that the loop can finish the env step or update
+    under way, save and exit; `signum` is the first signal received (None: none yet)."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.catch)
+
+    def catch(self, signum, frame):
+        self.signum = self.signum or signum
+
+
 def load_checkpoint(path):
-    ckpt = prepare_embeddings.read_checkpoint(path)
-    validate_checkpoint(ckpt, path)
+    return check_checkpoint(read_checkpoint(path), path)
+
+
+def read_checkpoint(path):
+    """A checkpoint of any of the three scripts, read once (enjoy.py then checks it with its own script)."""
+    if not Path(path).is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file at all
+        fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of these scripts")
     return ckpt
 
 
@@ -697,7 +783,7 @@ def is_number(value, low=-sys.float_info.max, high=sys.float_info.max):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
-def validate_checkpoint(ckpt, path):
+def check_checkpoint(ckpt, path):
     """Everything --resume and enjoy.py take from a checkpoint, checked for structure, types, ranges,
     finiteness and consistency before anything is built or written (docs/reliability.md, trust model)."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -736,7 +822,7 @@ def validate_checkpoint(ckpt, path):
     rng = ckpt["rng"]
     if set(rng) != {"torch", "cuda", "numpy", "python"} or not isinstance(rng["torch"], torch.Tensor):
         fail(f"checkpoint {path}: the RNG states are malformed")
-    return args
+    return ckpt
 
 
 def value_fits(value, annotation):
@@ -934,14 +1020,10 @@ if __name__ == "__main__":
         except (TypeError, ValueError, RuntimeError, IndexError) as e:
             fail(f"checkpoint {args.resume}: the RNG states are malformed ({' '.join(str(e).split())[:200]})")
         print(f"resuming {run_name} at step {global_step} (update {start_iteration - 1} of {args.num_iterations})")
-    print(
-        f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {sum(p.numel() for p in trxl.parameters()):,} frozen parameters"
-    )
+    n_frozen = sum(p.numel() for p in trxl.parameters())
+    print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {n_frozen:,} frozen parameters")
 
-    # SIGINT/SIGTERM (Ctrl-C, preemption) from here on: finish the env step or update under way, save, exit
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    stop = StopRequest()  # from here on a signal is saved for: the run directory is about to exist
     # the first write: the run directory, this process's alone from now on
     run_dir, run_lock = claim_run_dir(run_name, new_run)
     run_name = run_dir.relative_to(RUNS).as_posix()
@@ -977,43 +1059,8 @@ if __name__ == "__main__":
             "|param|value|\n|-|-|\n{}".format("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
     meta = {"algorithm": ALGORITHM, "env_id": args.env_id, "versions": versions()}
-
-    def snapshot(iteration):
-        """What a checkpoint needs besides weights, taken where an update has just finished."""
-        rms = reward_norm.return_rms
-        return {
-            "iteration": iteration,
-            "global_step": global_step,
-            "best_return": best_return,
-            "recent_returns": [float(r) for r in recent_returns],
-            "rng": rng_state(),
-            "reward_rms": (float(np.asarray(rms.mean)), float(np.asarray(rms.var)), float(rms.count)),
-            "encoder": encoder.encoder_state(),  # HELMv2's running statistics change during the rollout
-        }
-
-    def checkpoint(path, boundary):
-        writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
-        save_checkpoint(
-            path,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "algorithm": ALGORITHM,
-                "args": asdict(args),
-                "meta": meta,
-                "run_name": run_name,
-                "wandb_id": wandb_id,
-                "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                **boundary,
-            },
-        )
-
-    def stop_now(boundary):
-        checkpoint(run_dir / "checkpoint.pt", boundary)
-        writer.close()
-        ignore_signals()
-        print(f"\ninterrupted by signal {stop[0]}; resume with --resume {run_dir / 'checkpoint.pt'}", file=sys.stderr)
-        sys.exit(128 + stop[0])
+    run_info = {"algorithm": ALGORITHM, "args": asdict(args), "meta": meta, "run_name": run_name, "wandb_id": wandb_id}
+    checkpoints = Checkpoints(run_dir, writer, run_info, agent, optimizer)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
@@ -1034,7 +1081,7 @@ if __name__ == "__main__":
     with torch.no_grad():
         trxl_in, next_tokens = encoder(next_obs_np)
         trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
-        next_trxl_out = trxl_out[-1]  # the output at the step's last token is the memory read-out
+        next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
     episode_text, last_episode_text = [], None
     nonfinite_in_row = 0
     progress = None
@@ -1046,9 +1093,10 @@ if __name__ == "__main__":
         )
 
     for iteration in range(start_iteration, args.num_iterations + 1):
-        boundary = snapshot(iteration - 1)
-        if stop:
-            stop_now(boundary)
+        # where a run interrupted during this iteration resumes: the end of the previous update
+        resume_state = training_state(iteration - 1, global_step, best_return, recent_returns, reward_norm, encoder)
+        if stop.signum:
+            checkpoints.save_and_exit(stop.signum, resume_state)
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -1056,8 +1104,8 @@ if __name__ == "__main__":
             optimizer.param_groups[0]["lr"] = lrnow
 
         for step in range(0, args.num_steps):
-            if stop:  # the update has not run yet: the boundary still describes the weights
-                stop_now(boundary)
+            if stop.signum:  # the update has not run yet: resume_state still describes the weights
+                checkpoints.save_and_exit(stop.signum, resume_state)
             global_step += args.num_envs
             obs[step] = next_obs
             dones[step] = next_done
@@ -1084,7 +1132,7 @@ if __name__ == "__main__":
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
                 trxl_in, next_tokens = encoder(next_obs_np)
                 trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
-                next_trxl_out = trxl_out[-1]
+                next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
 
             if "episode" in infos:
                 for i in np.nonzero(infos["_episode"])[0]:
@@ -1125,7 +1173,7 @@ if __name__ == "__main__":
 
         # Optimizing the policy and value network
         clipfracs = []
-        for epoch in range(args.update_epochs):
+        for _ in range(args.update_epochs):
             b_inds = torch.randperm(args.batch_size, device=device)
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
@@ -1173,18 +1221,23 @@ if __name__ == "__main__":
                 if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     # one bad minibatch must not poison the weights: skip it, give up if it persists
                     nonfinite_in_row += 1
-                    warnings.warn(
-                        f"non-finite loss or gradient at step {global_step}: update skipped ({nonfinite_in_row} in a row)"
-                    )
+                    message = f"non-finite loss or gradient at step {global_step}: update skipped"
+                    warnings.warn(f"{message} ({nonfinite_in_row} in a row)", stacklevel=1)
                     if nonfinite_in_row >= args.nonfinite_limit:
-                        # this iteration's steps are taken, so its counters: global_step == iteration * batch_size
-                        checkpoint(run_dir / "checkpoint_nonfinite.pt", snapshot(iteration))
+                        # saved as the end of this iteration: its rollout is complete, and the counters in the
+                        # checkpoint must say so (global_step == iteration * batch_size) for a resume to add up
+                        state = training_state(
+                            iteration, global_step, best_return, recent_returns, reward_norm, encoder
+                        )
+                        checkpoints.save("checkpoint_nonfinite.pt", state)
                         writer.close()
                         last = run_dir / "checkpoint.pt"
+                        before = (
+                            f"last periodic checkpoint: {last}" if last.exists() else "no periodic checkpoint before it"
+                        )
                         fail(
-                            f"{nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}; state saved to "
-                            f"{run_dir / 'checkpoint_nonfinite.pt'} "
-                            f"({f'last periodic checkpoint: {last}' if last.exists() else 'no periodic checkpoint before it'})"
+                            f"{nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}; "
+                            f"state saved to {run_dir / 'checkpoint_nonfinite.pt'} ({before})"
                         )
                     continue
                 nonfinite_in_row = 0
@@ -1216,22 +1269,35 @@ if __name__ == "__main__":
         if progress is not None:
             progress.set_postfix(SPS=sps, ret=f"{mean_return:.3f}")
 
-        if recent_returns and mean_return > best_return:
+        new_best = bool(recent_returns) and mean_return > best_return
+        if new_best:
             best_return = mean_return
-            if args.save_model:
-                checkpoint(run_dir / "model_best.pt", snapshot(iteration))
+        state = training_state(iteration, global_step, best_return, recent_returns, reward_norm, encoder)
+        if new_best and args.save_model:
+            checkpoints.save("model_best.pt", state)
         # not while non-finite updates are being skipped: the weights may have diverged, and checkpoint.pt
         # is the last good state that the non-finite abort points to
         if args.checkpoint_every and iteration % args.checkpoint_every == 0 and not nonfinite_in_row:
-            checkpoint(run_dir / "checkpoint.pt", snapshot(iteration))
+            checkpoints.save("checkpoint.pt", state)
 
-    final = snapshot(args.num_iterations)
-    checkpoint(run_dir / "checkpoint.pt", final)
-    if args.save_model:
-        checkpoint(run_dir / "model_final.pt", final)
+    final = training_state(args.num_iterations, global_step, best_return, recent_returns, reward_norm, encoder)
+    checkpoints.save("checkpoint.pt", final)
+    if args.save_model or args.upload_model:
+        checkpoints.save("model_final.pt", final)
         print(f"model saved to {run_dir / 'model_final.pt'}")
     if progress is not None:
         progress.close()
     envs.close()
+    if args.upload_model:
+        # enjoy.py watches agents, so it evaluates and uploads them too (docs/enjoy.md); only then imported
+        import enjoy
+
+        episodic_returns, video = enjoy.evaluate(run_dir / "model_final.pt", args.eval_episodes, cuda=args.cuda)
+        for idx, episodic_return in enumerate(episodic_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
     writer.close()
+    if args.upload_model:
+        repo_name = f"{args.env_id}-{args.exp_name}-seed{args.seed}"
+        repo_id = f"{args.hf_entity}/{repo_name}" if args.hf_entity else repo_name
+        enjoy.push_to_hub(run_dir / "model_final.pt", repo_id, episodic_returns, video)
     ignore_signals()

@@ -73,6 +73,12 @@ class Args:
     """whether to capture videos of the agent performances (check out `videos` folder)"""
     save_model: bool = False
     """whether to save the trainable weights (runs/{run_name}/model_final.pt and model_best.pt)"""
+    upload_model: bool = False
+    """after training, evaluate the saved model and upload it, a model card and a video to the Hugging Face hub"""
+    hf_entity: str | None = None
+    """the user or org name of the model repository from the Hugging Face Hub"""
+    eval_episodes: int = 10
+    """episodes of the evaluation before the upload (logged as eval/episodic_return)"""
 
     # Algorithm specific arguments
     env_id: str = "MiniGrid-MemoryS11-v0"
@@ -120,15 +126,17 @@ class Args:
     mem_len: int = 15
     """number of past steps (tokens) the Transformer-XL keeps per layer"""
     memory_reset: Literal["mask", "zero"] = "mask"
-    """at an episode start: mask (the new episode cannot attend to the old one) or zero (zero the memories, as the original)"""
+    """at an episode start: mask (hide the old episode from the new) or zero (zero the memories, as the original)"""
+    ablate_memory: bool = False
+    """feed the agent zeros instead of the Transformer-XL's output (the papers' memoryless baseline)"""
     # [algorithm-specific]
     # HELMv2: CLIP + rescaling to the word-embedding statistics
     clip_model: str = "RN50"
-    """open_clip model name (its embedding size must equal the Transformer-XL's d_model), or tiny-random (tests and benchmarks only)"""
+    """open_clip model name whose embeddings have the Transformer-XL's d_model, or tiny-random (tests only)"""
     clip_pretrained: str = "openai"
     """open_clip pretrained tag, or a local weights file"""
     rescale: Literal["running", "batch"] = "running"
-    """standardise CLIP embeddings with running statistics of all seen in training, frozen in evaluation (running), or with those of the current step across the envs, as the original (batch: needs --num-envs >= 2)"""
+    """standardise CLIP embeddings with running statistics (running) or across the envs of each step (batch)"""
     # [end algorithm-specific]
     log_tokens_every: int = 10
     """every N updates, log the memory tokens of one whole episode as tensorboard text (0: never)"""
@@ -153,7 +161,7 @@ class Args:
 
 
 # What --resume takes from the command line when given there; every other argument comes from the checkpoint.
-RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every")
+RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
 RUNS = Path("runs")  # every run directory lies under it, relative to the working directory
 MAX_NAME_BYTES = 200  # of a run directory's name; file systems allow 255, the rest is for suffixes
 
@@ -168,11 +176,13 @@ def check_args(args):
         "update_epochs",
         "mem_len",
         "nonfinite_limit",
+        "eval_episodes",
     ]
     # [algorithm-specific]
     if args.rescale == "batch" and args.num_envs < 2:
         fail(
-            f"--rescale batch standardises each step across the envs and needs --num-envs >= 2 (the std of one sample is NaN), got {args.num_envs}; use --rescale running"
+            "--rescale batch standardises each step across the envs and needs --num-envs >= 2 (the std of one "
+            f"sample is NaN), got {args.num_envs}; use --rescale running"
         )
     # [end algorithm-specific]
     for name in positive:
@@ -194,13 +204,11 @@ def check_args(args):
     if args.n_layer < 1:
         fail(f"--n-layer must be >= 1, got {args.n_layer}")
     if args.num_envs * args.num_steps < args.num_minibatches:
-        fail(
-            f"--num-minibatches ({args.num_minibatches}) exceeds the batch size num_envs * num_steps ({args.num_envs * args.num_steps})"
-        )
+        batch_size = args.num_envs * args.num_steps
+        fail(f"--num-minibatches ({args.num_minibatches}) exceeds the batch size num_envs * num_steps ({batch_size})")
     if args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({args.num_envs * args.num_steps})"
-        )
+        rollout = args.num_envs * args.num_steps
+        fail(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({rollout})")
     batch = args.num_envs * args.num_steps
     minibatch = batch // args.num_minibatches
     smallest = min(minibatch, batch % minibatch or minibatch)  # the last minibatch takes what is left
@@ -233,10 +241,10 @@ def validate_run_name(run_name, what):
         fail(f"{what} is {max(len(part) for part in parts)} bytes long; at most {MAX_NAME_BYTES} make a directory name")
 
 
-def make_env(env_id, idx, capture_video, run_name):
+def make_env(env_id, idx, capture_video, run_name, render_mode=None):
     def thunk():
         try:
-            env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else None)
+            env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else render_mode)
         except (gym.error.Error, ImportError) as e:  # ImportError: the module of a "module:Env-v0" id
             fail(f"unknown or unusable environment {env_id!r} ({e})")
         if isinstance(env.observation_space, gym.spaces.Dict) and "image" in env.observation_space.spaces:
@@ -271,8 +279,8 @@ def make_envs(args, run_name):
     )
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)  # raw returns, before normalization
     # as SB3's VecNormalize(norm_obs=False, norm_reward=True, clip_reward=1) in the original
-    reward_norm = envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
-    envs = gym.wrappers.vector.ClipReward(envs, -1.0, 1.0)
+    reward_norm = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
+    envs = gym.wrappers.vector.ClipReward(reward_norm, -1.0, 1.0)
     return envs, reward_norm
 
 
@@ -323,6 +331,8 @@ class RelMultiHeadAttn(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=eps)
         self.r_w_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.1)
         self.r_r_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.1)
+        # enjoy.py sets keep_probs to read the attention; training never does, so nothing is kept
+        self.keep_probs, self.probs = False, None
 
     @staticmethod
     def rel_shift(x):
@@ -342,7 +352,10 @@ class RelMultiHeadAttn(nn.Module):
         position = self.rel_shift(torch.einsum("ibnd,jnd->ijbn", q + self.r_r_bias, r))
         score = (content + position) * self.scale
         score = score.masked_fill(mask[..., None], torch.finfo(score.dtype).min)
-        out = torch.einsum("ijbn,jbnd->ibnd", score.softmax(dim=1), v).reshape(qlen, bsz, -1)
+        probs = score.softmax(dim=1)  # (query, key, batch, head); keys: the memory slots, then this step's tokens
+        if self.keep_probs:
+            self.probs = probs
+        out = torch.einsum("ijbn,jbnd->ibnd", probs, v).reshape(qlen, bsz, -1)
         return self.layer_norm(h + self.o_net(out))
 
 
@@ -373,14 +386,18 @@ class TransformerXL(nn.Module):
     mems (n_layer, mem_len, batch, d_model) hold each layer's past inputs; memory_mask (mem_len, batch)
     says which memory slots a step may attend to (None: all, as Hugging Face's model does)."""
 
-    def __init__(self, c, n_layer, mem_len):
+    def __init__(self, config, n_layer, mem_len):
+        """config: the Hugging Face config.json of the model (a dict); n_layer: how many of its layers to keep."""
         super().__init__()
-        self.n_layer, self.mem_len, self.d_model = n_layer, mem_len, c["d_model"]
-        self.clamp_len, self.same_length = c["clamp_len"], c["same_length"]
-        self.word_emb = AdaptiveEmbedding(c["vocab_size"], c["d_embed"], c["d_model"], c["cutoffs"], c["div_val"])
-        eps = c.get("layer_norm_epsilon", 1e-5)
+        self.n_layer, self.mem_len, self.d_model = n_layer, mem_len, config["d_model"]
+        self.clamp_len, self.same_length = config["clamp_len"], config["same_length"]
+        self.word_emb = AdaptiveEmbedding(
+            config["vocab_size"], config["d_embed"], config["d_model"], config["cutoffs"], config["div_val"]
+        )
+        eps = config.get("layer_norm_epsilon", 1e-5)
         self.layers = nn.ModuleList(
-            DecoderLayer(c["n_head"], c["d_model"], c["d_head"], c["d_inner"], eps) for _ in range(n_layer)
+            DecoderLayer(config["n_head"], config["d_model"], config["d_head"], config["d_inner"], eps)
+            for _ in range(n_layer)
         )
         self.register_buffer(
             "inv_freq", 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0) / self.d_model)), persistent=False
@@ -461,6 +478,12 @@ def init_memory(trxl, num_envs, memory_reset, device):
     return mems, memory_mask
 
 
+def memory_readout(trxl_out, ablate_memory):
+    """The agent's memory input: the Transformer-XL's output at the step's last token. With
+    --ablate-memory it is zeros, while everything else (the frozen models included) runs unchanged."""
+    return torch.zeros_like(trxl_out[-1]) if ablate_memory else trxl_out[-1]
+
+
 def reset_memory(mems, memory_mask, done, memory_reset):
     """Forget the finished episodes of the envs in `done` (bool, num_envs)."""
     if memory_reset == "mask":
@@ -507,14 +530,15 @@ def word_embedding_stats(word_emb, chunk=16384):
 
 
 @torch.no_grad()
-def nearest_tokens(x, word_emb, word_norms, chunk=16384):
-    """Id (batch,) of the vocabulary word whose input embedding is most cosine-similar to each row of x.
+def nearest_tokens(x, word_emb, word_norms, chunk=16384, k=1):
+    """Ids (batch, k) of the k vocabulary words whose input embeddings are most cosine-similar to each row
+    of x, most similar first (training uses the nearest; enjoy.py shows a few).
 
     The adaptive embedding of word i of cluster c is s * P_c e_i, so x . E_i = (s P_c^T x) . e_i: every
     cluster is scored in its own narrow width, a chunk of words at a time, without building the
     vocabulary's embeddings or a vocabulary x batch matrix."""
-    best = torch.full((x.shape[0],), -math.inf, device=x.device)
-    ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    best = torch.full((x.shape[0], k), -math.inf, device=x.device)
+    ids = torch.zeros(x.shape[0], k, dtype=torch.long, device=x.device)
     x = F.normalize(x.float(), dim=-1)
     for c, (emb, proj) in enumerate(zip(word_emb.emb_layers, word_emb.emb_projs)):
         lo = word_emb.cutoff_ends[c]
@@ -522,10 +546,11 @@ def nearest_tokens(x, word_emb, word_norms, chunk=16384):
         for start in range(0, emb.num_embeddings, chunk):
             w = emb.weight[start : start + chunk]
             sims = (y @ w.T) / word_norms[lo + start : lo + start + len(w)].clamp_min(1e-12)
-            value, index = sims.max(dim=1)
-            better = value > best  # strictly: ties keep the lower id, as argmax does
-            best = torch.where(better, value, best)
-            ids = torch.where(better, index + lo + start, ids)
+            value, index = sims.topk(min(k, len(w)), dim=1)
+            # the best so far first: of equal similarities the lower id wins, as argmax
+            best, order = torch.cat([best, value], dim=1).sort(dim=1, descending=True, stable=True)
+            ids = torch.cat([ids, index + lo + start], dim=1).gather(1, order)
+            best, ids = best[:, :k], ids[:, :k]
     return ids
 
 
@@ -546,8 +571,8 @@ class CLIPRescale(nn.Module):
 
     def __init__(self, clip, word_emb, rescale, chunk=16384):
         super().__init__()
-        # in a list: not submodules, so not in checkpoints, and .train() leaves CLIP's BatchNorm in eval
-        self.frozen = [clip, word_emb]
+        # in a dict: not submodules, so not in checkpoints, and .train() leaves CLIP's BatchNorm in eval
+        self.frozen = {"clip": clip, "word_emb": word_emb}
         self.rescale, self.chunk, self.tokens_per_step = rescale, chunk, 1
         we_mean, we_std, word_norms = word_embedding_stats(word_emb, chunk)
         self.register_buffer("we_mean", we_mean, persistent=False)
@@ -564,7 +589,8 @@ class CLIPRescale(nn.Module):
         if self.rescale == "batch":
             if features.shape[0] < 2:
                 fail(
-                    "--rescale batch needs at least 2 observations per step (the std of one sample is NaN); use --rescale running"
+                    "--rescale batch needs at least 2 observations per step (the std of one sample is NaN); "
+                    "use --rescale running"
                 )
             x = features.double()
             return ((x - x.mean(0)) / (x.std(0) + 1e-8)).float()
@@ -574,7 +600,8 @@ class CLIPRescale(nn.Module):
             self.count, self.mean, self.var = merge_moments(self.count, self.mean, self.var, features)
         elif self.count == 0:
             fail(
-                "the running statistics of the CLIP embeddings are empty: load a trained checkpoint's encoder state before evaluating"
+                "the running statistics of the CLIP embeddings are empty: "
+                "load a trained checkpoint's encoder state before evaluating"
             )
         return ((features.double() - self.mean) / (self.var.sqrt() + 1e-8)).float()
 
@@ -585,8 +612,8 @@ class CLIPRescale(nn.Module):
     @torch.no_grad()
     def forward(self, obs):
         images = torch.from_numpy(obs).to(self.we_mean.device)
-        x = self.embed(prepare_embeddings.clip_image_features(self.frozen[0], images))
-        return x[None], nearest_tokens(x, self.frozen[1], self.word_norms, self.chunk)[:, None]
+        x = self.embed(prepare_embeddings.clip_image_features(self.frozen["clip"], images))
+        return x[None], nearest_tokens(x, self.frozen["word_emb"], self.word_norms, self.chunk)
 
     def log_scalars(self):
         return {}
@@ -600,14 +627,16 @@ class CLIPRescale(nn.Module):
         if self.rescale == "batch":
             if state:
                 fail(
-                    "the encoder state holds running statistics (trained with --rescale running) but --rescale batch uses none"
+                    "the encoder state holds running statistics (trained with --rescale running) "
+                    "but --rescale batch uses none"
                 )
             return
         want = {"count": (), "mean": tuple(self.mean.shape), "var": tuple(self.var.shape)}
         if not isinstance(state, dict) or set(state) != set(want):
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             fail(
-                f"the encoder state has {keys} but --rescale running needs count, mean and var (trained with --rescale batch?)"
+                f"the encoder state has {keys} but --rescale running needs count, mean and var "
+                "(trained with --rescale batch?)"
             )
         for key, shape in want.items():
             value = state[key]
@@ -633,13 +662,14 @@ def build_memory(args, device, verbose=True, may_write=True):
         ).shape[-1]
     if clip_dim != trxl.d_model:
         fail(
-            f"CLIP {args.clip_model} embeds images in {clip_dim} dimensions but the Transformer-XL {args.trxl_model} takes "
-            f"{trxl.d_model}; HELMv2 feeds one to the other (RN50's 1024 fits transfo-xl-wt103)"
+            f"CLIP {args.clip_model} embeds images in {clip_dim} dimensions but the Transformer-XL "
+            f"{args.trxl_model} takes {trxl.d_model}; HELMv2 feeds one to the other (RN50's 1024 fits wt103)"
         )
     encoder = CLIPRescale(clip, trxl.word_emb, args.rescale)
     if verbose:
         print(
-            f"CLIP {args.clip_model} embeddings rescaled to the statistics of {len(vocab)} word embeddings ({args.rescale} standardisation)"
+            f"CLIP {args.clip_model} embeddings rescaled to the statistics of {len(vocab)} word embeddings "
+            f"({args.rescale} standardisation)"
         )
     return trxl, vocab, encoder
 
@@ -650,7 +680,7 @@ def build_memory(args, device, verbose=True, may_write=True):
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_init(layer, gain=np.sqrt(2), init=nn.init.orthogonal_):
+def layer_init(layer, gain=2**0.5, init=nn.init.orthogonal_):
     init(layer.weight, gain)
     nn.init.zeros_(layer.bias)
     return layer
@@ -700,7 +730,8 @@ class Agent(nn.Module):
         # not validated: non-finite logits (diverged weights) must reach the non-finite guard, not raise here
         probs = Categorical(logits=logits, validate_args=False)
         if action is None:
-            # nor can they be sampled; any action does, the guard skips the updates on what follows
+            # non-finite logits cannot be sampled either: take action 0; the losses on this rollout will be
+            # non-finite as well, and the guard skips those updates
             action = (
                 probs.sample()
                 if torch.isfinite(logits).all()
@@ -721,9 +752,69 @@ def save_checkpoint(path, state):
     prepare_embeddings.write_atomically(path, lambda f: f.write(buffer.getbuffer()))
 
 
+def training_state(iteration, global_step, best_return, recent_returns, reward_norm, encoder):
+    """What a checkpoint holds besides arguments and weights, taken when update `iteration` has finished."""
+    rms = reward_norm.return_rms
+    return {
+        "iteration": iteration,
+        "global_step": global_step,
+        "best_return": best_return,
+        "recent_returns": [float(r) for r in recent_returns],
+        "rng": rng_state(),
+        "reward_rms": (float(np.asarray(rms.mean)), float(np.asarray(rms.var)), float(rms.count)),
+        "encoder": encoder.encoder_state(),  # HELMv2's running statistics change during the rollout
+    }
+
+
+class Checkpoints:
+    """Writes the run's checkpoints into run_dir. What stays fixed during training (arguments, names,
+    the agent and optimizer objects) is given once; each save adds a training_state()."""
+
+    def __init__(self, run_dir, writer, run_info, agent, optimizer):
+        self.run_dir, self.writer, self.run_info = run_dir, writer, run_info
+        self.agent, self.optimizer = agent, optimizer
+
+    def save(self, name, state):
+        self.writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
+        weights = {"agent": self.agent.state_dict(), "optimizer": self.optimizer.state_dict()}
+        save_checkpoint(self.run_dir / name, {"format": CHECKPOINT_FORMAT, **self.run_info, **weights, **state})
+
+    def save_and_exit(self, signum, state):
+        self.save("checkpoint.pt", state)
+        self.writer.close()
+        ignore_signals()
+        resume = self.run_dir / "checkpoint.pt"
+        print(f"\ninterrupted by signal {signum}; resume with --resume {resume}", file=sys.stderr)
+        sys.exit(128 + signum)
+
+
+class StopRequest:
+    """Catches SIGINT/SIGTERM (Ctrl-C, preemption) so that the loop can finish the env step or update
+    under way, save and exit; `signum` is the first signal received (None: none yet)."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.catch)
+
+    def catch(self, signum, frame):
+        self.signum = self.signum or signum
+
+
 def load_checkpoint(path):
-    ckpt = prepare_embeddings.read_checkpoint(path)
-    validate_checkpoint(ckpt, path)
+    return check_checkpoint(read_checkpoint(path), path)
+
+
+def read_checkpoint(path):
+    """A checkpoint of any of the three scripts, read once (enjoy.py then checks it with its own script)."""
+    if not Path(path).is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file at all
+        fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of these scripts")
     return ckpt
 
 
@@ -750,7 +841,7 @@ def is_number(value, low=-sys.float_info.max, high=sys.float_info.max):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
-def validate_checkpoint(ckpt, path):
+def check_checkpoint(ckpt, path):
     """Everything --resume and enjoy.py take from a checkpoint, checked for structure, types, ranges,
     finiteness and consistency before anything is built or written (docs/reliability.md, trust model)."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -789,7 +880,7 @@ def validate_checkpoint(ckpt, path):
     rng = ckpt["rng"]
     if set(rng) != {"torch", "cuda", "numpy", "python"} or not isinstance(rng["torch"], torch.Tensor):
         fail(f"checkpoint {path}: the RNG states are malformed")
-    return args
+    return ckpt
 
 
 def value_fits(value, annotation):
@@ -987,14 +1078,10 @@ if __name__ == "__main__":
         except (TypeError, ValueError, RuntimeError, IndexError) as e:
             fail(f"checkpoint {args.resume}: the RNG states are malformed ({' '.join(str(e).split())[:200]})")
         print(f"resuming {run_name} at step {global_step} (update {start_iteration - 1} of {args.num_iterations})")
-    print(
-        f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {sum(p.numel() for p in trxl.parameters()):,} frozen parameters"
-    )
+    n_frozen = sum(p.numel() for p in trxl.parameters())
+    print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {n_frozen:,} frozen parameters")
 
-    # SIGINT/SIGTERM (Ctrl-C, preemption) from here on: finish the env step or update under way, save, exit
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    stop = StopRequest()  # from here on a signal is saved for: the run directory is about to exist
     # the first write: the run directory, this process's alone from now on
     run_dir, run_lock = claim_run_dir(run_name, new_run)
     run_name = run_dir.relative_to(RUNS).as_posix()
@@ -1030,43 +1117,8 @@ if __name__ == "__main__":
             "|param|value|\n|-|-|\n{}".format("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
     meta = {"algorithm": ALGORITHM, "env_id": args.env_id, "versions": versions()}
-
-    def snapshot(iteration):
-        """What a checkpoint needs besides weights, taken where an update has just finished."""
-        rms = reward_norm.return_rms
-        return {
-            "iteration": iteration,
-            "global_step": global_step,
-            "best_return": best_return,
-            "recent_returns": [float(r) for r in recent_returns],
-            "rng": rng_state(),
-            "reward_rms": (float(np.asarray(rms.mean)), float(np.asarray(rms.var)), float(rms.count)),
-            "encoder": encoder.encoder_state(),  # HELMv2's running statistics change during the rollout
-        }
-
-    def checkpoint(path, boundary):
-        writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
-        save_checkpoint(
-            path,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "algorithm": ALGORITHM,
-                "args": asdict(args),
-                "meta": meta,
-                "run_name": run_name,
-                "wandb_id": wandb_id,
-                "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                **boundary,
-            },
-        )
-
-    def stop_now(boundary):
-        checkpoint(run_dir / "checkpoint.pt", boundary)
-        writer.close()
-        ignore_signals()
-        print(f"\ninterrupted by signal {stop[0]}; resume with --resume {run_dir / 'checkpoint.pt'}", file=sys.stderr)
-        sys.exit(128 + stop[0])
+    run_info = {"algorithm": ALGORITHM, "args": asdict(args), "meta": meta, "run_name": run_name, "wandb_id": wandb_id}
+    checkpoints = Checkpoints(run_dir, writer, run_info, agent, optimizer)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
@@ -1087,7 +1139,7 @@ if __name__ == "__main__":
     with torch.no_grad():
         trxl_in, next_tokens = encoder(next_obs_np)
         trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
-        next_trxl_out = trxl_out[-1]  # the output at the step's last token is the memory read-out
+        next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
     episode_text, last_episode_text = [], None
     nonfinite_in_row = 0
     progress = None
@@ -1099,9 +1151,10 @@ if __name__ == "__main__":
         )
 
     for iteration in range(start_iteration, args.num_iterations + 1):
-        boundary = snapshot(iteration - 1)
-        if stop:
-            stop_now(boundary)
+        # where a run interrupted during this iteration resumes: the end of the previous update
+        resume_state = training_state(iteration - 1, global_step, best_return, recent_returns, reward_norm, encoder)
+        if stop.signum:
+            checkpoints.save_and_exit(stop.signum, resume_state)
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -1109,8 +1162,8 @@ if __name__ == "__main__":
             optimizer.param_groups[0]["lr"] = lrnow
 
         for step in range(0, args.num_steps):
-            if stop:  # the update has not run yet: the boundary still describes the weights
-                stop_now(boundary)
+            if stop.signum:  # the update has not run yet: resume_state still describes the weights
+                checkpoints.save_and_exit(stop.signum, resume_state)
             global_step += args.num_envs
             obs[step] = next_obs
             dones[step] = next_done
@@ -1137,7 +1190,7 @@ if __name__ == "__main__":
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
                 trxl_in, next_tokens = encoder(next_obs_np)
                 trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
-                next_trxl_out = trxl_out[-1]
+                next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
 
             if "episode" in infos:
                 for i in np.nonzero(infos["_episode"])[0]:
@@ -1178,7 +1231,7 @@ if __name__ == "__main__":
 
         # Optimizing the policy and value network
         clipfracs = []
-        for epoch in range(args.update_epochs):
+        for _ in range(args.update_epochs):
             b_inds = torch.randperm(args.batch_size, device=device)
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
@@ -1226,18 +1279,23 @@ if __name__ == "__main__":
                 if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     # one bad minibatch must not poison the weights: skip it, give up if it persists
                     nonfinite_in_row += 1
-                    warnings.warn(
-                        f"non-finite loss or gradient at step {global_step}: update skipped ({nonfinite_in_row} in a row)"
-                    )
+                    message = f"non-finite loss or gradient at step {global_step}: update skipped"
+                    warnings.warn(f"{message} ({nonfinite_in_row} in a row)", stacklevel=1)
                     if nonfinite_in_row >= args.nonfinite_limit:
-                        # this iteration's steps are taken, so its counters: global_step == iteration * batch_size
-                        checkpoint(run_dir / "checkpoint_nonfinite.pt", snapshot(iteration))
+                        # saved as the end of this iteration: its rollout is complete, and the counters in the
+                        # checkpoint must say so (global_step == iteration * batch_size) for a resume to add up
+                        state = training_state(
+                            iteration, global_step, best_return, recent_returns, reward_norm, encoder
+                        )
+                        checkpoints.save("checkpoint_nonfinite.pt", state)
                         writer.close()
                         last = run_dir / "checkpoint.pt"
+                        before = (
+                            f"last periodic checkpoint: {last}" if last.exists() else "no periodic checkpoint before it"
+                        )
                         fail(
-                            f"{nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}; state saved to "
-                            f"{run_dir / 'checkpoint_nonfinite.pt'} "
-                            f"({f'last periodic checkpoint: {last}' if last.exists() else 'no periodic checkpoint before it'})"
+                            f"{nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}; "
+                            f"state saved to {run_dir / 'checkpoint_nonfinite.pt'} ({before})"
                         )
                     continue
                 nonfinite_in_row = 0
@@ -1269,22 +1327,35 @@ if __name__ == "__main__":
         if progress is not None:
             progress.set_postfix(SPS=sps, ret=f"{mean_return:.3f}")
 
-        if recent_returns and mean_return > best_return:
+        new_best = bool(recent_returns) and mean_return > best_return
+        if new_best:
             best_return = mean_return
-            if args.save_model:
-                checkpoint(run_dir / "model_best.pt", snapshot(iteration))
+        state = training_state(iteration, global_step, best_return, recent_returns, reward_norm, encoder)
+        if new_best and args.save_model:
+            checkpoints.save("model_best.pt", state)
         # not while non-finite updates are being skipped: the weights may have diverged, and checkpoint.pt
         # is the last good state that the non-finite abort points to
         if args.checkpoint_every and iteration % args.checkpoint_every == 0 and not nonfinite_in_row:
-            checkpoint(run_dir / "checkpoint.pt", snapshot(iteration))
+            checkpoints.save("checkpoint.pt", state)
 
-    final = snapshot(args.num_iterations)
-    checkpoint(run_dir / "checkpoint.pt", final)
-    if args.save_model:
-        checkpoint(run_dir / "model_final.pt", final)
+    final = training_state(args.num_iterations, global_step, best_return, recent_returns, reward_norm, encoder)
+    checkpoints.save("checkpoint.pt", final)
+    if args.save_model or args.upload_model:
+        checkpoints.save("model_final.pt", final)
         print(f"model saved to {run_dir / 'model_final.pt'}")
     if progress is not None:
         progress.close()
     envs.close()
+    if args.upload_model:
+        # enjoy.py watches agents, so it evaluates and uploads them too (docs/enjoy.md); only then imported
+        import enjoy
+
+        episodic_returns, video = enjoy.evaluate(run_dir / "model_final.pt", args.eval_episodes, cuda=args.cuda)
+        for idx, episodic_return in enumerate(episodic_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
     writer.close()
+    if args.upload_model:
+        repo_name = f"{args.env_id}-{args.exp_name}-seed{args.seed}"
+        repo_id = f"{args.hf_entity}/{repo_name}" if args.hf_entity else repo_name
+        enjoy.push_to_hub(run_dir / "model_final.pt", repo_id, episodic_returns, video)
     ignore_signals()

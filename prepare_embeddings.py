@@ -19,6 +19,7 @@ L2-normalised; `trxl_ids` and `clip_ids` (n_shared,) int64; metadata (strings) `
 """
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -245,17 +246,6 @@ def read_state_dict(path):
         fail(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     validate_tensors(state, f"weights {path}")
     return state
-
-
-def read_checkpoint(path):
-    """The content of a training checkpoint, read as tensors and plain data only (torch.load(weights_only=True)),
-    so reading one never runs code; the script that wrote it validates the rest (validate_checkpoint)."""
-    if not Path(path).is_file():
-        fail(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file at all
-        fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})")
 
 
 def validate_tensors(state, what):
@@ -513,11 +503,9 @@ def write_atomically(path, write):
 
 
 def _remove(path):
-    try:
-        if path is not None:
+    if path is not None:  # None: not created (the name was taken)
+        with contextlib.suppress(OSError):  # already renamed, or its directory is not one
             path.unlink()
-    except OSError:  # already renamed, or its directory is not one
-        pass
 
 
 def build_embeddings(

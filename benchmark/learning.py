@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # The original code's published MiniGrid-DoorKey-5x5 configurations (configs/MiniGrid/DoorKey5x5 of
-# ml-jku/helm; shared/reference/helm_original_configs.json), in these scripts' argument names. The
+# github.com/ml-jku/helm; also in benchmark/configs.json), in these scripts' argument names. The
 # scripts' defaults are the MiniGrid-Memory configurations.
 PUBLISHED = {
     "MiniGrid-DoorKey-5x5-v0": {
@@ -121,7 +121,8 @@ def main(args, extra):
     final = values[-100:].mean() if len(values) else float("nan")
     print(
         f"{args.script} {args.env_id}: {len(values)} episodes, final mean return (last 100) {final:.3f}, "
-        f"first reached {args.target} at step {first}, wall {wall:.0f} s, SPS {sps[-1][1] if sps else 'n/a'}; curve in {path}"
+        f"first reached {args.target} at step {first}, wall {wall:.0f} s, SPS {sps[-1][1] if sps else 'n/a'}; "
+        f"curve in {path}"
     )
 
 

@@ -74,3 +74,45 @@ def error_line(proc):
 @pytest.fixture(params=SCRIPTS)
 def script(request):
     return request.param
+
+
+# One trained SHELM run shared by tests/test_e2e.py and tests/test_enjoy.py: Empty-5x5 truncates an
+# episode at 100 steps, so 2 envs x 128 steps end at least one episode per env in the second update,
+# whatever the random policy does; two updates of two minibatches each
+SHELM_RUN_ENV = "MiniGrid-Empty-5x5-v0"
+SHELM_RUN = [
+    *QUICK,
+    "--env-id",
+    SHELM_RUN_ENV,
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "64",
+    "--total-timesteps",
+    "256",
+    "--topk",
+    "2",
+    "--save-model",
+    "--log-tokens-every",
+    "1",
+]
+
+
+@pytest.fixture(scope="session")
+def shelm_run(tmp_path_factory):
+    """The run directory of a tiny SHELM training run (checkpoints, event files)."""
+    cwd = tmp_path_factory.mktemp("e2e")
+    args = [*SHELM_RUN, *tiny_args("shelm_ppo.py", cwd)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "shelm_ppo.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(offline_env(), OMP_NUM_THREADS="1"),  # tiny models: threads only contend on a shared machine
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    runs = list((cwd / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith(f"{SHELM_RUN_ENV}__shelm_ppo__1__")
+    return runs[0]

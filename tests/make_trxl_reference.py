@@ -16,12 +16,13 @@ project itself must not depend on ``transformers``. transformers 4.37.2 is the v
 match (TransfoXL still works there on Python 3.11 with current torch; 4.38+ crash in
 forward). Exact setup and regeneration commands, from the repository root:
 
-    python3 -m venv /work/refenv
-    /work/refenv/bin/pip install /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl \
-        "transformers==4.37.2" safetensors numpy sacremoses
-    /work/refenv/bin/python tests/make_trxl_reference.py
+    REFENV=~/trxl-refenv  # any directory outside the repository
+    python3 -m venv $REFENV
+    $REFENV/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
+    $REFENV/bin/pip install "transformers==4.37.2" safetensors numpy sacremoses
+    $REFENV/bin/python tests/make_trxl_reference.py
 
-(any CPU torch 2.x wheel works in place of the local one; sacremoses is only needed for the
+(any CPU torch 2.x works; the fixtures were made with 2.13.0; sacremoses is only needed for the
 optional check that HF's TransfoXLTokenizer can read the generated vocab.pkl).
 
 Everything is deterministic (fixed seeds, single thread): re-running reproduces the files.
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import pickle
 import sys
@@ -276,9 +278,10 @@ def rollout(model, inputs, key: str, want_attn: bool):
 
 def attention_report(name: str, per_step) -> None:
     mem_len = CONFIG_KWARGS["mem_len"]
+    uniform_entropy = math.log(mem_len)
     print(
-        f"[attn] {name}: per layer mean / min of row-max prob; uniform over the "
-        f"{mem_len} visible keys would be {1 / mem_len:.3f}; row-entropy mean (uniform = {torch.log(torch.tensor(float(mem_len))):.3f})"
+        f"[attn] {name}: per layer mean / min of row-max prob; uniform over the {mem_len} visible keys "
+        f"would be {1 / mem_len:.3f}; row-entropy mean (uniform = {uniform_entropy:.3f})"
     )
     n_layer = per_step[0]["attn"].shape[0]
     for layer in range(n_layer):

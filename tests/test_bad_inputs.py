@@ -48,7 +48,7 @@ def assert_clean_failure(proc, cwd, before, *phrases):
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert line.startswith("error: "), proc.stderr[-3000:]
-    assert sum(l.startswith("error:") for l in proc.stderr.splitlines()) == 1
+    assert sum(err.startswith("error:") for err in proc.stderr.splitlines()) == 1
     for phrase in phrases:
         assert phrase in line, line
     assert not (cwd / "runs").exists()
@@ -273,7 +273,7 @@ def embeddings(tmp_path_factory):
     args = (clip, prepare_embeddings.TINY, "none", prepare_embeddings.TINY, vocab, out)
     path = prepare_embeddings.build_embeddings(*args, verbose=False)
     with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     return tensors, meta, prepare_embeddings.clip_text_dim(clip), len(vocab)
 
 

@@ -9,27 +9,9 @@ import torch
 
 import prepare_embeddings
 import shelm_ppo
-from conftest import QUICK, ROOT, offline_env, tiny_args
+from conftest import ROOT, SHELM_RUN_ENV, offline_env
 
-ENV_ID = "MiniGrid-Empty-5x5-v0"
-# Empty-5x5 truncates an episode at 100 steps, so 2 envs x 128 steps end at least one episode per env
-# in the second update, whatever the random policy does; two updates of two minibatches each
-RUN = [
-    *QUICK,
-    "--env-id",
-    ENV_ID,
-    "--num-envs",
-    "2",
-    "--num-steps",
-    "64",
-    "--total-timesteps",
-    "256",
-    "--topk",
-    "2",
-    "--save-model",
-    "--log-tokens-every",
-    "1",
-]
+ENV_ID = SHELM_RUN_ENV
 STEPS = [128, 256]  # global step at the end of each update
 SCALARS = [
     "charts/episodic_return",
@@ -48,22 +30,8 @@ SCALARS = [
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("e2e")
-    args = [*RUN, *tiny_args("shelm_ppo.py", cwd)]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "shelm_ppo.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(offline_env(), OMP_NUM_THREADS="1"),  # tiny models: threads only contend on a shared machine
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    runs = list((cwd / "runs").iterdir())
-    assert len(runs) == 1 and runs[0].name.startswith(f"{ENV_ID}__shelm_ppo__1__")
-    return runs[0]
+def run(shelm_run):
+    return shelm_run  # trained once for this file and tests/test_enjoy.py (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ def models():
     """(trxl, vocab, clip, word_emb) of the tiny models, built once through build_memory."""
     args = h.Args(trxl_model="tiny-random", clip_model="tiny-random", n_layer=2, mem_len=4, cuda=False)
     trxl, vocab, encoder = h.build_memory(args, torch.device("cpu"), verbose=False)
-    return trxl, vocab, encoder.frozen[0], trxl.word_emb
+    return trxl, vocab, encoder.frozen["clip"], trxl.word_emb
 
 
 @pytest.fixture(scope="module")
@@ -201,12 +201,18 @@ def test_nearest_tokens_equal_dense_argmax(models):
     dense = sims.argmax(dim=1)
     _, _, norms = h.word_embedding_stats(word_emb)
     for chunk in [7, 100, 16384]:
-        ids = h.nearest_tokens(x, word_emb, norms, chunk)
+        ids = h.nearest_tokens(x, word_emb, norms, chunk)[:, 0]
         assert torch.equal(ids[:24], picked)  # a word's own embedding (scaled) finds that word
         differ = ids != dense
         # float rounding may only swap words whose similarities tie to 1e-6
         assert differ.sum() <= 1
         assert (sims.max(1).values - sims[torch.arange(len(x)), ids]).max() < 1e-6
+        # the k nearest (what enjoy.py shows), most similar first, are the dense top k
+        top = h.nearest_tokens(x, word_emb, norms, chunk, k=5)
+        assert top.shape == (len(x), 5) and torch.equal(top[:, 0], ids)
+        got = sims.gather(1, top)
+        assert (got[:, :-1] >= got[:, 1:] - 1e-6).all()
+        assert (sims.topk(5, dim=1).values - got).abs().max() < 1e-6
     # the encoder's tokens are the nearest words to the inputs it returns
     enc = encoder(models)
     inputs, tokens = enc(images(rng, 6))

@@ -112,15 +112,14 @@ def start(script, args, cwd):
     """A training run in the background, in cwd (created); its output goes to files there. One
     thread each: runs side by side with torch's default threads spin against each other."""
     cwd.mkdir(parents=True, exist_ok=True)
-    out, err = open(cwd / "stdout.txt", "w"), open(cwd / "stderr.txt", "w")
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        cwd=cwd,
-        env=dict(offline_env(), OMP_NUM_THREADS="1"),
-        stdout=out,
-        stderr=err,
-    )
-    out.close(), err.close()
+    with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *map(str, args)],
+            cwd=cwd,
+            env=dict(offline_env(), OMP_NUM_THREADS="1"),
+            stdout=out,
+            stderr=err,
+        )
     proc.cwd = cwd
     return proc
 
@@ -206,7 +205,7 @@ def interrupted(script, shared, cache):
             time.sleep(0.02)
         assert len(found) == len(procs), "no checkpoint in time"
         result = {sig: SimpleNamespace(stopped=finish(proc), path=found[sig]) for sig, proc in procs.items()}
-        for sig, r in result.items():
+        for r in result.values():
             r.saved = load(r.path)
             r.leftovers = [p.name for p in r.path.parent.iterdir() if ".tmp" in p.name]
         resumed = side_by_side(
@@ -622,7 +621,7 @@ CHECKPOINT_CASES = {
 
 @pytest.mark.parametrize("case", CHECKPOINT_CASES.values(), ids=CHECKPOINT_CASES.keys())
 def test_crafted_checkpoint_refused(script, reference, case, cache):
-    """validate_checkpoint, which --resume and enjoy.py both call on the one read of a checkpoint."""
+    """check_checkpoint, which --resume and enjoy.py both call on the one read of a checkpoint."""
     if ("module", script) not in cache:
         cache["module", script] = import_script(script), load(reference / "checkpoint.pt")
     module, good = cache["module", script]
@@ -630,12 +629,12 @@ def test_crafted_checkpoint_refused(script, reference, case, cache):
     edit, phrases = case
     edit(ckpt)
     with pytest.raises(SystemExit) as stop:
-        module.validate_checkpoint(ckpt, "crafted.pt")
+        module.check_checkpoint(ckpt, "crafted.pt")
     message = stop.value.code
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
     for phrase in phrases:
         assert phrase in message, message
-    assert isinstance(module.validate_checkpoint(copy.deepcopy(good), "good.pt"), module.Args)  # the edit's doing
+    assert module.check_checkpoint(copy.deepcopy(good), "good.pt") is not None  # the edit's doing
 
 
 def run_main(script, args, cwd, monkeypatch):

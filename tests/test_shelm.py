@@ -369,7 +369,7 @@ def memory(tmp_path_factory):
 
 
 def retrieval(encoder, cache_size):
-    clip, word_emb = encoder.frozen
+    clip, word_emb = encoder.frozen["clip"], encoder.frozen["word_emb"]
     return shelm_ppo.TokenRetrieval(
         clip, encoder.text_embeddings, encoder.trxl_ids, word_emb, encoder.tokens_per_step, cache_size
     )

@@ -308,3 +308,78 @@ def test_hub_id_loads_from_the_cache_without_network(tmp_path, monkeypatch, trxl
     assert vocab == trxl4[1]
     for (name, a), (_, b) in zip(trxl.state_dict().items(), trxl4[0].state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def brute_force_attention(attn, h, mem, visible_mem, mem_len, clamp_len):
+    """Attention probabilities (query, key, batch, head) of one layer, one score at a time from its
+    weights: score(i, j) = ((q_i + u) . k_j + (q_i + v) . W_r sinusoid(distance)) / sqrt(d_head) over
+    the keys [memory slots, this step's tokens] that query i may see: not in the future, not a hidden
+    memory slot, and (same_length) only the last mem_len positions up to its own."""
+    qlen, bsz, d_model = h.shape
+    mlen, n_head, d_head = mem.shape[0], attn.n_head, attn.d_head
+    w_q, w_k, _ = attn.qkv_net.weight.double().chunk(3, dim=0)
+    keys_in = torch.cat([mem, h]).double()
+    inv_freq = 1 / 10000 ** (torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    probs = torch.zeros(qlen, mlen + qlen, bsz, n_head, dtype=torch.float64)
+    for b in range(bsz):
+        for n in range(n_head):
+            heads = slice(n * d_head, (n + 1) * d_head)
+            for i in range(qlen):
+                query = w_q[heads] @ h[i, b].double()
+                scores = {}
+                for j in range(mlen + qlen):
+                    distance = mlen + i - j
+                    hidden = j < mlen and not visible_mem[j, b]
+                    if distance < 0 or distance >= mem_len or hidden:
+                        continue
+                    angles = min(distance, clamp_len) * inv_freq
+                    r = attn.r_net.weight.double()[heads] @ torch.cat([angles.sin(), angles.cos()])
+                    key = w_k[heads] @ keys_in[j, b]
+                    content = (query + attn.r_w_bias[n].double()) @ key
+                    position = (query + attn.r_r_bias[n].double()) @ r
+                    scores[j] = (content + position) / d_head**0.5
+                weights = torch.stack(list(scores.values())).softmax(dim=0)
+                for j, w in zip(scores, weights):
+                    probs[i, j, b, n] = w
+    return probs
+
+
+@pytest.mark.parametrize("memory_reset", ["mask", "zero"])
+def test_attention_probabilities_are_those_of_the_forward_pass(reference, trxl4, memory_reset):
+    # what enjoy.py draws: the probabilities a layer kept when asked, equal to a brute-force
+    # recomputation from the weights, the layer's inputs and the mask rules; rows sum to 1 over what
+    # the query may see and are 0 elsewhere (an episode reset under mask hides the old episode)
+    _, _, config = reference
+    trxl = trxl4[0]
+    attns = [layer.dec_attn for layer in trxl.layers]
+    inputs = {}
+    hooks = [a.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args)) for a in attns]
+    gen = torch.Generator().manual_seed(3)
+    mems, memory_mask = shelm_ppo.init_memory(trxl, 2, memory_reset, "cpu")
+    try:
+        for a in attns[:-1]:
+            a.keep_probs = True
+        with torch.no_grad():
+            for step, qlen in enumerate([1, 2, 1, 3, 1, 1, 2]):
+                if step == 4:  # env 1 starts a new episode
+                    done = torch.tensor([False, True])
+                    mems, memory_mask = shelm_ppo.reset_memory(mems, memory_mask, done, memory_reset)
+                x = trxl.word_emb(torch.randint(0, len(trxl4[1]), (qlen, 2), generator=gen))
+                before = memory_mask.clone()
+                _, mems_after, memory_mask_after = trxl(x, mems, memory_mask)
+                for layer, attn in enumerate(attns[:-1]):
+                    h, _, _, mem = inputs[attn]
+                    assert torch.equal(mem, mems[layer])
+                    expected = brute_force_attention(attn, h, mem, before, config["mem_len"], config["clamp_len"])
+                    assert attn.probs.shape == expected.shape
+                    assert max_diff(attn.probs.double(), expected) < TOL
+                    assert torch.allclose(attn.probs.sum(dim=1), torch.ones(()))
+                    if step == 4 and memory_reset == "mask":
+                        assert attn.probs[:, : trxl.mem_len, 1].abs().max() == 0  # nothing of the old episode
+                assert attns[-1].probs is None  # not asked, not kept
+                mems, memory_mask = mems_after, memory_mask_after
+    finally:
+        for a in attns:
+            a.keep_probs, a.probs = False, None
+        for hook in hooks:
+            hook.remove()
