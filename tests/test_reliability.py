@@ -597,7 +597,7 @@ CHECKPOINT_CASES = {
     "run-name-too-long": (setter("run_name", value="x" * 300), ["300 bytes long"]),
     "wandb-id-a-path": (setter("wandb_id", value="../../x"), ["not a wandb run id"]),
     "agent-nan": (lambda c: setter("agent", first_float(c["agent"]), value=nan_first)(c), ["NaN", "agent"]),
-    "agent-nested": (setter("agent", value=lambda a: {"query": a}), ["entry 'query' is a dict"]),
+    "agent-nested": (setter("agent", value=lambda a: {"query": a}), ["entry 'query' is a", "not a named tensor"]),
     "agent-a-list": (lambda c: setter("agent", next(iter(c["agent"])), value=[1.0])(c), ["is a list"]),
     "encoder-nan": (setter("encoder", value={"x": torch.tensor([math.nan])}), ["encoder state", "NaN"]),
     "optimizer-lr-nan": (setter("optimizer", "param_groups", 0, "lr", value=math.nan), ["learning rate"]),
@@ -738,12 +738,12 @@ def test_resume_of_a_run_in_use_is_refused(script, reference, tmp_path, monkeypa
 
 @pytest.mark.parametrize("script", ["shelm_ppo.py"])
 def test_resume_from_an_older_checkpoint_goes_on_in_a_new_run(script, reference, tmp_path):
-    """model_best.pt of update 1 of a run whose checkpoint.pt is at update 4: resuming it in place would move
+    """model_best.pt of update 3 of a run whose checkpoint.pt is at update 4: resuming it in place would move
     checkpoint.pt and model_final.pt back in time. It goes on in a new run directory instead."""
     shutil.copytree(reference.parent, tmp_path / "runs")
     run_dir = tmp_path / "runs" / reference.name
     older = load(run_dir / "checkpoint.pt")
-    older.update(iteration=1, global_step=BATCH)
+    older.update(iteration=UPDATES - 1, global_step=(UPDATES - 1) * BATCH)
     torch.save(older, run_dir / "model_best.pt")
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     resume = Path("runs") / reference.name / "model_best.pt"
@@ -755,14 +755,14 @@ def test_resume_from_an_older_checkpoint_goes_on_in_a_new_run(script, reference,
     final = load(new_dir / "checkpoint.pt")
     assert final["run_name"] == new_dir.name and final["wandb_id"] is None
     assert (final["iteration"], final["global_step"]) == (UPDATES, UPDATES * BATCH)
-    assert [s for s, _ in scalars(new_dir)["losses/value_loss"]] == [i * BATCH for i in range(2, UPDATES + 1)]
+    assert [s for s, _ in scalars(new_dir)["losses/value_loss"]] == [UPDATES * BATCH]  # the one update left
 
 
 @pytest.mark.parametrize("script", ["shelm_ppo.py"])
 def test_runs_started_together_and_a_late_signal(script, shared, tmp_path):
     """Two identical runs started at once (the same name if in the same second) get a directory each; a
     SIGTERM right after a run's last checkpoint lets it end as it was going to (it used to die with -15)."""
-    args = train_args(script, shared, save_model=True, total_timesteps=2 * BATCH)
+    args = train_args(script, shared, save_model=True, total_timesteps=BATCH)
     procs = []
     for i in range(2):
         with open(tmp_path / f"out{i}.txt", "w") as out, open(tmp_path / f"err{i}.txt", "w") as err:
@@ -782,7 +782,7 @@ def test_runs_started_together_and_a_late_signal(script, shared, tmp_path):
     assert len(run_dirs) == 2
     for run_dir in run_dirs:
         final = load(run_dir / "checkpoint.pt")
-        assert final["run_name"] == run_dir.name and final["iteration"] == 2
+        assert final["run_name"] == run_dir.name and final["iteration"] == 1
         assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one process's logs each
 
 
