@@ -16,6 +16,7 @@ import csv
 import importlib
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -148,7 +149,8 @@ def load(path, num_envs=None, cuda=True, frames=False, from_hub=False):
     torch.manual_seed(args.seed)
     envs = make_envs(algo, args, frames)
     trxl, vocab, encoder = algo.build_memory(args, device, verbose=False, may_write=algo.may_write_output_dirs(args))
-    agent = algo.Agent(envs.single_observation_space.shape, envs.single_action_space.n, trxl.d_model).to(device)
+    agent = algo.Agent(envs.single_observation_space.shape, algo.action_dims(envs.single_action_space), trxl.d_model)
+    agent = agent.to(device)
     algo.load_trained(agent, encoder, ckpt, path)
     agent.eval()
     encoder.eval()  # evaluation: HELMv2's running statistics are frozen
@@ -177,13 +179,13 @@ class Step:
 
     episode: int  # 1, 2, ... (env 0's episodes)
     t: int  # step within the episode
-    action: int
+    action: int | list  # a list of one number per dimension for a MultiDiscrete action space
     action_name: str
     reward: float  # the environment's own reward
     value: float  # the critic's estimate
     words: list  # the memory's text of this step (see memory_words)
     weight: float | None  # HELM: softmax weight of the most attended word
-    window: list  # SHELM: the words the Transformer-XL window holds now, oldest first
+    window: list  # the words of the tokens the Transformer-XL window holds now, oldest first (SHELM's strip)
     attention: np.ndarray  # (n_head, keys) of the step's last token in the chosen layer
     key_steps: list  # for each key: the (episode, t) whose token it is, or None (zero or earlier memory)
     frame: np.ndarray | None = None  # the environment, before the action
@@ -217,14 +219,8 @@ def memory_words(loaded, trxl_in, tokens):
 def play(loaded, episodes, outputs, greedy=False, seed=None, attention_layer=-1, show_memory=False):
     """Run until `episodes` episodes (over all envs) end; hand each step of env 0 to every output.
     Returns the episodes' returns."""
-    algo, args, trxl, agent, envs, device = (
-        loaded.algo,
-        loaded.args,
-        loaded.trxl,
-        loaded.agent,
-        loaded.envs,
-        loaded.device,
-    )
+    algo, args, trxl, agent = loaded.algo, loaded.args, loaded.trxl, loaded.agent
+    envs, device = loaded.envs, loaded.device
     attn = trxl.layers[attention_layer].dec_attn
     attn.keep_probs = True
     env0 = envs.unwrapped.envs[0]
@@ -238,26 +234,32 @@ def play(loaded, episodes, outputs, greedy=False, seed=None, attention_layer=-1,
         with torch.no_grad():
             while len(returns) < episodes:
                 frame = env0.render() if want_frames else None
+                if want_frames and frame is None:  # an env that draws nothing: show what the agent sees
+                    frame = obs_np[0]
                 trxl_in, tokens = loaded.encoder(obs_np)
                 visible = memory_mask[:, 0].tolist()
                 trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
                 obs = torch.from_numpy(obs_np).to(device)
                 x = agent.features(algo.memory_readout(trxl_out, args.ablate_memory), obs)
                 logits, value = agent.actor(x), agent.critic(x)[:, 0]
+                parts = logits.split(agent.action_dims, dim=-1)  # one categorical per action dimension
                 if greedy:
-                    action = logits.argmax(dim=-1)
+                    action = torch.stack([part.argmax(dim=-1) for part in parts], dim=-1)
                 else:
-                    action = torch.distributions.Categorical(logits=logits).sample()
+                    action = torch.stack([torch.distributions.Categorical(logits=p).sample() for p in parts], dim=-1)
                 words, weight = memory_words(loaded, trxl_in, tokens)
                 step_words = [loaded.vocab[i] for i in tokens[0].tolist()]
                 keys = slots + [(episode, t, w) for w in step_words]
                 window = [k[2] for k, v in zip(keys, visible + [True] * len(step_words)) if k is not None and v]
-                obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+                obs_np, reward, terminations, truncations, infos = envs.step(
+                    algo.env_actions(action, envs.single_action_space)
+                )
+                action0 = action[0].tolist()
                 record = Step(
                     episode=episode,
                     t=t,
-                    action=int(action[0]),
-                    action_name=name_of(int(action[0])),
+                    action=action0[0] if len(action0) == 1 else action0,
+                    action_name=name_of(action0[0]) if len(action0) == 1 else " ".join(map(str, action0)),
                     reward=float(reward[0]),
                     value=float(value[0]),
                     words=words,
@@ -359,6 +361,12 @@ class Picture:
 
         self.algorithm, self.attention_layer = algorithm, attention_layer
         self.font = ImageFont.load_default(size=12)
+        self.lengths = {}  # pixel width of each word drawn so far: the memory repeats its words
+
+    def length(self, text):
+        if text not in self.lengths:
+            self.lengths[text] = self.font.getlength(text)
+        return self.lengths[text]
 
     def __call__(self, record):
         from PIL import Image, ImageDraw
@@ -369,33 +377,36 @@ class Picture:
         width = frame.shape[1] + frame.shape[1] % 2  # even sizes, as H.264 needs
         strip = Image.new("RGB", (width, self.LINES * self.LINE_HEIGHT + 2 * self.PAD), (16, 16, 16))
         draw = ImageDraw.Draw(strip)
-        lines = self.wrap(strip_lines(self.algorithm, record, self.attention_layer), width - 2 * self.PAD)
-        for i, line in enumerate(lines[: self.LINES]):
+        lines = self.fit(strip_lines(self.algorithm, record, self.attention_layer), width - 2 * self.PAD)
+        for i, line in enumerate(lines):
             draw.text((self.PAD, self.PAD + i * self.LINE_HEIGHT), line, fill=(235, 235, 235), font=self.font)
         top = np.zeros((frame.shape[0] + frame.shape[0] % 2, width, 3), dtype=np.uint8)
         top[: frame.shape[0], : frame.shape[1]] = frame
         return np.concatenate([top, np.asarray(strip)])
 
-    def wrap(self, lines, width):
-        """Lines broken at spaces to fit `width` pixels; a window too long keeps its newest words."""
-        out = []
-        for line in lines:
-            words, current = line.split(" "), ""
-            for word in words:
-                candidate = f"{current} {word}" if current else word
-                if current and self.font.getlength(candidate) > width:
-                    out.append(current)
-                    current = "  " + word
-                else:
-                    current = candidate
-            out.append(current)
-        while len(out) > self.LINES:  # drop the oldest window words' line (the second wrapped window line)
-            window_start = next((i for i, line in enumerate(out) if line.startswith("window: ")), None)
-            if window_start is None or window_start + 1 >= len(out) - 1:
-                break
-            out.pop(window_start + 1)
-            out[window_start] = "window: ..." + out[window_start][len("window:") :]
-        return out
+    def fit(self, lines, width):
+        """Lines broken at spaces to fit `width` pixels, at most LINES of them: a window too long loses
+        its oldest words."""
+        lines = list(lines)
+        while True:
+            out = [piece for line in lines for piece in self.wrap(line, width)]
+            window = next((i for i, line in enumerate(lines) if line.startswith("window: ")), None)
+            if len(out) <= self.LINES or window is None or len(lines[window].split(" ")) <= 3:
+                return out[: self.LINES]
+            words = lines[window].removeprefix("window: ").removeprefix("... ").split(" ")
+            lines[window] = "window: ... " + " ".join(words[1:])
+
+    def wrap(self, line, width):
+        """One line broken at spaces into lines of at most `width` pixels."""
+        out, current, used = [], "", 0.0
+        for word in line.split(" "):
+            extra = self.length(" " + word) if current else self.length(word)
+            if current and used + extra > width:
+                out.append(current)
+                current, used = "  " + word, self.length("  " + word)
+            else:
+                current, used = (current + " " + word if current else word), used + extra
+        return out + [current]
 
 
 class Video(Output):
@@ -462,8 +473,8 @@ class AttentionMaps(Output):
     episode (the weights of a step's tokens summed), and over memory from before the episode (zeros
     or the old episode, which --memory-reset mask hides); mean over heads, or one panel per head."""
 
-    def __init__(self, out_dir, layer, per_head, label_words):
-        self.out_dir, self.layer, self.per_head, self.label_words = Path(out_dir), layer, per_head, label_words
+    def __init__(self, out_dir, layer, per_head):
+        self.out_dir, self.layer, self.per_head = Path(out_dir), layer, per_head
         self.rows, self.labels, self.written = [], [], []
 
     def step(self, record):
@@ -475,7 +486,7 @@ class AttentionMaps(Output):
             else:
                 row[:, -1] += record.attention[:, j]
         self.rows.append(row)
-        self.labels.append(f"{record.t} {' '.join(record.words)}" if self.label_words else str(record.t))
+        self.labels.append(f"{record.t} {' '.join(record.words)}")  # each step's words label its row and column
 
     def matrix(self):
         """(n_head, steps, steps + 1): attention of each step to each step, then to earlier memory."""
@@ -500,22 +511,24 @@ class AttentionMaps(Output):
             maps = maps[:, :, :-1]
         panels = list(maps) if self.per_head else [maps.mean(axis=0)]
         n = len(self.rows)
-        size = min(3 + 0.18 * n, 14)
-        fig, axes = plt.subplots(
-            1, len(panels), figsize=(size * len(panels), size), squeeze=False, layout="constrained"
-        )
-        step = max(1, n // 40)  # at most about 40 labels per axis
+        cols = int(np.ceil(np.sqrt(len(panels))))  # heads on a near-square grid
+        rows = -(-len(panels) // cols)
+        size = min(3 + 0.18 * n, 14) if len(panels) == 1 else min(3 + 0.1 * n, 7)
+        fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False, layout="constrained")
+        step = max(1, n // (40 if len(panels) == 1 else 20))  # at most about 40 (20) labels per axis
         vmax = max(panel.max() for panel in panels)  # one colour scale for all panels
-        for h, (ax, panel) in enumerate(zip(axes[0], panels)):
+        xlabels = self.labels + (["before"] if earlier else [])
+        xticks = list(range(0, n, step)) + ([n] if earlier else [])
+        for ax in axes.flat[len(panels) :]:
+            ax.axis("off")
+        for h, (ax, panel) in enumerate(zip(axes.flat, panels)):
             image = ax.imshow(panel, cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
             ax.set_yticks(range(0, n, step), self.labels[::step], fontsize=7)
-            xlabels = self.labels + (["before"] if earlier else [])
-            xticks = list(range(0, n, step)) + ([n] if earlier else [])
             ax.set_xticks(xticks, [xlabels[i] for i in xticks], fontsize=7, rotation=90)
             ax.set_xlabel("attended step")
             ax.set_ylabel("step")
-            ax.set_title(f"head {h}" if self.per_head else f"layer {self.layer}, mean over heads", fontsize=9)
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention")
+            ax.set_title(f"layer {self.layer}, head {h}" if self.per_head else f"layer {self.layer}, mean over heads")
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention")
         fig.suptitle(f"episode {episode}: attention of each step to the steps it could see", fontsize=10)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"attention-episode-{episode:03d}.png"
@@ -571,11 +584,11 @@ class Trace(Output):
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(checkpoint, episodes, video_dir=None, cuda=True):
+def evaluate(checkpoint, episodes, video_dir=None, cuda=True, from_hub=False):
     """Returns of `episodes` episodes of a saved agent (sampled actions, new seeds), and the mp4 of env
     0's first episode with its memory strip (written to video_dir, default videos/<run_name>-eval)."""
-    loaded = load(checkpoint, cuda=cuda, frames=True)
-    video_dir = Path(video_dir or Path("videos") / f"{safe_name(loaded.ckpt['run_name'])}-eval")
+    loaded = load(checkpoint, cuda=cuda, frames=True, from_hub=from_hub)
+    video_dir = Path(video_dir or Path("videos") / f"{safe_name(loaded.ckpt.get('run_name'))}-eval")
     video = Video(video_dir, Picture(loaded.algorithm, loaded.trxl.n_layer - 1), fps=4, max_episodes=1)
     returns = play(loaded, episodes, [video])
     print(f"evaluation: mean return over {len(returns)} episodes {np.mean(returns):.3f} +- {np.std(returns):.3f}")
@@ -601,7 +614,7 @@ def training_command(algorithm, args, defaults):
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + name.replace("_", "-"))
         elif value is not None:
-            parts.append(f"{flag} {value}")
+            parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
 
 
@@ -643,7 +656,7 @@ model-index:
 
 A {name} agent trained with `{algorithm}_ppo.py`: a PPO agent whose memory is a frozen, pretrained
 Transformer-XL ({args["trxl_model"]}, first {args["n_layer"]} layers). This repository holds its trainable
-weights (`{HUB_FILE}`, {ckpt["global_step"]} steps); the frozen models are rebuilt from their sources.
+weights (`{HUB_FILE}`, {ckpt.get("global_step")} steps); the frozen models are rebuilt from their sources.
 
 ## Evaluation
 
@@ -717,12 +730,12 @@ def main(cli):
     if cli.episodes < 1 or cli.num_envs < 1 or cli.fps < 1:
         fail("--episodes, --num-envs and --fps must be >= 1")
     if cli.seed is not None and not 0 <= cli.seed < 2**32:
-        fail(f"--seed must be in [0, 2**32), got {cli.seed}")
+        fail(f"--seed must be >= 0 and < 2**32, got {cli.seed}")
     if (cli.checkpoint is None) == (cli.hub is None):
         fail("give a checkpoint file or --hub REPO_ID (one of them)")
     path = cli.checkpoint if cli.hub is None else download_checkpoint(cli.hub, cli.hub_file)
     if cli.upload:
-        returns, video = evaluate(path, cli.episodes, cli.out_dir, cli.cuda)
+        returns, video = evaluate(path, cli.episodes, cli.out_dir, cli.cuda, from_hub=cli.hub is not None)
         push_to_hub(path, cli.upload, returns, video)
         return
     window = cli.render and has_display()
@@ -734,7 +747,7 @@ def main(cli):
     if not -n_layer <= cli.attention_layer < n_layer:
         fail(f"--attention-layer must be in [{-n_layer}, {n_layer - 1}] (the model keeps {n_layer} layers)")
     layer = cli.attention_layer % n_layer
-    out_dir = Path(cli.out_dir or Path("videos") / f"{safe_name(loaded.ckpt['run_name'])}-enjoy")
+    out_dir = Path(cli.out_dir or Path("videos") / f"{safe_name(loaded.ckpt.get('run_name'))}-enjoy")
     picture = Picture(loaded.algorithm, layer)
     outputs = []
     if video:
@@ -742,12 +755,16 @@ def main(cli):
     if window:
         outputs.append(Window(picture, cli.fps))
     if cli.attention:
-        outputs.append(AttentionMaps(out_dir, layer, cli.attention_heads, label_words=True))
+        outputs.append(AttentionMaps(out_dir, layer, cli.attention_heads))
     if cli.trace:
         outputs.append(Trace(out_dir / f"trace.{cli.trace}", cli.trace))
     ckpt = loaded.ckpt
-    print(f"{loaded.algorithm} agent from {path} (step {ckpt['global_step']}) on {loaded.args.env_id}")
-    returns = play(loaded, cli.episodes, outputs, cli.greedy, cli.seed, layer, cli.show_memory)
+    print(f"{loaded.algorithm} agent from {path} (step {ckpt.get('global_step')}) on {loaded.args.env_id}")
+    try:
+        returns = play(loaded, cli.episodes, outputs, cli.greedy, cli.seed, layer, cli.show_memory)
+    except KeyboardInterrupt:  # Ctrl-C, or the window closed: what was written stays
+        print("stopped")
+        return
     print(f"mean return over {len(returns)} episodes: {np.mean(returns):.3f} +- {np.std(returns):.3f}")
 
 

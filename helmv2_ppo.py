@@ -17,9 +17,11 @@ and shelm_ppo.py; everything else is the same code in the three scripts (tests/t
 import collections
 import dataclasses
 import fcntl
+import importlib.util
 import io
 import itertools
 import math
+import operator
 import os
 import random
 import re
@@ -189,7 +191,7 @@ def check_args(args):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.seed < 2**32:
-        fail(f"--seed must be in [0, 2**32), got {args.seed}")
+        fail(f"--seed must be >= 0 and < 2**32, got {args.seed}")
     for name in ["learning_rate", "clip_coef", "max_grad_norm"]:
         if not 0 < getattr(args, name) < torch.finfo(torch.float32).max:
             fail(f"--{name.replace('_', '-')} must be a positive float32 number, got {getattr(args, name)}")
@@ -241,16 +243,61 @@ def validate_run_name(run_name, what):
         fail(f"{what} is {max(len(part) for part in parts)} bytes long; at most {MAX_NAME_BYTES} make a directory name")
 
 
+GL_HELP = (
+    "MiniWorld renders with OpenGL, headless through EGL: on Debian or Ubuntu, "
+    "apt-get install libegl1 libgl1 libglu1-mesa libgl1-mesa-dri libfontconfig1"
+)
+MEMORY_GYM = ("memory_gym", "pip install --no-deps -r requirements/memory-gym.txt")
+# Suites beside MiniGrid, by the start of their env ids: the module that registers their envs (imported only
+# when one of them is asked for) and how to install it. docs/environments.md
+ENV_SUITES = {
+    "MiniWorld-": ("miniworld", f"pip install -r requirements/requirements.txt; {GL_HELP}"),
+    "MortarMayhem": MEMORY_GYM,
+    "MysteryPath": MEMORY_GYM,
+    "SearingSpotlights": MEMORY_GYM,
+    "Endless-": MEMORY_GYM,
+}
+
+
+def import_env_suite(env_id):
+    """Register the envs of env_id's suite (docs/environments.md). MiniWorld renders off-screen through
+    EGL, so no display (nor xvfb) is needed."""
+    suite = next((suite for prefix, suite in ENV_SUITES.items() if env_id.startswith(prefix)), None)
+    if suite is None or env_id in gym.registry:
+        return
+    module, install = suite
+    if module == "miniworld":
+        os.environ.setdefault("PYGLET_HEADLESS", "true")  # read by pyglet when miniworld first imports it
+        # triton, which torch's compiler stack imports later (through torchvision), carries its own LLVM; loaded
+        # after Mesa's software renderer (linked to the system's LLVM) has made a GL context, it segfaults.
+        # Loaded before any GL context, both work.
+        if importlib.util.find_spec("triton") is not None:
+            import triton  # noqa: F401
+    if module == "memory_gym":
+        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")  # pygame.init() opens a sound card it never uses
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        fail(f"{env_id} needs the {module} package ({e}); install it with: {install}")
+
+
 def make_env(env_id, idx, capture_video, run_name, render_mode=None):
     def thunk():
+        import_env_suite(env_id)
         try:
             env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else render_mode)
-        except (gym.error.Error, ImportError) as e:  # ImportError: the module of a "module:Env-v0" id
+        except gym.error.Error as e:
             fail(f"unknown or unusable environment {env_id!r} ({e})")
+        except ImportError as e:  # a system library of the renderer
+            fail(f"{env_id} cannot be made: {e}" + (f"; {GL_HELP}" if env_id.startswith("MiniWorld-") else ""))
         if isinstance(env.observation_space, gym.spaces.Dict) and "image" in env.observation_space.spaces:
             # MiniGrid as in the original: the agent's partial view rendered as 56x56 RGB pixels
             env = minigrid.wrappers.RGBImgPartialObsWrapper(env, tile_size=8)
             env = minigrid.wrappers.ImgObsWrapper(env)
+        if isinstance(env.observation_space, gym.spaces.Dict) and "obs" in env.observation_space.spaces:
+            # MiniWorld-Sign observes {obs: image, goal: box or key}; the original kept the image only. The
+            # goal is fixed when the env is made (box, by default), so nothing is lost.
+            env = gym.wrappers.TransformObservation(env, operator.itemgetter("obs"), env.observation_space["obs"])
         space = env.observation_space
         if not (
             isinstance(space, gym.spaces.Box)
@@ -261,13 +308,29 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
             fail(f"{env_id} does not observe RGB images (H, W, 3) of uint8 but {space}; these agents need pixels")
         if min(space.shape[:2]) < 8:
             fail(f"{env_id} observes images of {space.shape[0]}x{space.shape[1]} pixels; the CNN needs at least 8x8")
-        if not isinstance(env.action_space, gym.spaces.Discrete):
-            fail(f"{env_id} has a {type(env.action_space).__name__} action space; these agents need Discrete actions")
+        if not isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)) or (
+            isinstance(env.action_space, gym.spaces.MultiDiscrete) and env.action_space.nvec.ndim != 1
+        ):
+            fail(
+                f"{env_id} has the action space {env.action_space}; these agents need Discrete or MultiDiscrete "
+                "(one dimension) actions"
+            )
         if capture_video and idx == 0:
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
         return env
 
     return thunk
+
+
+def action_dims(space):
+    """Choices per action dimension: (n,) for Discrete, nvec for MultiDiscrete (one categorical each)."""
+    return (int(space.n),) if isinstance(space, gym.spaces.Discrete) else tuple(int(n) for n in space.nvec)
+
+
+def env_actions(action, space):
+    """The agent's actions (num_envs, n_dims) as the vector env takes them: (num_envs,) for Discrete."""
+    action = action.cpu().numpy()
+    return action[:, 0] if isinstance(space, gym.spaces.Discrete) else action
 
 
 def make_envs(args, run_name):
@@ -687,8 +750,9 @@ def layer_init(layer, gain=2**0.5, init=nn.init.orthogonal_):
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_shape, n_actions, d_model):
+    def __init__(self, obs_shape, action_dims, d_model):
         super().__init__()
+        self.action_dims = tuple(action_dims)  # one categorical per action dimension, as CleanRL's ppo_trxl
         h, w, _ = obs_shape
         k1, s1 = (8, 4) if h > 9 else (4, 2)
         k2, s2 = (4, 2) if w > 9 else (2, 1)
@@ -708,7 +772,7 @@ class Agent(nn.Module):
             layer_init(nn.Linear(2 * d_model, 128)),
             nn.LayerNorm(128, elementwise_affine=False),
             nn.ReLU(),
-            layer_init(nn.Linear(128, n_actions)),
+            layer_init(nn.Linear(128, sum(self.action_dims))),
         )
         self.critic = nn.Sequential(
             layer_init(nn.Linear(2 * d_model, 512)),
@@ -725,19 +789,22 @@ class Agent(nn.Module):
         return self.critic(self.features(trxl_out, obs))
 
     def get_action_and_value(self, trxl_out, obs, action=None):
+        """action and its log-probability per action dimension (batch, n_dims), the entropy summed over the
+        dimensions (batch,), the value (batch, 1). A Discrete action space has one dimension."""
         x = self.features(trxl_out, obs)
         logits = self.actor(x)
         # not validated: non-finite logits (diverged weights) must reach the non-finite guard, not raise here
-        probs = Categorical(logits=logits, validate_args=False)
+        probs = [Categorical(logits=part, validate_args=False) for part in logits.split(self.action_dims, dim=-1)]
         if action is None:
             # non-finite logits cannot be sampled either: take action 0; the losses on this rollout will be
             # non-finite as well, and the guard skips those updates
-            action = (
-                probs.sample()
-                if torch.isfinite(logits).all()
-                else logits.new_zeros(logits.shape[:-1], dtype=torch.long)
+            finite = torch.isfinite(logits).all()
+            action = torch.stack(
+                [p.sample() if finite else logits.new_zeros(logits.shape[:-1], dtype=torch.long) for p in probs], -1
             )
-        return action, probs.log_prob(action), probs.entropy(), self.critic(x)
+        logprob = torch.stack([p.log_prob(a) for p, a in zip(probs, action.unbind(-1))], dim=-1)
+        entropy = torch.stack([p.entropy() for p in probs], dim=-1).sum(-1)
+        return action, logprob, entropy, self.critic(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,15 +952,18 @@ def check_checkpoint(ckpt, path):
 
 def value_fits(value, annotation):
     """Whether a value from a checkpoint has the type its Args field declares (an int is a float, a bool no int)."""
-    if typing.get_origin(annotation) is Literal:
-        return any(value == a and type(value) is type(a) for a in typing.get_args(annotation))
-    if isinstance(annotation, types.UnionType):
-        return any(value_fits(value, a) for a in typing.get_args(annotation))
+    origin, inner = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in inner)
+    if origin in (types.UnionType, typing.Union):
+        return any(value_fits(value, a) for a in inner)
+    if origin in (tuple, list):  # tuple[str, ...]: any length, each item of the first type
+        return isinstance(value, (tuple, list)) and all(value_fits(v, inner[0]) for v in value)
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
+    return isinstance(value, origin or annotation)
 
 
 def checkpoint_args(saved, path):
@@ -901,7 +971,7 @@ def checkpoint_args(saved, path):
     fields = {field.name: field.type for field in dataclasses.fields(Args)}
     unknown = [str(name) for name in saved if name not in fields]
     if unknown:
-        fail(f"checkpoint {path} was written with arguments this script does not have: {', '.join(unknown)}")
+        fail(f"checkpoint {path} was written with other arguments than this script has: {', '.join(unknown)}")
     for name, value in saved.items():
         if not value_fits(value, fields[name]):
             fail(f"checkpoint {path}: argument {name} is {repr(value)[:60]}, not {fields[name]}")
@@ -1054,7 +1124,7 @@ if __name__ == "__main__":
     envs, reward_norm = make_envs(args, run_name)
     obs_shape = envs.single_observation_space.shape
     trxl, vocab, encoder = build_memory(args, device, may_write=not ckpt or may_write_output_dirs(args, given))
-    agent = Agent(obs_shape, envs.single_action_space.n, trxl.d_model).to(device)
+    agent = Agent(obs_shape, action_dims(envs.single_action_space), trxl.d_model).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=args.learning_rate, eps=1e-8)
     start_iteration, global_step, best_return = 1, 0, -math.inf
     recent_returns = collections.deque(maxlen=100)
@@ -1124,8 +1194,9 @@ if __name__ == "__main__":
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
     trxl_outs = torch.zeros((args.num_steps, args.num_envs, trxl.d_model), device=device)
     tokens = torch.zeros((args.num_steps, args.num_envs, encoder.tokens_per_step), dtype=torch.long, device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
+    # one column per action dimension (one for Discrete), as CleanRL's ppo_trxl
+    actions = torch.zeros((args.num_steps, args.num_envs, len(agent.action_dims)), dtype=torch.long, device=device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs, len(agent.action_dims)), device=device)
     rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
     dones = torch.zeros((args.num_steps, args.num_envs), device=device)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
@@ -1178,7 +1249,9 @@ if __name__ == "__main__":
             logprobs[step] = logprob
 
             # TRY NOT TO MODIFY: execute the game and log data.
-            next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+            next_obs_np, reward, terminations, truncations, infos = envs.step(
+                env_actions(action, envs.single_action_space)
+            )
             next_done_np = np.logical_or(terminations, truncations)
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device).view(-1)
             next_obs = torch.from_numpy(next_obs_np).to(device)
@@ -1223,8 +1296,8 @@ if __name__ == "__main__":
         # flatten the batch; the frozen models are not run again: their outputs are in trxl_outs
         b_obs = obs.reshape((-1,) + obs_shape)
         b_trxl_outs = trxl_outs.reshape(-1, trxl.d_model)
-        b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape(-1)
+        b_logprobs = logprobs.reshape(-1, len(agent.action_dims))
+        b_actions = actions.reshape(-1, len(agent.action_dims))
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
         b_values = values.reshape(-1)
@@ -1252,6 +1325,7 @@ if __name__ == "__main__":
                 mb_advantages = b_advantages[mb_inds]
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                mb_advantages = mb_advantages[:, None]  # each action dimension's ratio is clipped on its own
 
                 # Policy loss
                 pg_loss1 = -mb_advantages * ratio

@@ -100,6 +100,7 @@ SHELM_CASES = {
         ["/missing.safetensors", "does not exist"],
     ),
     "topk-0": (["--topk", "0"], ["--topk", "got 0"]),
+    "prompt-without-slot": (["--prompts", "a photo of"], ["'a photo of'", "{}", "dmlab"]),
 }
 
 

@@ -112,7 +112,7 @@ def test_saved_checkpoints(run, name):
     # about lr each go: so these are the trained initial weights, not other ones
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        fresh = shelm_ppo.Agent((56, 56, 3), 7, 64).state_dict()
+        fresh = shelm_ppo.Agent((56, 56, 3), (7,), 64).state_dict()
     assert ckpt["agent"].keys() == fresh.keys()
     for key, value in fresh.items():
         moved = (ckpt["agent"][key] - value).abs().max().item()

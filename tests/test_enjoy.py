@@ -2,6 +2,8 @@
 the hub (download from a cache, upload through a fake client) and every bad input as one line."""
 
 import json
+import os
+from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
@@ -116,7 +118,7 @@ def test_attention_heatmap_per_episode(enjoyed):
     for png in pngs:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # what the first heatmap draws: each step's attention over the steps of the episode, rows summing to 1
-    maps = enjoy.AttentionMaps(out / "again", 1, per_head=False, label_words=True)
+    maps = enjoy.AttentionMaps(out / "heads", 1, per_head=True)
     first = [r for r in recorder.steps if r.episode == 1]
     for record in first:
         maps.step(record)
@@ -127,6 +129,8 @@ def test_attention_heatmap_per_episode(enjoyed):
     assert np.all(matrix[:, :, -1] == 0)  # nothing from before the episode
     for t in range(len(first)):  # nothing older than the window of mem_len tokens (2 per step)
         assert np.all(matrix[:, t, : max(0, t - 7)] == 0)
+    maps.end_episode(1)  # one panel per head
+    assert [p.name for p in (out / "heads").iterdir()] == ["attention-episode-001.png"]
 
 
 def test_most_attended_step_is_in_the_window(enjoyed):
@@ -136,3 +140,326 @@ def test_most_attended_step_is_in_the_window(enjoyed):
         j = int(mean.argmax())
         assert row["attended_step"] == record.key_steps[j][1] and 0 <= row["attended_step"] <= row["step"]
         assert row["attended_word"] in row["window"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub: a checkpoint from the cache, an upload through a fake client
+# ---------------------------------------------------------------------------------------------
+
+
+def hub_cache(root, repo_id, files):
+    """A cache laid out as huggingface_hub lays it out: models--org--name/snapshots/<rev>/file + refs/main."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def test_hub_checkpoint_loads_from_the_cache(enjoyed, shelm_run, offline_hub, tmp_path, monkeypatch, capsys):
+    snapshot = hub_cache(offline_hub, "someone/tiny-shelm", {"model.pt": (shelm_run / "model_final.pt").read_bytes()})
+    monkeypatch.chdir(shelm_run.parent.parent)  # a hub checkpoint's embeddings go to ./data
+    enjoy.main(enjoy.Args(hub="someone/tiny-shelm", episodes=1, trace="jsonl", out_dir=str(tmp_path / "out")))
+    assert f"shelm agent from {snapshot / 'model.pt'} (step 256)" in capsys.readouterr().out
+    # the same agent, seeds and sampling as from the local file: the same first episode
+    trace = [json.loads(line) for line in (tmp_path / "out" / "trace.jsonl").read_text().splitlines()]
+    assert trace == [row for row in enjoyed[3] if row["episode"] == 1]
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: records what would go over the network."""
+
+    calls = []
+
+    def create_repo(self, repo_id, repo_type=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, repo_type, exist_ok))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
+        files = {p.name: p.read_bytes() for p in sorted(Path(folder_path).iterdir())}
+        self.calls.append(("upload_folder", repo_id, repo_type, files))
+
+
+def test_evaluate_and_upload_through_the_hub_client(shelm_run, tmp_path, monkeypatch):
+    import huggingface_hub
+    import tyro
+
+    monkeypatch.chdir(shelm_run.parent.parent)
+    returns, video = enjoy.evaluate(shelm_run / "model_final.pt", 1, video_dir=tmp_path / "eval")
+    assert len(returns) == 1 and video == tmp_path / "eval" / "episode-001.mp4"
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(video))
+    assert 1 <= frames <= 100
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    returns = [0.25, 0.75]
+    sent = enjoy.push_to_hub(shelm_run / "model_final.pt", "someone/tiny-shelm", returns, video)
+    assert sent == ["README.md", "model.pt", "replay.mp4"]
+    (create, upload) = FakeHfApi.calls
+    assert create == ("create_repo", "someone/tiny-shelm", "model", True)
+    assert upload[:3] == ("upload_folder", "someone/tiny-shelm", "model") and sorted(upload[3]) == sent
+    files = upload[3]
+    assert files["model.pt"] == (shelm_run / "model_final.pt").read_bytes()
+    assert files["replay.mp4"] == video.read_bytes()
+    card = files["README.md"].decode()
+    ckpt = torch.load(shelm_run / "model_final.pt", weights_only=True)
+    assert "0.500 +- 0.250" in card and "value: 0.50 +/- 0.25" in card  # mean +- std of the returns
+    assert "python enjoy.py --hub someone/tiny-shelm" in card and "MiniGrid-Empty-5x5-v0" in card
+    for package, version in ckpt["meta"]["versions"].items():
+        assert f"- {package}: {version}" in card
+    # the card's command reproduces the run's arguments
+    command = next(line for line in card.splitlines() if line.startswith("python shelm_ppo.py "))
+    parsed = tyro.cli(shelm_ppo.Args, args=command.split()[2:])
+    runtime = {"batch_size", "minibatch_size", "num_iterations"}
+    assert {k: v for k, v in vars(parsed).items() if k not in runtime} == {
+        k: v for k, v in ckpt["args"].items() if k not in runtime
+    }
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["offline", "no-token"])
+def test_upload_without_network_or_token_is_one_line(shelm_run, monkeypatch, offline):
+    import huggingface_hub
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    checkpoint = shelm_run / "model_final.pt"
+    before = checkpoint.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        enjoy.push_to_hub(checkpoint, "someone/tiny-shelm", [0.5], None)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert ("offline" if offline else "no Hugging Face token") in message
+    assert f"python enjoy.py {checkpoint} --upload someone/tiny-shelm" in message
+    assert FakeHfApi.calls == [] and checkpoint.read_bytes() == before
+
+
+def test_training_script_evaluates_then_reports_the_failed_upload(shelm_run, tmp_path):
+    # offline, --upload-model: the run is trained and saved, evaluated (logged, with a video), then one line
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import error_line, run_script
+
+    args = [*QUICK_UPLOAD, "--embeddings-dir", str(shelm_run.parent.parent / "data")]
+    proc = run_script("shelm_ppo.py", args, tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    line = error_line(proc)
+    assert line.startswith("error: cannot upload to the Hugging Face hub while offline")
+    assert f"python enjoy.py {os.path.join('runs', run.name, 'model_final.pt')} --upload" in line
+    assert line.endswith("MiniGrid-Empty-5x5-v0-shelm_ppo-seed1")
+    assert {"checkpoint.pt", "model_final.pt"} <= {p.name for p in run.iterdir()}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/episodic_return")] == [0]
+    videos = list((tmp_path / "videos" / f"{run.name}-eval").glob("*.mp4"))
+    assert len(videos) == 1
+
+
+QUICK_UPLOAD = [
+    "--env-id",
+    "MiniGrid-Empty-5x5-v0",
+    "--num-envs",
+    "1",
+    "--num-steps",
+    "16",
+    "--total-timesteps",
+    "16",
+    "--num-minibatches",
+    "1",
+    "--update-epochs",
+    "1",
+    "--n-layer",
+    "1",
+    "--no-progress-bar",
+    "--trxl-model",
+    "tiny-random",
+    "--clip-model",
+    "tiny-random",
+    "--upload-model",
+    "--eval-episodes",
+    "1",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# HELM and HELMv2: their memory's text
+# ---------------------------------------------------------------------------------------------
+
+
+class Enough(Exception):
+    pass
+
+
+class StopAfter(Recorder):
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def step(self, record):
+        super().step(record)
+        if len(self.steps) == self.n:
+            raise Enough
+
+
+@pytest.mark.parametrize("script", ["helm_ppo.py", "helmv2_ppo.py"])
+def test_memory_text_of_helm_and_helmv2(script, tmp_path, monkeypatch):
+    import importlib
+
+    from conftest import run_script, tiny_args
+
+    tiny = ["--num-envs", "2", "--num-steps", "4", "--total-timesteps", "8", "--num-minibatches", "1"]
+    proc = run_script(
+        script, [*tiny, "--n-layer", "1", "--save-model", "--no-progress-bar", *tiny_args(script, tmp_path)], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (checkpoint,) = (tmp_path / "runs").glob("*/model_final.pt")
+    algo = importlib.import_module(script[:-3])
+    encoder_class = algo.FrozenHopfield if script == "helm_ppo.py" else algo.CLIPRescale
+    forward, seen = encoder_class.forward, []
+
+    def recording_forward(self, obs):
+        trxl_in, tokens = forward(self, obs)
+        seen.append((obs[0].copy(), trxl_in[0, 0].clone(), self))
+        return trxl_in, tokens
+
+    monkeypatch.setattr(encoder_class, "forward", recording_forward)
+    loaded = enjoy.load(checkpoint, frames=True)
+    recorder = StopAfter(5)
+    with pytest.raises(Enough):
+        enjoy.play(loaded, 1, [recorder])
+    picture = enjoy.Picture(loaded.algorithm, 0)
+    vocab = loaded.vocab
+    full = loaded.trxl.word_emb(torch.arange(len(vocab)))  # every word's Transformer-XL input embedding
+    for record, (obs, trxl_in, encoder) in zip(recorder.steps, seen):
+        assert picture(record).shape[1] >= enjoy.Picture.MIN_WIDTH
+        if script == "helm_ppo.py":
+            # the most attended word of the soft token and its weight: softmax(beta * cosine) over all words
+            x = (torch.from_numpy(obs).float() / 255).mean(-1).flatten() @ encoder.projection.T
+            cos = (full @ x) / (full.norm(dim=1) * x.norm() + 1e-8)
+            weights = (loaded.args.beta * cos).softmax(dim=0)
+            assert record.words == [vocab[int(weights.argmax())]]
+            assert record.weight == pytest.approx(float(weights.max()), rel=1e-4)
+        else:
+            # the 3 words whose embeddings are nearest (cosine) to the rescaled CLIP embedding, nearest first
+            cos = (full @ trxl_in) / (full.norm(dim=1) * trxl_in.norm())
+            assert record.words == [vocab[i] for i in cos.topk(3).indices.tolist()] and record.weight is None
+        assert loaded.algorithm == algo.ALGORITHM
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad checkpoints and hub files: one line each
+# ---------------------------------------------------------------------------------------------
+
+
+def altered(shelm_run, change):
+    ckpt = torch.load(shelm_run / "model_final.pt", weights_only=True)
+    change(ckpt)
+    return ckpt
+
+
+BAD_CHECKPOINTS = {
+    "missing": (None, "does not exist"),
+    "not-torch": (b"not a checkpoint at all", "corrupt or not a checkpoint"),
+    "a-list": ([1, 2, 3], "is not a checkpoint of these scripts"),
+    "other-format": ({"format": "something/1", "algorithm": "shelm"}, "is not a checkpoint of these scripts"),
+    "unknown-algorithm": (lambda c: c.update(algorithm="dqn"), "is not a checkpoint of helm_ppo.py"),
+    "unknown-argument": (lambda c: c["args"].update(no_such_flag=1), "other arguments"),
+    "no-arguments": (lambda c: c.pop("args"), "args is missing"),
+    "wrong-weights": (lambda c: c["agent"].pop(next(iter(c["agent"]))), "does not match this model"),
+    "bad-run-name": (lambda c: c.update(run_name="../../elsewhere"), "leaves runs/"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_is_one_line(case, shelm_run, tmp_path, monkeypatch):
+    content, phrase = BAD_CHECKPOINTS[case]
+    path = tmp_path / "model.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif callable(content):
+        torch.save(altered(shelm_run, content), path)
+    elif content is not None:
+        torch.save(content, path)
+    monkeypatch.chdir(shelm_run.parent.parent)
+    with pytest.raises(SystemExit) as e:
+        enjoy.main(enjoy.Args(checkpoint=str(path), episodes=1))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and phrase in message, message
+
+
+@pytest.mark.parametrize(
+    "hub, hub_file, phrase",
+    [
+        ("someone/tiny-shelm", "nothing.pt", "hub cache does not hold it"),
+        ("someone/not-cached", "model.pt", "hub cache does not hold it"),
+        ("not a repo id!", "model.pt", "not a Hugging Face hub repository id"),
+    ],
+)
+def test_missing_hub_file_is_one_line(hub, hub_file, phrase, offline_hub):
+    hub_cache(offline_hub, "someone/tiny-shelm", {"model.pt": b"x"})
+    with pytest.raises(SystemExit) as e:
+        enjoy.main(enjoy.Args(hub=hub, hub_file=hub_file, episodes=1))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and phrase in message, message
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        ({}, "give a checkpoint file or --hub"),
+        ({"checkpoint": "a.pt", "hub": "someone/x"}, "give a checkpoint file or --hub"),
+        ({"checkpoint": "a.pt", "episodes": 0}, "must be >= 1"),
+        ({"checkpoint": "a.pt", "seed": -1}, "--seed must be >= 0"),
+        ({"attention_layer": 2}, "--attention-layer must be in [-2, 1]"),
+    ],
+)
+def test_bad_arguments_are_one_line(args, phrase, shelm_run, monkeypatch):
+    monkeypatch.chdir(shelm_run.parent.parent)
+    args = {"checkpoint": str(shelm_run / "model_final.pt"), **args} if "attention_layer" in args else args
+    with pytest.raises(SystemExit) as e:
+        enjoy.main(enjoy.Args(**args))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and phrase in message, message
+
+
+def test_render_without_display_writes_the_video(shelm_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(enjoy.sys, "platform", "linux")
+    monkeypatch.chdir(shelm_run.parent.parent)
+    enjoy.main(enjoy.Args(checkpoint=str(shelm_run / "model_final.pt"), episodes=1, render=True, out_dir=str(tmp_path)))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "no display: --render shows no window; the video with the memory strip is written instead"
+    assert [p.name for p in tmp_path.iterdir()] == ["episode-001.mp4"]
+
+
+def test_window_shows_the_pictures(enjoyed, monkeypatch):
+    # a real pygame window, on SDL's dummy video driver (no display here)
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    recorder = enjoyed[2]
+    picture = enjoy.Picture("shelm", 1)
+    window = enjoy.Window(picture, fps=1000)
+    try:
+        for record in recorder.steps[:3]:
+            window.step(record)
+        shown = window.pygame.surfarray.array3d(window.screen).swapaxes(0, 1)
+        np.testing.assert_array_equal(shown, picture(recorder.steps[2]))
+    finally:
+        window.close()

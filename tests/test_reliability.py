@@ -296,13 +296,13 @@ def test_checkpoint_content_matches_the_run(script, reference):
     ckpt = module.load_checkpoint(reference / "checkpoint.pt")
     args = module.Args(**ckpt["args"])
     env = module.make_env(ENV, 0, False, "test")()
-    obs_shape, n_actions = env.observation_space.shape, env.action_space.n
+    obs_shape, action_dims = env.observation_space.shape, module.action_dims(env.action_space)
     env.close()
     d_model = prepare_embeddings.TINY_TRXL_CONFIG["d_model"]
 
     # weights and optimizer, loaded into the objects the script builds
     torch.manual_seed(12345)
-    agent = module.Agent(obs_shape, n_actions, d_model)
+    agent = module.Agent(obs_shape, action_dims, d_model)
     fresh = {k: v.clone() for k, v in agent.state_dict().items()}
     agent.load_state_dict(ckpt["agent"])
     assert_same(agent.state_dict(), ckpt["agent"])
@@ -584,7 +584,7 @@ CHECKPOINT_CASES = {
     "iteration-a-string": (setter("iteration", value="4"), ["iteration is str"]),
     "iteration-a-bool": (setter("iteration", value=True), ["iteration is bool"]),
     "args-a-list": (setter("args", value=[]), ["args is list"]),
-    "args-unknown": (setter("args", "no_such_flag", value=1), ["does not have: no_such_flag"]),
+    "args-unknown": (setter("args", "no_such_flag", value=1), ["other arguments than this script has: no_such_flag"]),
     "args-string-for-int": (setter("args", "num_envs", value="4"), ["argument num_envs is '4'"]),
     "args-bool-for-int": (setter("args", "num_steps", value=True), ["argument num_steps is True"]),
     "args-not-in-literal": (setter("args", "memory_reset", value="sideways"), ["memory_reset is 'sideways'"]),
@@ -672,8 +672,8 @@ def test_enjoy_refuses_a_crafted_checkpoint(reference, tmp_path, monkeypatch, ca
     torch.save(ckpt, tmp_path / "crafted.pt")
     monkeypatch.chdir(tmp_path)
     for cli, phrase in [
-        (enjoy.Args(checkpoint="crafted.pt"), "does not have: no_such_flag"),
-        (enjoy.Args(checkpoint=str(reference / "checkpoint.pt"), seed=-1), "--seed must be in [0, 2**32), got -1"),
+        (enjoy.Args(checkpoint="crafted.pt"), "other arguments than this script has: no_such_flag"),
+        (enjoy.Args(checkpoint=str(reference / "checkpoint.pt"), seed=-1), "--seed must be >= 0 and < 2**32, got -1"),
     ]:
         with pytest.raises(SystemExit) as stop:
             enjoy.main(cli)

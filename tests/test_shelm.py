@@ -121,6 +121,28 @@ def test_encode_words_equals_encode_text(clip, tokenizer):
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+def test_encode_prompted_words_is_the_mean_of_encode_text(clip):
+    words, templates = ["dog", "key", "café"], ["a render of {}", "{}", "a screenshot of many {} in a maze"]
+    with torch.no_grad():
+        expected = torch.stack([clip.encode_text(tokenize([t.format(w) for t in templates])).mean(0) for w in words])
+    got = prepare_embeddings.encode_prompted_words(clip, words, templates, batch_size=4)  # batches of mixed lengths
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5
+    # one template "{}" is the word alone, as encode_words embeds it
+    alone = prepare_embeddings.encode_prompted_words(clip, words, ["{}"])
+    assert (alone - prepare_embeddings.encode_words(clip, tokenize(words)[:, 1].tolist())).abs().max().item() <= 1e-5
+
+
+def test_prompt_templates_and_presets():
+    assert prepare_embeddings.prompt_templates([]) == []
+    dmlab = prepare_embeddings.prompt_templates(["dmlab"])
+    assert len(dmlab) == 6 and all(t.count("{}") == 1 for t in dmlab)
+    assert prepare_embeddings.prompt_templates(["a {} here", "avalon"])[:2] == ["a {} here", "a screenshot of {}"]
+    for bad in ["a photo", "a {} and a {}", "a {0}", "{x} of {}"]:
+        with pytest.raises(SystemExit, match="neither a template"):
+            prepare_embeddings.prompt_templates([bad])
+
+
 # ---------------------------------------------------------------------------------------------
 # image preprocessing
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +298,36 @@ def test_embeddings_file_of_other_models_refused(tmp_path, clip, fixture_vocab):
     with torch.no_grad():
         next(other_image_tower.visual.parameters()).add_(1.0)
     assert build(other_image_tower, fixture_vocab, tmp_path) == path
+
+
+def test_embeddings_file_with_prompts(tmp_path, clip, fixture_vocab):
+    """Prompted embeddings get their own file, record their templates, and refuse other templates."""
+    plain = build(clip, fixture_vocab, tmp_path)
+    templates = prepare_embeddings.prompt_templates(["dmlab"])
+    path = build(clip, fixture_vocab, tmp_path, templates=templates)
+    assert path != plain and sorted(os.listdir(tmp_path)) == sorted([plain.name, path.name])
+    meta = prepare_embeddings.expected_metadata(clip, TINY, "openai", str(FIXTURE_TRXL), fixture_vocab, templates)
+    table = read(path, clip, fixture_vocab, meta)
+    _, _, words = prepare_embeddings.shared_vocabulary(fixture_vocab)
+    expected = F.normalize(prepare_embeddings.encode_prompted_words(clip, words, templates), dim=-1)
+    assert (table["text_embeddings"] - expected).abs().max().item() <= 1e-6
+    plain_table = read(plain, clip, fixture_vocab)
+    assert (table["text_embeddings"] - plain_table["text_embeddings"]).abs().max().item() > 1e-3
+    for file, other in [(path, []), (path, templates[:3]), (plain, templates)]:
+        wanted = prepare_embeddings.expected_metadata(clip, TINY, "openai", str(FIXTURE_TRXL), fixture_vocab, other)
+        with pytest.raises(SystemExit, match="made with the prompt templates .*--prompts") as e:
+            read(file, clip, fixture_vocab, wanted)
+        assert "\n" not in str(e.value.code)
+
+
+def test_embeddings_file_from_before_prompts_reads_as_the_word_alone(tmp_path, clip, fixture_vocab):
+    from safetensors.torch import load_file, save_file
+
+    path = build(clip, fixture_vocab, tmp_path)
+    meta = expected_meta(clip, fixture_vocab)
+    old = {k: v for k, v in meta.items() if k != "prompts"}
+    save_file(load_file(path), path, metadata=old)
+    assert read(path, clip, fixture_vocab, meta).keys() == {"text_embeddings", "trxl_ids", "clip_ids"}
 
 
 def test_embeddings_file_corrupt_refused_then_force_rebuilds(tmp_path, clip, fixture_vocab):
