@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import tyro
 
-from prepare_embeddings import fail
+from prepare_embeddings import fail, hub_offline
 
 ALGORITHMS = ("helm", "helmv2", "shelm")
 HUB_FILE = "model.pt"  # the checkpoint's name in a model repository written by push_to_hub
@@ -95,6 +95,7 @@ def download_checkpoint(repo_id, filename):
         cached = try_to_load_from_cache(repo_id, filename)
         if isinstance(cached, str):
             return cached
+        hub_offline()  # out of reach: the hub client goes cache-only, without retries
         return hf_hub_download(repo_id, filename)
     except HFValidationError:
         fail(f"{repo_id!r} is not a Hugging Face hub repository id (owner/name)")
@@ -148,7 +149,9 @@ def load(path, num_envs=None, cuda=True, frames=False, from_hub=False):
     device = torch.device("cuda" if torch.cuda.is_available() and cuda else "cpu")
     torch.manual_seed(args.seed)
     envs = make_envs(algo, args, frames)
-    trxl, vocab, encoder = algo.build_memory(args, device, verbose=False, may_write=algo.may_write_output_dirs(args))
+    trxl, vocab, encoder = algo.build_memory(
+        args, device, verbose=False, may_write=algo.may_write_output_dirs(args, ckpt["args"])
+    )
     agent = algo.Agent(envs.single_observation_space.shape, algo.action_dims(envs.single_action_space), trxl.d_model)
     agent = agent.to(device)
     algo.load_trained(agent, encoder, ckpt, path)
@@ -301,11 +304,13 @@ def play(loaded, episodes, outputs, greedy=False, seed=None, attention_layer=-1,
 
 
 def most_attended(record, keys):
-    """The key the step's last token attends to most (mean over heads): its step and word."""
+    """The key the step's last token attends to most (mean over heads): its slot (0: the oldest memory
+    slot, mem_len and on: this step's tokens), step and word."""
     mean = record.attention.mean(axis=0)
     j = int(mean.argmax())
     key = keys[j]
     return {
+        "attended_slot": j,
         "attended_step": key[1] if key is not None and key[0] == record.episode else None,
         "attended_word": key[2] if key is not None else "",
         "attended_weight": float(mean[j]),
@@ -545,7 +550,8 @@ class AttentionMaps(Output):
 class Trace(Output):
     """Every step of env 0 as one CSV row or JSON line, written as it happens."""
 
-    FIELDS = ["episode", "step", "action", "reward", "value", "words", "window", "attended_step", "attended_word"]
+    FIELDS = ["episode", "step", "action", "reward", "value", "words", "window"]
+    FIELDS += ["attended_slot", "attended_step", "attended_word"]
 
     def __init__(self, path, kind):
         self.path, self.kind = Path(path), kind
@@ -564,6 +570,7 @@ class Trace(Output):
             "value": round(record.value, 6),
             "words": record.words,
             "window": record.window,
+            "attended_slot": record.attended["attended_slot"],
             "attended_step": record.attended["attended_step"],
             "attended_word": record.attended["attended_word"],
         }
@@ -613,6 +620,8 @@ def training_command(algorithm, args, defaults):
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            parts.append(" ".join([flag, *(shlex.quote(str(v)) for v in value)]))
         elif value is not None:
             parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)

@@ -30,7 +30,7 @@ import time
 import types
 import typing
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -176,6 +176,24 @@ class Args:
 RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
 RUNS = Path("runs")  # every run directory lies under it, relative to the working directory
 MAX_NAME_BYTES = 200  # of a run directory's name; file systems allow 255, the rest is for suffixes
+
+
+def resume_args(ckpt, path):
+    """The checkpoint's arguments with the flags given on this command line: tyro parses it again with the
+    checkpoint's values as defaults. Flags outside RESUME_OVERRIDES may only repeat the checkpoint's value."""
+    try:
+        saved = Args(**ckpt["args"])
+    except TypeError as e:
+        fail(f"checkpoint {path} was written with other arguments than this script has ({e})")
+    args = tyro.cli(Args, default=replace(saved, resume=path))
+    changed = [name for name, value in asdict(saved).items() if getattr(args, name) != value]
+    fixed = [
+        f"--{name.replace('_', '-')}" for name in changed if name not in (*RESUME_OVERRIDES, *OUTPUT_DIRS, "resume")
+    ]
+    if fixed:
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in (*RESUME_OVERRIDES, *OUTPUT_DIRS))
+        fail(f"{' '.join(fixed)}: a resumed run keeps its checkpoint's arguments; only {allowed} can be given")
+    return args
 
 
 def check_args(args):
@@ -791,6 +809,28 @@ class StopRequest:
         self.signum = self.signum or signum
 
 
+class VideoLog:
+    """Hands the videos that RecordVideo writes into video_dir to wandb, each once. wandb's own hook
+    (wandb.init(monitor_gym=True)) fails with gymnasium 1.x's RecordVideo."""
+
+    def __init__(self, video_dir):
+        self.video_dir = video_dir
+        self.logged = self.on_disk()  # a resumed run's earlier videos were logged by the earlier process
+
+    def on_disk(self):
+        # with the modification time: a resumed run's recorder writes the same file names again
+        return {path: path.stat().st_mtime_ns for path in sorted(self.video_dir.glob("*.mp4"))}
+
+    def log_new(self):
+        import wandb
+
+        on_disk = self.on_disk()
+        for path, mtime in on_disk.items():
+            if self.logged.get(path) != mtime:
+                wandb.log({"videos": wandb.Video(str(path), format="mp4")})
+        self.logged = on_disk
+
+
 def load_checkpoint(path):
     return check_checkpoint(read_checkpoint(path), path)
 
@@ -906,15 +946,13 @@ def checkpoint_args(saved, path):
     return args
 
 
-def may_write_output_dirs(args, given=()):
-    """A checkpoint from elsewhere cannot choose where files are written: the directories its arguments name
-    for writing (OUTPUT_DIRS) are written to only if they lie under the working directory or were `given` on
-    the command line; otherwise they are only read (SHELM: an embeddings file missing there is an error)."""
-    inside = [
-        not Path(getattr(args, name)).is_absolute() and ".." not in Path(getattr(args, name)).parts
-        for name in OUTPUT_DIRS
-    ]
-    return all(ok or name in given for ok, name in zip(inside, OUTPUT_DIRS))
+def may_write_output_dirs(args, saved):
+    """A checkpoint from elsewhere cannot choose where files are written: the directories its arguments (`saved`)
+    name for writing (OUTPUT_DIRS) are written to only if they lie under the working directory, or if the
+    command line chose another one; otherwise they are only read (SHELM: a missing embeddings file is an error)."""
+    paths = [Path(getattr(args, name)) for name in OUTPUT_DIRS]
+    inside = [not path.is_absolute() and ".." not in path.parts for path in paths]
+    return all(ok or getattr(args, name) != saved.get(name) for ok, name in zip(inside, OUTPUT_DIRS))
 
 
 def continues_in_place(run_dir, resume, ckpt):
@@ -1012,12 +1050,7 @@ if __name__ == "__main__":
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        cli = args
-        args = Args(**ckpt["args"])
-        args.resume = cli.resume
-        given = [name for name in (*RESUME_OVERRIDES, *OUTPUT_DIRS) if getattr(cli, name) != getattr(Args(), name)]
-        for name in given:  # a value other than the default was given on the command line
-            setattr(args, name, getattr(cli, name))
+        args = resume_args(ckpt, args.resume)
     check_args(args)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -1046,7 +1079,7 @@ if __name__ == "__main__":
     # everything that can fail on bad input happens before anything is written
     envs, reward_norm = make_envs(args, run_name)
     obs_shape = envs.single_observation_space.shape
-    trxl, vocab, encoder = build_memory(args, device, may_write=not ckpt or may_write_output_dirs(args, given))
+    trxl, vocab, encoder = build_memory(args, device, may_write=not ckpt or may_write_output_dirs(args, ckpt["args"]))
     agent = Agent(obs_shape, action_dims(envs.single_action_space), trxl.d_model).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=args.learning_rate, eps=1e-8)
     start_iteration, global_step, best_return = 1, 0, -math.inf
@@ -1081,21 +1114,25 @@ if __name__ == "__main__":
     if not new_run and not continues_in_place(run_dir, args.resume, ckpt):
         fail(f"{run_dir / 'checkpoint.pt'} was written by another process meanwhile; resume it instead")
 
+    videos = None
     if args.track:
         import wandb
 
-        wandb_id = wandb_id or wandb.util.generate_id()
+        # wandb logs what the SummaryWriter below writes (sync_tensorboard=True would wait 10 s at the end
+        # to guess the log directory)
+        wandb.tensorboard.patch(root_logdir=str(run_dir))
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
-            sync_tensorboard=True,
             config=vars(args),
             name=run_name,
-            id=wandb_id,
+            id=wandb_id,  # None: a new run; a resumed run continues its checkpoint's
             resume="allow",
-            monitor_gym=True,
             save_code=True,
         )
+        wandb_id = wandb.run.id
+        if args.capture_video:
+            videos = VideoLog(Path("videos") / run_name)
     from torch.utils.tensorboard import SummaryWriter
 
     # purge_step drops what an interrupted run logged after its last checkpoint: the steps after
@@ -1134,6 +1171,7 @@ if __name__ == "__main__":
         trxl_in, next_tokens = encoder(next_obs_np)
         trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
         next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
+    # env 0's memory as text, one line per step: the episode under way, and the last one finished (logged)
     episode_text, last_episode_text = [], None
     nonfinite_in_row = 0
     progress = None
@@ -1180,7 +1218,8 @@ if __name__ == "__main__":
             next_obs = torch.from_numpy(next_obs_np).to(device)
             next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
 
-            # the memory step of the next observation, which belongs to a new episode where done
+            # the next observation into the memory; where an episode has just ended, that observation is the
+            # new episode's first, so the env's memory is reset before it
             episode_text.append(" ".join(vocab[t] for t in tokens[step, 0].tolist()))
             with torch.no_grad():
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
@@ -1320,6 +1359,8 @@ if __name__ == "__main__":
             writer.add_scalar(key, value, global_step)
         if args.log_tokens_every and iteration % args.log_tokens_every == 0 and last_episode_text:
             writer.add_text("memory/episode_tokens", last_episode_text, global_step)
+        if videos is not None:
+            videos.log_new()
         mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
         if progress is not None:
             progress.set_postfix(SPS=sps, ret=f"{mean_return:.3f}")
@@ -1342,7 +1383,9 @@ if __name__ == "__main__":
         print(f"model saved to {run_dir / 'model_final.pt'}")
     if progress is not None:
         progress.close()
-    envs.close()
+    envs.close()  # the video under way, if any, is written now
+    if videos is not None:
+        videos.log_new()
     if args.upload_model:
         # enjoy.py watches agents, so it evaluates and uploads them too (docs/enjoy.md); only then imported
         import enjoy
@@ -1355,4 +1398,6 @@ if __name__ == "__main__":
         repo_name = f"{args.env_id}-{args.exp_name}-seed{args.seed}"
         repo_id = f"{args.hf_entity}/{repo_name}" if args.hf_entity else repo_name
         enjoy.push_to_hub(run_dir / "model_final.pt", repo_id, episodic_returns, video)
+    if args.track:
+        wandb.finish()  # the last tensorboard events synced before the process ends
     ignore_signals()

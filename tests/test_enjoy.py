@@ -3,6 +3,7 @@ the hub (download from a cache, upload through a fake client) and every bad inpu
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -138,7 +139,8 @@ def test_most_attended_step_is_in_the_window(enjoyed):
     for row, record in zip(trace, recorder.steps):
         mean = record.attention.mean(axis=0)
         j = int(mean.argmax())
-        assert row["attended_step"] == record.key_steps[j][1] and 0 <= row["attended_step"] <= row["step"]
+        assert row["attended_slot"] == j and row["attended_step"] == record.key_steps[j][1]
+        assert 0 <= row["attended_step"] <= row["step"]
         assert row["attended_word"] in row["window"]
 
 
@@ -224,7 +226,7 @@ def test_evaluate_and_upload_through_the_hub_client(shelm_run, tmp_path, monkeyp
         assert f"- {package}: {version}" in card
     # the card's command reproduces the run's arguments
     command = next(line for line in card.splitlines() if line.startswith("python shelm_ppo.py "))
-    parsed = tyro.cli(shelm_ppo.Args, args=command.split()[2:])
+    parsed = tyro.cli(shelm_ppo.Args, args=shlex.split(command)[2:])
     runtime = {"batch_size", "minibatch_size", "num_iterations"}
     assert {k: v for k, v in vars(parsed).items() if k not in runtime} == {
         k: v for k, v in ckpt["args"].items() if k not in runtime
