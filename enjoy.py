@@ -444,14 +444,17 @@ class Window(Output):
         import pygame
 
         self.pygame, self.picture, self.delay = pygame, picture, 1 / fps
-        pygame.init()
+        pygame.display.init()  # the display only: pygame.init() would also open a sound device
         self.screen = None
 
     def step(self, record):
         pygame = self.pygame
         picture = self.picture(record)
         if self.screen is None:
-            self.screen = pygame.display.set_mode((picture.shape[1], picture.shape[0]))
+            try:
+                self.screen = pygame.display.set_mode((picture.shape[1], picture.shape[0]))
+            except pygame.error as e:  # a display that cannot be opened (an X server gone, no permission)
+                fail(f"cannot open a window on the display ({e}); write videos with --capture-video instead")
             pygame.display.set_caption("enjoy.py")
         self.screen.blit(pygame.surfarray.make_surface(picture.swapaxes(0, 1)), (0, 0))
         pygame.display.flip()
