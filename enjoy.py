@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import tyro
 
-from prepare_embeddings import fail
+from prepare_embeddings import fail, hub_offline
 
 ALGORITHMS = ("helm", "helmv2", "shelm")
 HUB_FILE = "model.pt"  # the checkpoint's name in a model repository written by push_to_hub
@@ -95,6 +95,7 @@ def download_checkpoint(repo_id, filename):
         cached = try_to_load_from_cache(repo_id, filename)
         if isinstance(cached, str):
             return cached
+        hub_offline()  # out of reach: the hub client goes cache-only, without retries
         return hf_hub_download(repo_id, filename)
     except HFValidationError:
         fail(f"{repo_id!r} is not a Hugging Face hub repository id (owner/name)")

@@ -1018,6 +1018,7 @@ if __name__ == "__main__":
         trxl_in, next_tokens = encoder(next_obs_np)
         trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
         next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
+    # env 0's memory as text, one line per step: the episode under way, and the last one finished (logged)
     episode_text, last_episode_text = [], None
     nonfinite_in_row = 0
     progress = None
@@ -1064,7 +1065,8 @@ if __name__ == "__main__":
             next_obs = torch.from_numpy(next_obs_np).to(device)
             next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
 
-            # the memory step of the next observation, which belongs to a new episode where done
+            # the next observation into the memory; where an episode has just ended, that observation is the
+            # new episode's first, so the env's memory is reset before it
             episode_text.append(" ".join(vocab[t] for t in tokens[step, 0].tolist()))
             with torch.no_grad():
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
