@@ -711,6 +711,8 @@ def push_to_hub(checkpoint, repo_id, returns, video):
         fail(f"cannot upload to the Hugging Face hub while offline (HF_HUB_OFFLINE is set); {remedy}")
     if not huggingface_hub.get_token():
         fail(f"no Hugging Face token (run `hf auth login` or set HF_TOKEN); {remedy}")
+    if hub_offline():  # one quick probe, instead of the client's retries for half a minute
+        fail(f"cannot upload: the Hugging Face hub is out of reach; {remedy}")
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     with tempfile.TemporaryDirectory(prefix="helm-upload-") as folder:
         files = {HUB_FILE: Path(checkpoint).read_bytes(), "README.md": model_card(ckpt, repo_id, returns, "replay.mp4")}
