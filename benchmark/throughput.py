@@ -300,7 +300,7 @@ def markdown(results):
 
 def write_docs(path, table):
     path = Path(path)
-    text = path.read_text()
+    text = path.read_text() if path.is_file() else ""
     if DOCS_BEGIN in text and DOCS_END in text:
         head, rest = text.split(DOCS_BEGIN, 1)
         text = head + DOCS_BEGIN + "\n" + table + DOCS_END + rest.split(DOCS_END, 1)[1]
