@@ -301,11 +301,13 @@ def play(loaded, episodes, outputs, greedy=False, seed=None, attention_layer=-1,
 
 
 def most_attended(record, keys):
-    """The key the step's last token attends to most (mean over heads): its step and word."""
+    """The key the step's last token attends to most (mean over heads): its slot (0: the oldest memory
+    slot, mem_len and on: this step's tokens), step and word."""
     mean = record.attention.mean(axis=0)
     j = int(mean.argmax())
     key = keys[j]
     return {
+        "attended_slot": j,
         "attended_step": key[1] if key is not None and key[0] == record.episode else None,
         "attended_word": key[2] if key is not None else "",
         "attended_weight": float(mean[j]),
@@ -545,7 +547,8 @@ class AttentionMaps(Output):
 class Trace(Output):
     """Every step of env 0 as one CSV row or JSON line, written as it happens."""
 
-    FIELDS = ["episode", "step", "action", "reward", "value", "words", "window", "attended_step", "attended_word"]
+    FIELDS = ["episode", "step", "action", "reward", "value", "words", "window"]
+    FIELDS += ["attended_slot", "attended_step", "attended_word"]
 
     def __init__(self, path, kind):
         self.path, self.kind = Path(path), kind
@@ -564,6 +567,7 @@ class Trace(Output):
             "value": round(record.value, 6),
             "words": record.words,
             "window": record.window,
+            "attended_slot": record.attended["attended_slot"],
             "attended_step": record.attended["attended_step"],
             "attended_word": record.attended["attended_word"],
         }

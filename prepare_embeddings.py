@@ -60,6 +60,25 @@ def fail(message):
 # ---------------------------------------------------------------------------------------------
 
 
+HUB_PROBE_TIMEOUT = 3  # seconds
+
+
+def hub_offline():
+    """Whether the Hugging Face hub is out of reach: HF_HUB_OFFLINE is set, or one request without retries
+    fails within HUB_PROBE_TIMEOUT. Without this check the hub client retries for about 30 s before it
+    gives up. Found out of reach, the hub client is put in its offline mode (cache only) for the rest
+    of the process, so that open_clip's downloads fail at once too."""
+    import httpx2  # the hub client's HTTP library
+    from huggingface_hub import constants, get_session
+
+    if not constants.HF_HUB_OFFLINE:
+        try:  # through the hub client's own session, so that its proxy settings apply
+            get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+        except httpx2.TransportError:
+            constants.HF_HUB_OFFLINE = True
+    return constants.HF_HUB_OFFLINE
+
+
 def find_file(source, names):
     """First of `names` found in a local directory or a hub repository (downloaded once, then cached)."""
     source = os.path.expanduser(source)
@@ -82,6 +101,8 @@ def find_file(source, names):
         cached = try_to_load_from_cache(source, name)
         if isinstance(cached, str):
             return Path(cached)
+    if hub_offline():
+        fail(f"cannot download {names[0]} of {source!r} (no network, not in the cache): {WEIGHTS_HELP}")
     offline = None
     for name in names:
         try:
@@ -221,6 +242,18 @@ TINY_CLIP_CONFIGS = {
 }
 
 
+@contextlib.contextmanager
+def root_log_level(level):
+    """The root logger (open_clip logs there) at `level` within the block."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
 def load_clip(name, pretrained, device, tiny_kind="ViT"):
     """Frozen open_clip model in eval mode. `pretrained` is an open_clip tag ('openai') or a weights file."""
     import open_clip
@@ -231,19 +264,18 @@ def load_clip(name, pretrained, device, tiny_kind="ViT"):
             with tempfile.TemporaryDirectory(prefix="helm-tiny-clip-") as config_dir:  # read at once by open_clip
                 (Path(config_dir) / f"{name}.json").write_text(json.dumps(TINY_CLIP_CONFIGS[tiny_kind]))
                 open_clip.add_model_config(config_dir)
-        root, level = logging.getLogger(), logging.getLogger().level
-        root.setLevel(logging.ERROR)  # open_clip warns that random weights are random
-        try:
-            with torch.random.fork_rng(devices=[]):  # the same tiny model in every process
-                torch.manual_seed(0)
-                model = open_clip.create_model(name, pretrained=None)
-        finally:
-            root.setLevel(level)
+        # open_clip warns that random weights are random
+        with root_log_level(logging.ERROR), torch.random.fork_rng(devices=[]):  # the same model in every process
+            torch.manual_seed(0)
+            model = open_clip.create_model(name, pretrained=None)
     else:
         if name not in open_clip.list_models():
             fail(f"unknown CLIP model {name!r} (open_clip knows e.g. ViT-B-16, RN50)")
+        if not Path(pretrained).is_file():
+            hub_offline()  # out of reach: open_clip then finds cached weights or fails at once, without retries
         try:
-            model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
+            with root_log_level(logging.CRITICAL):  # open_clip logs its failures before raising them
+                model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
         except Exception as e:  # noqa: BLE001 - network, cache and format failures all end here
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             fail(

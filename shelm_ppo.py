@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -166,6 +166,22 @@ class Args:
 
 # What --resume takes from the command line when given there; every other argument comes from the checkpoint.
 RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
+
+
+def resume_args(ckpt, path):
+    """The checkpoint's arguments with the flags given on this command line: tyro parses it again with the
+    checkpoint's values as defaults. Flags outside RESUME_OVERRIDES may only repeat the checkpoint's value."""
+    try:
+        saved = Args(**ckpt["args"])
+    except TypeError as e:
+        fail(f"checkpoint {path} was written with other arguments than this script has ({e})")
+    args = tyro.cli(Args, default=replace(saved, resume=path))
+    changed = [name for name, value in asdict(saved).items() if getattr(args, name) != value]
+    fixed = [f"--{name.replace('_', '-')}" for name in changed if name not in (*RESUME_OVERRIDES, "resume")]
+    if fixed:
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDES)
+        fail(f"{' '.join(fixed)}: a resumed run keeps its checkpoint's arguments; only {allowed} can be given")
+    return args
 
 
 def check_args(args):
@@ -750,6 +766,28 @@ class StopRequest:
         self.signum = self.signum or signum
 
 
+class VideoLog:
+    """Hands the videos that RecordVideo writes into video_dir to wandb, each once. wandb's own hook
+    (wandb.init(monitor_gym=True)) fails with gymnasium 1.x's RecordVideo."""
+
+    def __init__(self, video_dir):
+        self.video_dir = video_dir
+        self.logged = self.on_disk()  # a resumed run's earlier videos were logged by the earlier process
+
+    def on_disk(self):
+        # with the modification time: a resumed run's recorder writes the same file names again
+        return {path: path.stat().st_mtime_ns for path in sorted(self.video_dir.glob("*.mp4"))}
+
+    def log_new(self):
+        import wandb
+
+        on_disk = self.on_disk()
+        for path, mtime in on_disk.items():
+            if self.logged.get(path) != mtime:
+                wandb.log({"videos": wandb.Video(str(path), format="mp4")})
+        self.logged = on_disk
+
+
 def load_checkpoint(path):
     return check_checkpoint(read_checkpoint(path), path)
 
@@ -813,15 +851,7 @@ if __name__ == "__main__":
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        cli = args
-        try:
-            args = Args(**ckpt["args"])
-        except TypeError as e:
-            fail(f"checkpoint {args.resume} was written with other arguments than this script has ({e})")
-        args.resume = cli.resume
-        for name in RESUME_OVERRIDES:  # a value other than the default was given on the command line
-            if getattr(cli, name) != getattr(Args(), name):
-                setattr(args, name, getattr(cli, name))
+        args = resume_args(ckpt, args.resume)
     check_args(args)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -860,21 +890,25 @@ if __name__ == "__main__":
     n_frozen = sum(p.numel() for p in trxl.parameters())
     print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {n_frozen:,} frozen parameters")
 
+    videos = None
     if args.track:
         import wandb
 
-        wandb_id = wandb_id or wandb.util.generate_id()
+        # wandb logs what the SummaryWriter below writes (sync_tensorboard=True would wait 10 s at the end
+        # to guess the log directory)
+        wandb.tensorboard.patch(root_logdir=str(run_dir))
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
-            sync_tensorboard=True,
             config=vars(args),
             name=run_name,
-            id=wandb_id,
+            id=wandb_id,  # None: a new run; a resumed run continues its checkpoint's
             resume="allow",
-            monitor_gym=True,
             save_code=True,
         )
+        wandb_id = wandb.run.id
+        if args.capture_video:
+            videos = VideoLog(Path("videos") / run_name)
     from torch.utils.tensorboard import SummaryWriter
 
     # purge_step drops what an interrupted run logged after its last checkpoint: the steps after
@@ -1097,6 +1131,8 @@ if __name__ == "__main__":
             writer.add_scalar(key, value, global_step)
         if args.log_tokens_every and iteration % args.log_tokens_every == 0 and last_episode_text:
             writer.add_text("memory/episode_tokens", last_episode_text, global_step)
+        if videos is not None:
+            videos.log_new()
         mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
         if progress is not None:
             progress.set_postfix(SPS=sps, ret=f"{mean_return:.3f}")
@@ -1119,7 +1155,9 @@ if __name__ == "__main__":
         print(f"model saved to {run_dir / 'model_final.pt'}")
     if progress is not None:
         progress.close()
-    envs.close()
+    envs.close()  # the video under way, if any, is written now
+    if videos is not None:
+        videos.log_new()
     if args.upload_model:
         # enjoy.py watches agents, so it evaluates and uploads them too (docs/enjoy.md); only then imported
         import enjoy
@@ -1132,3 +1170,5 @@ if __name__ == "__main__":
         repo_name = f"{args.env_id}-{args.exp_name}-seed{args.seed}"
         repo_id = f"{args.hf_entity}/{repo_name}" if args.hf_entity else repo_name
         enjoy.push_to_hub(run_dir / "model_final.pt", repo_id, episodic_returns, video)
+    if args.track:
+        wandb.finish()  # the last tensorboard events synced before the process ends

@@ -1,8 +1,13 @@
 """benchmark/: the published configurations, the memory ablation, the launcher and the plots."""
 
+import itertools
 import json
+import shlex
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +109,181 @@ def test_ablated_agent_does_not_depend_on_the_memory(tmp_path):
 
     assert same(agents[True, 1], agents[True, 2])
     assert not same(agents[False, 1], agents[False, 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark/launch.py and benchmark/plot.py, on runs of the tiny models in a temporary directory
+# ---------------------------------------------------------------------------------------------
+
+LAUNCH = [sys.executable, str(ROOT / "benchmark" / "launch.py")]
+# an env whose random-walk episodes end within 100 steps, so that short runs log episodes
+SMALL = ["--tiny", "--env-ids", "MiniGrid-Empty-5x5-v0", "--num-envs", "4", "--num-steps", "32"]
+SMALL += ["--num-minibatches", "2", "--update-epochs", "1", "--n-layer", "1", "--checkpoint-every", "1"]
+SMALL += ["--threads-per-run", "1"]  # more threads than free cores slow torch down badly
+
+
+def launch(workdir, *argv, **kwargs):
+    return subprocess.run(
+        [*LAUNCH, "--workdir", str(workdir), *argv],
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def commands(stdout):
+    """The commands a dry run prints, split into arguments."""
+    return [shlex.split(line)[1:] for line in stdout.splitlines() if line and not line.startswith("#")]
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_dry_run_lists_the_grid(tmp_path):
+    envs = ["MiniGrid-DoorKey-5x5-v0", "MiniGrid-MemoryS7-v0"]
+    argv = ["--scripts", "shelm_ppo.py", "helm_ppo.py", "--env-ids", *envs, "--seeds", "1", "2", "--published"]
+    argv += ["--tiny", "--variants", "memory:", "ablated:--ablate-memory --ent-coef 0.05", "--ent-coef", "0.02"]
+    proc = launch(tmp_path, *argv, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    cells = commands(proc.stdout)
+    got = sorted((Path(c[1]).name, flag(c, "--env-id"), int(flag(c, "--seed")), "--ablate-memory" in c) for c in cells)
+    want = sorted(itertools.product(["shelm_ppo.py", "helm_ppo.py"], envs, [1, 2], [False, True]))
+    assert got == want
+    for c in cells:
+        # each flag once; the variant's value beats the common one, which beats the published one
+        flags = [a for a in c if a.startswith("--")]
+        assert len(flags) == len(set(flags)), c
+        assert flag(c, "--ent-coef") == ("0.05" if "--ablate-memory" in c else "0.02")
+        published = CONFIGS.get(flag(c, "--env-id"), {}).get(Path(c[1]).name)
+        if published:  # DoorKey: the published configuration; MemoryS7 has none, the defaults hold
+            assert flag(c, "--mem-len") == str(published["flags"]["--mem-len"])
+        else:
+            assert "--mem-len" not in c
+        assert flag(c, "--trxl-model") == "tiny-random"
+        assert ("--clip-model" in c) == (Path(c[1]).name == "shelm_ppo.py")
+    # one run name per cell: the seeds of a cell share it, cells differ
+    names = {(Path(c[1]).name, flag(c, "--env-id"), "--ablate-memory" in c): flag(c, "--exp-name") for c in cells}
+    assert len(set(names.values())) == len(names) == 8
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def run_dirs(workdir):
+    return sorted(p for p in (workdir / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def iterations(run_dir):
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    args = ckpt["args"]
+    return ckpt["iteration"], args["total_timesteps"] // (args["num_envs"] * args["num_steps"])
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Runs of the tiny models, made by the launcher: 2 with 2 local workers, 1 interrupted and continued,
+    1 through submitit's local executor. Returns (workdir, outputs of the launches)."""
+    workdir = tmp_path_factory.mktemp("grid")
+    out = {}
+    out["first"] = launch(workdir, *SMALL, "--seeds", "1", "2", "--workers", "2", "--total-timesteps", "1024")
+    out["again"] = launch(workdir, *SMALL, "--seeds", "1", "2", "--workers", "2", "--total-timesteps", "1024")
+    # interrupted: stopped (SIGINT to the launcher) once its run has written a checkpoint, then launched again
+    long = [*SMALL, "--seeds", "7", "--total-timesteps", "2048"]
+    proc = subprocess.Popen(
+        [*LAUNCH, "--workdir", str(workdir), *long], env=offline_env(), stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while not list(workdir.glob("runs/*__7__*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out["stopped"] = (proc.wait(timeout=120), proc.stdout.read())
+    (stopped_dir,) = workdir.glob("runs/*__7__*")
+    out["stopped_at"] = iterations(stopped_dir)
+    out["resumed"] = launch(workdir, *long)
+    out["submitit"] = launch(
+        workdir, *SMALL, "--seeds", "3", "--total-timesteps", "1024", "--cluster", "submitit-local"
+    )
+    return workdir, out
+
+
+def test_local_launch_runs_the_grid(launched):
+    workdir, out = launched
+    assert out["first"].returncode == 0, out["first"].stdout + out["first"].stderr
+    assert "2 new" in out["first"].stdout and "2 ran to the end" in out["first"].stdout
+    for seed in (1, 2):
+        (run_dir,) = workdir.glob(f"runs/MiniGrid-Empty-5x5-v0__shelm_ppo-default-*__{seed}__*")
+        assert list(run_dir.glob("events.out.tfevents.*"))
+        done, total = iterations(run_dir)
+        assert done == total == 8
+
+
+def test_second_launch_runs_nothing(launched):
+    _, out = launched
+    assert out["again"].returncode == 0
+    assert "0 new, 0 to resume, 2 finished" in out["again"].stdout
+    assert "[new]" not in out["again"].stdout and "[resume]" not in out["again"].stdout
+
+
+def test_interrupted_launch_resumes(launched):
+    workdir, out = launched
+    code, stdout = out["stopped"]
+    assert code == 1 and "1 stopped" in stdout
+    done, total = out["stopped_at"]
+    assert 1 <= done < total == 16
+    assert "1 to resume" in out["resumed"].stdout and out["resumed"].returncode == 0
+    (run_dir,) = workdir.glob("runs/*__7__*")  # the same run directory, continued
+    assert iterations(run_dir) == (total, total)
+    (log,) = workdir.glob("runs/.launch/*__7.log")
+    assert f"resuming {run_dir.name} at step {done * 4 * 32}" in log.read_text()
+
+
+def test_submitit_local_executor(launched):
+    workdir, out = launched
+    assert out["submitit"].returncode == 0, out["submitit"].stdout + out["submitit"].stderr
+    assert "submitted 1 runs" in out["submitit"].stdout
+    (run_dir,) = workdir.glob("runs/*__3__*")
+    assert iterations(run_dir) == (8, 8)
+
+
+def episode_returns(run_dir):
+    """(step, return) of every episode, read from the event files directly (not as plot.py reads them)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    points = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "charts/episodic_return":  # the loader turns simple values into tensors
+                    points.append(
+                        (event.step, value.tensor.float_val[0] if value.HasField("tensor") else value.simple_value)
+                    )
+    return points
+
+
+def test_plot_writes_figures_and_the_table(launched, tmp_path):
+    workdir, _ = launched
+    out = tmp_path / "plots"
+    argv = ["--runs", str(workdir / "runs"), "--out", str(out), "--final-fraction", "0.5", "--reps", "200"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmark" / "plot.py"), *argv], env=offline_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    for stem in ["steps__MiniGrid-Empty-5x5-v0", "time__MiniGrid-Empty-5x5-v0", "aggregate"]:
+        png = (out / f"{stem}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+        assert (out / f"{stem}.svg").stat().st_size > 5000
+    # the 1024-step group (seeds 1, 2, 3): final return = mean over seeds of the mean return of the episodes
+    # that ended in the last half of the run's steps
+    finals = []
+    for seed in (1, 2, 3):
+        (run_dir,) = workdir.glob(f"runs/*__{seed}__*")
+        returns = [r for step, r in episode_returns(run_dir) if step > 512]
+        finals.append(sum(returns) / len(returns))
+    mean = sum(finals) / 3
+    std = (sum((f - mean) ** 2 for f in finals) / 2) ** 0.5
+    table = (out / "final_returns.md").read_text()
+    (row,) = [line for line in table.splitlines() if "total_timesteps=1024" in line]
+    assert f"| {mean:.3f} ± {std:.3f} | 3 |" in row
+    (row,) = [line for line in table.splitlines() if "total_timesteps=2048" in line]
+    assert "| 1 |" in row

@@ -138,7 +138,8 @@ def test_most_attended_step_is_in_the_window(enjoyed):
     for row, record in zip(trace, recorder.steps):
         mean = record.attention.mean(axis=0)
         j = int(mean.argmax())
-        assert row["attended_step"] == record.key_steps[j][1] and 0 <= row["attended_step"] <= row["step"]
+        assert row["attended_slot"] == j and row["attended_step"] == record.key_steps[j][1]
+        assert 0 <= row["attended_step"] <= row["step"]
         assert row["attended_word"] in row["window"]
 
 

@@ -304,7 +304,11 @@ def test_hub_id_loads_from_the_cache_without_network(tmp_path, monkeypatch, trxl
     (repo / "refs" / "main").write_text("0" * 40)
     shutil.copytree(FIXTURE, repo / "snapshots" / ("0" * 40))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    # not in offline mode, and nothing answers at the hub's address: the cache alone must do
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     trxl, vocab = shelm_ppo.build_trxl("someone/tiny-trxl", 4, 5, "cpu")
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE  # the hub was not even asked
     assert vocab == trxl4[1]
     for (name, a), (_, b) in zip(trxl.state_dict().items(), trxl4[0].state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -1,0 +1,326 @@
+"""Learning curves, an aggregate across envs and a table of final returns, from the tensorboard logs in runs/.
+
+    python benchmark/plot.py                                   # every run under runs/, figures in runs/plots/
+    python benchmark/plot.py --out docs/results/tiny_cpu --env-ids MiniGrid-DoorKey-5x5-v0 MiniGrid-MemoryS7-v0
+
+Runs are grouped by script, env and the arguments that differ between runs of the same script and env
+(seed, exp_name and bookkeeping arguments aside); the seeds of a group make its curve: the mean and a 95%
+bootstrap confidence band over seeds, against env steps and against wall-clock time. A run's final return
+is the mean return of its episodes in the last 10% of its steps (--final-fraction). Writes, into --out:
+
+    steps__<env>.png/.svg, time__<env>.png/.svg   learning curves
+    aggregate.png/.svg                            IQM of final returns across envs, stratified bootstrap (rliable)
+    pruning.png/.svg                              final return and SPS against --n-layer, where n_layer differs
+    final_returns.md                              final returns: mean +- std over seeds
+
+MiniGrid and MiniWorld returns lie in [0, 1], so the aggregate uses raw returns (no normalisation).
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import tyro
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
+
+# arguments that say nothing about the agent or its training, or are set per run
+BOOKKEEPING = {
+    "seed",
+    "exp_name",
+    "env_id",
+    "resume",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "capture_video",
+    "save_model",
+    "cuda",
+    "progress_bar",
+    "checkpoint_every",
+    "nonfinite_limit",
+    "log_tokens_every",
+    "embeddings_dir",
+    "embeddings_file",
+    "token_cache_size",
+    "hopfield_chunk",
+    "batch_size",
+    "minibatch_size",
+    "num_iterations",
+}
+# an argument only one of the scripts has tells which script wrote the run
+SCRIPT_BY_ARG = {"topk": "shelm_ppo", "beta": "helm_ppo", "rescale": "helmv2_ppo"}
+PAUSE_S = 300  # a longer gap between two logged events is a pause (an interrupted, later resumed run)
+
+
+@dataclass
+class Args:
+    runs: str = "runs"
+    """directory of the runs (each a tensorboard log directory)"""
+    out: str = "runs/plots"
+    """directory the figures and the table are written to"""
+    env_ids: tuple[str, ...] = ()
+    """only these environments (default: all)"""
+    scripts: tuple[str, ...] = ()
+    """only these scripts, e.g. shelm_ppo (default: all)"""
+    points: int = 50
+    """points per curve"""
+    reps: int = 2000
+    """bootstrap resamples"""
+    seed: int = 0
+    """seed of the bootstrap"""
+    final_fraction: float = 0.1
+    """a run's final return is the mean return of its episodes in this last fraction of its steps"""
+
+
+@dataclass
+class Run:
+    path: Path
+    script: str
+    args: dict
+    steps: np.ndarray  # env step at which each episode ended
+    returns: np.ndarray
+    times: np.ndarray  # seconds of training when each episode ended (pauses removed)
+    last_step: int
+    sps: float
+    final_fraction: float
+
+    @property
+    def final_return(self):
+        window = self.steps > (1 - self.final_fraction) * self.last_step
+        return float(self.returns[window].mean()) if window.any() else math.nan
+
+
+def parse_hyperparameters(markdown):
+    """The scripts log their arguments as a markdown table |param|value|; values come back as strings."""
+    args = {}
+    for line in markdown.splitlines():
+        cells = line.strip().strip("|").split("|")
+        if len(cells) == 2 and cells[0] not in ("param", "-"):
+            args[cells[0]] = cells[1]
+    return args
+
+
+def training_time(wall_times, start):
+    """Seconds of training at each event: the wall-clock time since the start, minus the pauses."""
+    gaps = np.diff(np.concatenate([[start], wall_times]))
+    return np.cumsum(np.where(gaps > PAUSE_S, 0.0, gaps))
+
+
+def load_run(path, final_fraction):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    if "charts/episodic_return" not in tags["scalars"] or "hyperparameters/text_summary" not in tags["tensors"]:
+        return None
+    text = acc.Tensors("hyperparameters/text_summary")[0]
+    args = parse_hyperparameters(text.tensor_proto.string_val[0].decode())
+    script = next((name for arg, name in SCRIPT_BY_ARG.items() if arg in args), "unknown")
+    episodes = acc.Scalars("charts/episodic_return")
+    sps = acc.Scalars("charts/SPS") if "charts/SPS" in tags["scalars"] else []
+    wall = np.array([e.wall_time for e in episodes])
+    return Run(
+        path=path,
+        script=script,
+        args=args,
+        steps=np.array([e.step for e in episodes]),
+        returns=np.array([e.value for e in episodes]),
+        times=training_time(wall, min(text.wall_time, wall[0])),
+        last_step=max([e.step for e in episodes] + [e.step for e in sps]),
+        sps=float(sps[-1].value) if sps else math.nan,
+        final_fraction=final_fraction,
+    )
+
+
+def load_runs(args):
+    runs = []
+    for path in sorted(Path(args.runs).iterdir()):
+        if not path.is_dir() or path.name.startswith("."):
+            continue
+        run = load_run(path, args.final_fraction)
+        if run is None:
+            continue
+        if (args.env_ids and run.args.get("env_id") not in args.env_ids) or (
+            args.scripts and run.script not in args.scripts
+        ):
+            continue
+        runs.append(run)
+    return runs
+
+
+def group_runs(runs):
+    """{(script, env, label): [runs]}: the label names the arguments that differ between runs of one script
+    and env (the same keys for every env, so that a variant keeps its label across envs)."""
+    by_cell = {}
+    for run in runs:
+        by_cell.setdefault((run.script, run.args["env_id"]), []).append(run)
+    varying = set()
+    for cell_runs in by_cell.values():
+        # an argument some runs lack comes from another version of the script, not from the study
+        keys = set.intersection(*(set(r.args) for r in cell_runs)) - BOOKKEEPING
+        varying |= {k for k in keys if len({r.args[k] for r in cell_runs}) > 1}
+    groups = {}
+    for run in runs:
+        label = " ".join(f"{k}={run.args.get(k)}" for k in sorted(varying))
+        groups.setdefault((run.script, run.args["env_id"], label), []).append(run)
+    return groups, sorted(varying)
+
+
+def bootstrap_ci(samples, reps, rng):
+    """95% percentile bootstrap interval of the mean over axis 0 (the seeds), for each column."""
+    samples = np.asarray(samples, dtype=float)
+    n = samples.shape[0]
+    means = np.nanmean(samples[rng.integers(0, n, size=(reps, n))], axis=1)
+    return np.nanpercentile(means, 2.5, axis=0), np.nanpercentile(means, 97.5, axis=0)
+
+
+def binned(x, y, grid):
+    """Mean of y over the points with x in each (grid[i-1], grid[i]]; carried forward where a bin is empty."""
+    out = np.full(len(grid), np.nan)
+    lo = 0.0
+    for i, hi in enumerate(grid):
+        sel = (x > lo) & (x <= hi)
+        out[i] = y[sel].mean() if sel.any() else (out[i - 1] if i else np.nan)
+        lo = hi
+    return out
+
+
+def curve_label(script, label):
+    return f"{script} {label}".strip()
+
+
+def plot_curves(groups, env_id, axis, args, rng, out):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (script, env, label), group in sorted(groups.items()):
+        if env != env_id:
+            continue
+        xs = [r.steps if axis == "steps" else r.times for r in group]
+        end = min(x[-1] for x in xs if len(x))
+        grid = np.linspace(end / args.points, end, args.points)
+        ys = np.stack([binned(x, r.returns, grid) for x, r in zip(xs, group)])
+        lo, hi = bootstrap_ci(ys, args.reps, rng)
+        scale = 1 / 60 if axis == "time" else 1
+        line = ax.plot(grid * scale, np.nanmean(ys, axis=0), label=f"{curve_label(script, label)} ({len(group)} seeds)")
+        ax.fill_between(grid * scale, lo, hi, alpha=0.2, color=line[0].get_color(), linewidth=0)
+    ax.set_xlabel("env steps" if axis == "steps" else "training time (minutes)")
+    ax.set_ylabel("episodic return")
+    ax.set_title(env_id)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, out / f"{axis}__{safe_name(env_id)}")
+
+
+def plot_aggregate(groups, args, out):
+    """IQM of the final returns over seeds x envs per script and label, with rliable's stratified bootstrap."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    scores = {}
+    for (script, env, label), group in sorted(groups.items()):
+        scores.setdefault(curve_label(script, label), {})[env] = [r.final_return for r in group]
+    matrices = {}
+    for name, by_env in scores.items():
+        n = min(len(v) for v in by_env.values())  # the same number of seeds in every env (a matrix)
+        matrices[name] = np.array([v[:n] for v in by_env.values()], dtype=float).T  # (seeds, envs)
+    estimates, intervals = rly.get_interval_estimates(
+        matrices, lambda m: np.array([metrics.aggregate_iqm(m)]), reps=args.reps
+    )
+    names = sorted(matrices)
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(names) + 1.5))
+    for i, name in enumerate(names):
+        lo, hi = intervals[name][:, 0]
+        ax.errorbar(estimates[name][0], i, xerr=[[estimates[name][0] - lo], [hi - estimates[name][0]]], fmt="o")
+    ax.set_yticks(range(len(names)), [f"{n} ({matrices[n].shape[1]} envs)" for n in names], fontsize=7)
+    ax.set_xlabel("IQM of final return over seeds x envs (95% stratified bootstrap CI)")
+    ax.grid(alpha=0.3)
+    save(fig, out / "aggregate")
+    return estimates, intervals
+
+
+def plot_pruning(groups, out, rng, reps):
+    """Final return and SPS against n_layer, for each script and env whose runs differ in n_layer."""
+    by_cell = {}
+    for (script, env, _), group in groups.items():
+        for run in group:
+            by_cell.setdefault((script, env), {}).setdefault(int(run.args["n_layer"]), []).append(run)
+    cells = {k: v for k, v in by_cell.items() if len(v) > 1}
+    if not cells:
+        return False
+    fig, (ax_ret, ax_sps) = plt.subplots(1, 2, figsize=(10, 4))
+    for (script, env), by_layers in sorted(cells.items()):
+        layers = sorted(by_layers)
+        finals = [np.array([r.final_return for r in by_layers[n]]) for n in layers]
+        cis = [bootstrap_ci(f[:, None], reps, rng) for f in finals]
+        mean = [f.mean() for f in finals]
+        err = [[m - lo[0] for m, (lo, _) in zip(mean, cis)], [hi[0] - m for m, (_, hi) in zip(mean, cis)]]
+        ax_ret.errorbar(layers, mean, yerr=err, marker="o", capsize=3, label=f"{script} {env}")
+        ax_sps.plot(layers, [np.mean([r.sps for r in by_layers[n]]) for n in layers], marker="o")
+    ax_ret.set_xlabel("Transformer-XL layers (--n-layer)")
+    ax_ret.set_ylabel("final return (mean, 95% bootstrap CI)")
+    ax_sps.set_xlabel("Transformer-XL layers (--n-layer)")
+    ax_sps.set_ylabel("env steps per second")
+    ax_ret.legend(fontsize=7)
+    for ax in (ax_ret, ax_sps):
+        ax.grid(alpha=0.3)
+    save(fig, out / "pruning")
+    return True
+
+
+def final_table(groups):
+    lines = [
+        "| script | env | arguments that differ | final return (mean ± std) | seeds | steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (script, env, label), group in sorted(groups.items()):
+        finals = np.array([r.final_return for r in group])
+        std = finals.std(ddof=1) if len(finals) > 1 else 0.0
+        steps = sorted({r.last_step for r in group})
+        lines.append(
+            f"| {script} | {env} | {label or '-'} | {finals.mean():.3f} ± {std:.3f} | {len(group)} "
+            f"| {', '.join(f'{s:,}' for s in steps)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def save(fig, stem):
+    fig.tight_layout()
+    for ext in ("png", "svg"):
+        fig.savefig(f"{stem}.{ext}", dpi=120)
+    plt.close(fig)
+
+
+def safe_name(env_id):
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", env_id)
+
+
+def main(args):
+    from prepare_embeddings import fail
+
+    runs = load_runs(args)
+    if not runs:
+        fail(f"no runs with logged episodes under {args.runs}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    groups, varying = group_runs(runs)
+    for env_id in sorted({env for _, env, _ in groups}):
+        for axis in ("steps", "time"):
+            plot_curves(groups, env_id, axis, args, rng, out)
+    plot_aggregate(groups, args, out)
+    plot_pruning(groups, out, rng, args.reps)
+    (out / "final_returns.md").write_text(final_table(groups))
+    print(final_table(groups), end="")
+    print(f"{len(runs)} runs in {len(groups)} groups (differing: {', '.join(varying) or 'nothing'}); figures in {out}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main(tyro.cli(Args))
