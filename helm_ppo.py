@@ -17,15 +17,21 @@ and helmv2_ppo.py; everything else is the same code in the three scripts (tests/
 
 # [end algorithm-specific]
 import collections
+import dataclasses
+import fcntl
 import importlib.util
 import io
+import itertools
 import math
 import operator
 import os
 import random
+import re
 import signal
 import sys
 import time
+import types
+import typing
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,6 +51,8 @@ from prepare_embeddings import fail
 
 # [algorithm-specific]
 ALGORITHM = "helm"
+# arguments naming a directory the script writes to (a checkpoint's values must stay under the working directory)
+OUTPUT_DIRS = ()
 # [end algorithm-specific]
 CHECKPOINT_FORMAT = "helm-checkpoint/1"
 
@@ -156,6 +164,8 @@ class Args:
 
 # What --resume takes from the command line when given there; every other argument comes from the checkpoint.
 RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
+RUNS = Path("runs")  # every run directory lies under it, relative to the working directory
+MAX_NAME_BYTES = 200  # of a run directory's name; file systems allow 255, the rest is for suffixes
 
 
 def resume_args(ckpt, path):
@@ -167,9 +177,11 @@ def resume_args(ckpt, path):
         fail(f"checkpoint {path} was written with other arguments than this script has ({e})")
     args = tyro.cli(Args, default=replace(saved, resume=path))
     changed = [name for name, value in asdict(saved).items() if getattr(args, name) != value]
-    fixed = [f"--{name.replace('_', '-')}" for name in changed if name not in (*RESUME_OVERRIDES, "resume")]
+    fixed = [
+        f"--{name.replace('_', '-')}" for name in changed if name not in (*RESUME_OVERRIDES, *OUTPUT_DIRS, "resume")
+    ]
     if fixed:
-        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDES)
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in (*RESUME_OVERRIDES, *OUTPUT_DIRS))
         fail(f"{' '.join(fixed)}: a resumed run keeps its checkpoint's arguments; only {allowed} can be given")
     return args
 
@@ -194,6 +206,8 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be >= 0 and < 2**32, got {args.seed}")
     for name in ["learning_rate", "clip_coef", "max_grad_norm"]:
         if not 0 < getattr(args, name) < torch.finfo(torch.float32).max:
             fail(f"--{name.replace('_', '-')} must be a positive float32 number, got {getattr(args, name)}")
@@ -201,10 +215,10 @@ def check_args(args):
         if not 0 <= getattr(args, name) <= 1:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     for name in ["ent_coef", "vf_coef", "log_tokens_every", "checkpoint_every"]:
-        if not getattr(args, name) >= 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.target_kl is not None and not args.target_kl > 0:
-        fail(f"--target-kl must be positive, got {args.target_kl}")
+        if not 0 <= getattr(args, name) < torch.finfo(torch.float32).max:
+            fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
+    if args.target_kl is not None and not 0 < args.target_kl < math.inf:
+        fail(f"--target-kl must be positive and finite, got {args.target_kl}")
     if args.n_layer < 1:
         fail(f"--n-layer must be >= 1, got {args.n_layer}")
     if args.num_envs * args.num_steps < args.num_minibatches:
@@ -213,6 +227,36 @@ def check_args(args):
     if args.total_timesteps < args.num_envs * args.num_steps:
         rollout = args.num_envs * args.num_steps
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({rollout})")
+    batch = args.num_envs * args.num_steps
+    minibatch = batch // args.num_minibatches
+    smallest = min(minibatch, batch % minibatch or minibatch)  # the last minibatch takes what is left
+    if args.norm_adv and smallest < 2:
+        fail(
+            f"--num-minibatches {args.num_minibatches} cuts the batch of {batch} into minibatches of as few as 1 "
+            f"sample, whose advantages cannot be normalized: choose one that leaves >= 2 per minibatch"
+        )
+    if "/" in args.exp_name:
+        fail(f"--exp-name {args.exp_name!r} must be a plain name, without '/'")
+    validate_run_name(new_run_name(args), "the run name of --env-id and --exp-name")
+
+
+def new_run_name(args):
+    return f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+
+def validate_run_name(run_name, what):
+    """A name that keeps the run directory under runs/: relative, without '..', printable UTF-8, not too long.
+    Refused, not repaired: a name from a checkpoint or the command line is used as given or not at all."""
+    if not isinstance(run_name, str) or not run_name:
+        fail(f"{what} must be a non-empty string, got {run_name!r}")
+    try:
+        parts = [part.encode("utf-8") for part in run_name.split("/")]
+    except UnicodeEncodeError:
+        fail(f"{what} {run_name!r} is not valid UTF-8")
+    if any(part in (b"", b".", b"..") for part in parts) or re.search(r"[\x00-\x1f\x7f\\]", run_name):
+        fail(f"{what} {run_name!r} leaves runs/: it must be relative, without '..', control characters or '\\'")
+    if max(len(part) for part in parts) > MAX_NAME_BYTES:
+        fail(f"{what} is {max(len(part) for part in parts)} bytes long; at most {MAX_NAME_BYTES} make a directory name")
 
 
 GL_HELP = (
@@ -500,7 +544,8 @@ def build_trxl(source, n_layer, mem_len, device):
             key = key.removeprefix("transformer.")  # the official checkpoint is the LM-head model
             if key.startswith("crit.") or key == "pos_emb.inv_freq":
                 continue
-            if key.startswith("layers.") and int(key.split(".")[1]) >= n_layer:
+            layer = key.split(".")[1] if key.startswith("layers.") else ""
+            if layer.isdigit() and int(layer) >= n_layer:  # other keys that are no parameter fail to load below
                 continue
             state[key] = value
         try:
@@ -641,8 +686,9 @@ class FrozenHopfield(nn.Module):
         self.projection.copy_(projection.to(self.projection))
 
 
-def build_memory(args, device, verbose=True):
-    """(frozen Transformer-XL, its vocabulary, frozen encoder) for these arguments."""
+def build_memory(args, device, verbose=True, may_write=True):
+    """(frozen Transformer-XL, its vocabulary, frozen encoder) for these arguments (it writes nothing, whatever
+    may_write says)."""
     trxl, vocab = build_trxl(args.trxl_model, args.n_layer, args.mem_len, device)
     # the projection's input size is H*W. The probe is not closed: Memory Gym's close() quits pygame, which
     # would take the surfaces of the envs already running with it
@@ -736,7 +782,7 @@ def save_checkpoint(path, state):
     # serialized in memory, written by Python: torch.save reports a full disk as RuntimeError, not OSError
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    prepare_embeddings.write_atomically(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
+    prepare_embeddings.write_atomically(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def training_state(iteration, global_step, best_return, recent_returns, reward_norm, encoder):
@@ -769,6 +815,7 @@ class Checkpoints:
     def save_and_exit(self, signum, state):
         self.save("checkpoint.pt", state)
         self.writer.close()
+        ignore_signals()
         resume = self.run_dir / "checkpoint.pt"
         print(f"\ninterrupted by signal {signum}; resume with --resume {resume}", file=sys.stderr)
         sys.exit(128 + signum)
@@ -826,10 +873,164 @@ def read_checkpoint(path):
     return ckpt
 
 
+# what every checkpoint holds, and of which type (bool is an int to Python, never to a checkpoint)
+CHECKPOINT_KEYS = {
+    "args": dict,
+    "meta": dict,
+    "run_name": str,
+    "wandb_id": (str, type(None)),
+    "agent": dict,
+    "optimizer": dict,
+    "encoder": dict,
+    "iteration": int,
+    "global_step": int,
+    "best_return": (int, float),
+    "recent_returns": list,
+    "reward_rms": (list, tuple),
+    "rng": dict,
+}
+
+
+def is_number(value, low=-sys.float_info.max, high=sys.float_info.max):
+    """A real number (no bool) in [low, high]; by default any finite one."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
 def check_checkpoint(ckpt, path):
+    """Everything --resume and enjoy.py take from a checkpoint, checked for structure, types, ranges,
+    finiteness and consistency before anything is built or written (docs/reliability.md, trust model)."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of these scripts")
     if ckpt.get("algorithm") != ALGORITHM:
         fail(f"checkpoint {path} is of {ckpt.get('algorithm')}_ppo.py, not {ALGORITHM}_ppo.py")
+    for key, kind in CHECKPOINT_KEYS.items():
+        if key not in ckpt or not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            found = type(ckpt[key]).__name__ if key in ckpt else "missing"
+            fail(f"checkpoint {path} is malformed: {key} is {found}")
+    args = checkpoint_args(ckpt["args"], path)
+    validate_run_name(ckpt["run_name"], f"checkpoint {path}: run_name")
+    if ckpt["wandb_id"] is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", ckpt["wandb_id"]):
+        fail(f"checkpoint {path}: wandb_id {ckpt['wandb_id']!r} is not a wandb run id")
+    prepare_embeddings.validate_tensors(ckpt["agent"], f"checkpoint {path}: the agent's weights")
+    prepare_embeddings.validate_tensors(ckpt["encoder"], f"checkpoint {path}: the encoder state")
+    state, groups = ckpt["optimizer"].get("state"), ckpt["optimizer"].get("param_groups")
+    if not (isinstance(state, dict) and isinstance(groups, list) and groups):
+        fail(f"checkpoint {path}: the optimizer state is malformed")
+    for group in groups:
+        if not isinstance(group, dict) or not is_number(group.get("lr"), 0, torch.finfo(torch.float32).max):
+            fail(f"checkpoint {path}: the optimizer's learning rate is missing or not a finite number >= 0")
+    for i, tensors in state.items():
+        prepare_embeddings.validate_tensors(tensors, f"checkpoint {path}: the optimizer state of parameter {i}")
+    batch, iteration = args.num_envs * args.num_steps, ckpt["iteration"]
+    if not 0 <= iteration <= args.total_timesteps // batch or ckpt["global_step"] != iteration * batch:
+        fail(
+            f"checkpoint {path}: inconsistent counters (update {iteration}, step {ckpt['global_step']}; "
+            f"{args.total_timesteps // batch} updates of {batch} steps)"
+        )
+    returns, rms = ckpt["recent_returns"], ckpt["reward_rms"]
+    if len(returns) > 100 or not all(is_number(r) for r in returns) or not is_number(ckpt["best_return"], -math.inf):
+        fail(f"checkpoint {path}: recent_returns or best_return are not finite numbers")
+    if len(rms) != 3 or not all(is_number(x) for x in rms) or rms[1] < 0 or rms[2] <= 0:
+        fail(f"checkpoint {path}: reward_rms is not (mean, variance >= 0, count > 0)")
+    rng = ckpt["rng"]
+    if set(rng) != {"torch", "cuda", "numpy", "python"} or not isinstance(rng["torch"], torch.Tensor):
+        fail(f"checkpoint {path}: the RNG states are malformed")
     return ckpt
+
+
+def value_fits(value, annotation):
+    """Whether a value from a checkpoint has the type its Args field declares (an int is a float, a bool no int)."""
+    origin, inner = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in inner)
+    if origin in (types.UnionType, typing.Union):
+        return any(value_fits(value, a) for a in inner)
+    if origin in (tuple, list):  # tuple[str, ...]: any length, each item of the first type
+        return isinstance(value, (tuple, list)) and all(value_fits(v, inner[0]) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)
+
+
+def checkpoint_args(saved, path):
+    """The Args of a checkpoint, each of its declared type and within range."""
+    fields = {field.name: field.type for field in dataclasses.fields(Args)}
+    unknown = [str(name) for name in saved if name not in fields]
+    if unknown:
+        fail(f"checkpoint {path} was written with other arguments than this script has: {', '.join(unknown)}")
+    for name, value in saved.items():
+        if not value_fits(value, fields[name]):
+            fail(f"checkpoint {path}: argument {name} is {repr(value)[:60]}, not {fields[name]}")
+    args = Args(**saved)
+    try:
+        check_args(args)
+    except SystemExit as e:
+        fail(f"checkpoint {path} holds an argument out of range: {str(e.code).removeprefix('error: ')}")
+    return args
+
+
+def may_write_output_dirs(args, saved):
+    """A checkpoint from elsewhere cannot choose where files are written: the directories its arguments (`saved`)
+    name for writing (OUTPUT_DIRS) are written to only if they lie under the working directory, or if the
+    command line chose another one; otherwise they are only read (SHELM: a missing embeddings file is an error)."""
+    paths = [Path(getattr(args, name)) for name in OUTPUT_DIRS]
+    inside = [not path.is_absolute() and ".." not in path.parts for path in paths]
+    return all(ok or getattr(args, name) != saved.get(name) for ok, name in zip(inside, OUTPUT_DIRS))
+
+
+def continues_in_place(run_dir, resume, ckpt):
+    """Whether resuming `resume` may go on in its run's directory: only if the run's checkpoint.pt is not ahead
+    of it (going on from model_best.pt of a run that went further would move the run's files back in time)."""
+    latest = run_dir / "checkpoint.pt"
+    if not latest.exists() or latest.samefile(resume):
+        return True
+    try:
+        step = torch.load(latest, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # noqa: BLE001 - whatever it holds, it is not to be overwritten
+        return False
+    return isinstance(step, int) and step <= ckpt["global_step"]
+
+
+def claim_run_dir(run_name, new):
+    """runs/<run_name>, locked for this process's life: a second process on the same run gets one line instead
+    of mixing its files in. A new run's directory is created here, never reused: if two runs started in the
+    same second take the name, the second gets it with a suffix -2 (-3, ...)."""
+    try:
+        if new:
+            (RUNS / run_name).parent.mkdir(parents=True, exist_ok=True)
+            for n in itertools.count(1):
+                run_dir = RUNS / (run_name if n == 1 else f"{run_name}-{n}")
+                try:
+                    run_dir.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+        else:
+            run_dir = RUNS / run_name
+            run_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(run_dir / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        fail(f"cannot create the run directory {RUNS / run_name} in {os.getcwd()}: {e.strerror or e}")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"{run_dir} is in use by another process (it holds {run_dir / '.lock'}); one run, one process")
+    return run_dir, lock
+
+
+def ignore_signals():
+    """Once the run is saved for good: Python drops its handlers while it shuts down, so a signal then would
+    kill the process (status -15, no message) after all was done; ignored, the run ends as it was going to."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def interrupted_before_training(signum, frame):
+    """SIGINT/SIGTERM before the run directory exists: nothing to save, stop at once with one line."""
+    print(f"interrupted by signal {signum} before training started; no run was written", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def load_trained(agent, encoder, ckpt, path):
@@ -868,6 +1069,8 @@ def versions():
 
 
 if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupted_before_training)
     args = tyro.cli(Args)
     ckpt = None
     if args.resume:
@@ -877,8 +1080,19 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    run_name = ckpt["run_name"] if ckpt else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path("runs") / run_name
+    if args.total_timesteps % args.batch_size:
+        print(
+            f"--total-timesteps {args.total_timesteps} is not a multiple of the batch size {args.batch_size}: "
+            f"{args.num_iterations} updates, {args.num_iterations * args.batch_size} steps"
+        )
+    run_name = ckpt["run_name"] if ckpt else new_run_name(args)
+    new_run = ckpt is None or not continues_in_place(RUNS / run_name, args.resume, ckpt)
+    if ckpt and new_run:
+        run_name = new_run_name(args)
+        print(
+            f"{RUNS / ckpt['run_name'] / 'checkpoint.pt'} is further than {args.resume}: going on in a new run, "
+            f"{RUNS / run_name}, so that nothing of {ckpt['run_name']} is overwritten"
+        )
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -890,7 +1104,7 @@ if __name__ == "__main__":
     # everything that can fail on bad input happens before anything is written
     envs, reward_norm = make_envs(args, run_name)
     obs_shape = envs.single_observation_space.shape
-    trxl, vocab, encoder = build_memory(args, device)
+    trxl, vocab, encoder = build_memory(args, device, may_write=not ckpt or may_write_output_dirs(args, ckpt["args"]))
     agent = Agent(obs_shape, action_dims(envs.single_action_space), trxl.d_model).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=args.learning_rate, eps=1e-8)
     start_iteration, global_step, best_return = 1, 0, -math.inf
@@ -902,14 +1116,28 @@ if __name__ == "__main__":
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, TypeError) as e:
             fail(f"checkpoint {args.resume}: the optimizer state does not match this model ({e})")
-        start_iteration, global_step, best_return = ckpt["iteration"] + 1, ckpt["global_step"], ckpt["best_return"]
+        start_iteration, global_step, best_return = (
+            ckpt["iteration"] + 1,
+            ckpt["global_step"],
+            float(ckpt["best_return"]),
+        )
         recent_returns.extend(ckpt["recent_returns"])
         reward_norm.return_rms.mean, reward_norm.return_rms.var, reward_norm.return_rms.count = ckpt["reward_rms"]
-        wandb_id = ckpt["wandb_id"]
-        set_rng_state(ckpt["rng"])
+        wandb_id = None if new_run else ckpt["wandb_id"]
+        try:
+            set_rng_state(ckpt["rng"])
+        except (TypeError, ValueError, RuntimeError, IndexError) as e:
+            fail(f"checkpoint {args.resume}: the RNG states are malformed ({' '.join(str(e).split())[:200]})")
         print(f"resuming {run_name} at step {global_step} (update {start_iteration - 1} of {args.num_iterations})")
     n_frozen = sum(p.numel() for p in trxl.parameters())
     print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {n_frozen:,} frozen parameters")
+
+    stop = StopRequest()  # from here on a signal is saved for: the run directory is about to exist
+    # the first write: the run directory, this process's alone from now on
+    run_dir, run_lock = claim_run_dir(run_name, new_run)
+    run_name = run_dir.relative_to(RUNS).as_posix()
+    if not new_run and not continues_in_place(run_dir, args.resume, ckpt):
+        fail(f"{run_dir / 'checkpoint.pt'} was written by another process meanwhile; resume it instead")
 
     videos = None
     if args.track:
@@ -934,7 +1162,10 @@ if __name__ == "__main__":
 
     # purge_step drops what an interrupted run logged after its last checkpoint: the steps after
     # global_step (the losses of the checkpoint's last update are logged at global_step itself)
-    writer = SummaryWriter(str(run_dir), purge_step=global_step + 1 if ckpt else None)
+    try:
+        writer = SummaryWriter(str(run_dir), purge_step=global_step + 1 if ckpt else None)
+    except OSError as e:
+        fail(f"cannot write the logs in {run_dir}: {e.strerror or e}")
     if not ckpt:
         writer.add_text(
             "hyperparameters",
@@ -943,7 +1174,6 @@ if __name__ == "__main__":
     meta = {"algorithm": ALGORITHM, "env_id": args.env_id, "versions": versions()}
     run_info = {"algorithm": ALGORITHM, "args": asdict(args), "meta": meta, "run_name": run_name, "wandb_id": wandb_id}
     checkpoints = Checkpoints(run_dir, writer, run_info, agent, optimizer)
-    stop = StopRequest()
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
@@ -966,6 +1196,7 @@ if __name__ == "__main__":
         trxl_in, next_tokens = encoder(next_obs_np)
         trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
         next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
+    # env 0's memory as text, one line per step: the episode under way, and the last one finished (logged)
     episode_text, last_episode_text = [], None
     nonfinite_in_row = 0
     progress = None
@@ -1012,7 +1243,8 @@ if __name__ == "__main__":
             next_obs = torch.from_numpy(next_obs_np).to(device)
             next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
 
-            # the memory step of the next observation, which belongs to a new episode where done
+            # the next observation into the memory; where an episode has just ended, that observation is the
+            # new episode's first, so the env's memory is reset before it
             episode_text.append(" ".join(vocab[t] for t in tokens[step, 0].tolist()))
             with torch.no_grad():
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
@@ -1193,3 +1425,4 @@ if __name__ == "__main__":
         enjoy.push_to_hub(run_dir / "model_final.pt", repo_id, episodic_returns, video)
     if args.track:
         wandb.finish()  # the last tensorboard events synced before the process ends
+    ignore_signals()
