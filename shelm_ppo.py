@@ -281,6 +281,12 @@ ENV_SUITES = {
     "MysteryPath": MEMORY_GYM,
     "SearingSpotlights": MEMORY_GYM,
     "Endless-": MEMORY_GYM,
+    # procgen needs numpy < 2: a virtualenv of its own; procgen_memory.py adapts it to gymnasium
+    "procgen-memory-": (
+        "procgen_memory",
+        "python3 -m venv .venv-procgen && .venv-procgen/bin/pip install -r requirements/procgen.txt, "
+        "then run with .venv-procgen/bin/python",
+    ),
 }
 
 
@@ -303,7 +309,7 @@ def import_env_suite(env_id):
     try:
         importlib.import_module(module)
     except ImportError as e:
-        fail(f"{env_id} needs the {module} package ({e}); install it with: {install}")
+        fail(f"{env_id} needs the module {module}, which cannot be imported ({e}); install it with: {install}")
 
 
 def make_env(env_id, idx, capture_video, run_name, render_mode=None):
