@@ -48,6 +48,7 @@ BOOKKEEPING = {
     "embeddings_dir",
     "embeddings_file",
     "token_cache_size",
+    "observation_cache_size",
     "hopfield_chunk",
     "batch_size",
     "minibatch_size",
