@@ -149,7 +149,9 @@ def load(path, num_envs=None, cuda=True, frames=False, from_hub=False):
     device = torch.device("cuda" if torch.cuda.is_available() and cuda else "cpu")
     torch.manual_seed(args.seed)
     envs = make_envs(algo, args, frames)
-    trxl, vocab, encoder = algo.build_memory(args, device, verbose=False)
+    trxl, vocab, encoder = algo.build_memory(
+        args, device, verbose=False, may_write=algo.may_write_output_dirs(args, ckpt["args"])
+    )
     agent = algo.Agent(envs.single_observation_space.shape, algo.action_dims(envs.single_action_space), trxl.d_model)
     agent = agent.to(device)
     algo.load_trained(agent, encoder, ckpt, path)
@@ -445,14 +447,17 @@ class Window(Output):
         import pygame
 
         self.pygame, self.picture, self.delay = pygame, picture, 1 / fps
-        pygame.init()
+        pygame.display.init()  # the display only: pygame.init() would also open a sound device
         self.screen = None
 
     def step(self, record):
         pygame = self.pygame
         picture = self.picture(record)
         if self.screen is None:
-            self.screen = pygame.display.set_mode((picture.shape[1], picture.shape[0]))
+            try:
+                self.screen = pygame.display.set_mode((picture.shape[1], picture.shape[0]))
+            except pygame.error as e:  # a display that cannot be opened (an X server gone, no permission)
+                fail(f"cannot open a window on the display ({e}); write videos with --capture-video instead")
             pygame.display.set_caption("enjoy.py")
         self.screen.blit(pygame.surfarray.make_surface(picture.swapaxes(0, 1)), (0, 0))
         pygame.display.flip()
@@ -708,6 +713,8 @@ def push_to_hub(checkpoint, repo_id, returns, video):
         fail(f"cannot upload to the Hugging Face hub while offline (HF_HUB_OFFLINE is set); {remedy}")
     if not huggingface_hub.get_token():
         fail(f"no Hugging Face token (run `hf auth login` or set HF_TOKEN); {remedy}")
+    if hub_offline():  # one quick probe, instead of the client's retries for half a minute
+        fail(f"cannot upload: the Hugging Face hub is out of reach; {remedy}")
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     with tempfile.TemporaryDirectory(prefix="helm-upload-") as folder:
         files = {HUB_FILE: Path(checkpoint).read_bytes(), "README.md": model_card(ckpt, repo_id, returns, "replay.mp4")}
@@ -736,8 +743,8 @@ def push_to_hub(checkpoint, repo_id, returns, video):
 def main(cli):
     if cli.episodes < 1 or cli.num_envs < 1 or cli.fps < 1:
         fail("--episodes, --num-envs and --fps must be >= 1")
-    if cli.seed is not None and cli.seed < 0:
-        fail(f"--seed must be >= 0, got {cli.seed}")
+    if cli.seed is not None and not 0 <= cli.seed < 2**32:
+        fail(f"--seed must be >= 0 and < 2**32, got {cli.seed}")
     if (cli.checkpoint is None) == (cli.hub is None):
         fail("give a checkpoint file or --hub REPO_ID (one of them)")
     path = cli.checkpoint if cli.hub is None else download_checkpoint(cli.hub, cli.hub_file)

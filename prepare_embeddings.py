@@ -33,6 +33,7 @@ import logging
 import os
 import pickle
 import re
+import secrets
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 TINY = "tiny-random"
+RANDOM_WT103 = "random-wt103"  # the transfo-xl-wt103 architecture with random weights: speed benchmarks only
+RANDOM_CLIP = "random"  # --clip-pretrained random: the CLIP architecture with random weights: speed benchmarks only
 EMBEDDINGS_FORMAT = "shelm-vocab-embeddings/1"
 WEIGHTS_HELP = (
     "download it once with internet access (it is cached under ~/.cache/huggingface), or pass a local "
@@ -121,12 +124,43 @@ def find_file(source, names):
 def tiny_vocab():
     """Vocabulary of the tiny random Transformer-XL: 2000 real English words, so SHELM's retrieval has
     something to find. Taken from CLIP's BPE vocabulary in merge order, which ships with open_clip."""
+    return ["<eos>", "<unk>"] + clip_words()[:1998]
+
+
+def clip_words():
+    """The whole lower-case English words (longer than one letter) of CLIP's BPE vocabulary, in merge order."""
     from open_clip.tokenizer import SimpleTokenizer
 
     words = [t[:-4] for t in SimpleTokenizer().encoder if t.endswith("</w>") and len(t) > 5]
-    words = [w for w in words if w.isascii() and w.isalpha() and w.islower()]
-    return ["<eos>", "<unk>"] + words[:1998]
+    return [w for w in words if w.isascii() and w.isalpha() and w.islower()]
 
+
+def random_vocab(n_token):
+    """A vocabulary of n_token distinct words for random-weight models: CLIP's words (so SHELM retrieves
+    among about as many shared words as with the real wt103 vocabulary), then placeholders."""
+    words = ["<eos>", "<unk>"] + clip_words()[: n_token - 2]
+    return words + [f"<random-{i}>" for i in range(len(words), n_token)]
+
+
+# config.json of transfo-xl/transfo-xl-wt103: random-wt103 has these shapes
+WT103_CONFIG = {
+    "vocab_size": 267735,
+    "cutoffs": [20000, 40000, 200000],
+    "div_val": 4,
+    "d_model": 1024,
+    "d_embed": 1024,
+    "n_head": 16,
+    "d_head": 64,
+    "d_inner": 4096,
+    "n_layer": 18,
+    "clamp_len": 1000,
+    "same_length": True,
+    "untie_r": True,
+    "pre_lnorm": False,
+    "attn_type": 0,
+    "adaptive": True,
+    "layer_norm_epsilon": 1e-5,
+}
 
 TINY_TRXL_CONFIG = {
     "vocab_size": 2000,
@@ -178,17 +212,68 @@ def read_vocab(path):
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         fail(f"vocabulary {path} is not a plain Transformer-XL vocab.pkl ({e})")
     idx2sym = data.get("idx2sym") if isinstance(data, dict) else None
-    if not isinstance(idx2sym, list) or not all(isinstance(s, str) for s in idx2sym):
+    if not isinstance(idx2sym, list) or not idx2sym or not all(isinstance(s, str) for s in idx2sym):
         fail(f"vocabulary {path} has no idx2sym list of strings")
     return idx2sym
 
 
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# a config.json naming more parameters than this is a mistake or an attack, not a Transformer-XL (wt103: 0.3e9)
+MAX_TRXL_PARAMETERS = 2**32
+
+
+def validate_trxl_config(config, path):
+    """The Transformer-XL config.json with every field the model reads checked for type and range, so a
+    config from elsewhere ends in one line, not in a traceback or an allocation of absurd size."""
+    if not isinstance(config, dict):
+        fail(f"{path} holds a {type(config).__name__}, not a Transformer-XL config (a JSON object)")
+    config = dict(config)
+    config.setdefault("vocab_size", config.get("n_token"))
+    sizes = ["vocab_size", "d_model", "d_embed", "n_head", "d_head", "d_inner", "n_layer", "div_val"]
+    missing = [k for k in [*sizes, "cutoffs", "clamp_len", "same_length"] if config.get(k) is None]
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)}: not a Transformer-XL config")
+    for key in sizes:
+        if not is_int(config[key]) or config[key] < 1:
+            fail(f"{path}: {key} must be a positive integer, got {config[key]!r}")
+    if config["d_model"] % 2:
+        fail(f"{path}: d_model must be even (sine and cosine positions), got {config['d_model']}")
+    if not is_int(config["clamp_len"]) or not isinstance(config["same_length"], bool):
+        fail(f"{path}: clamp_len must be an integer and same_length true or false")
+    cutoffs = config["cutoffs"]
+    if not (
+        isinstance(cutoffs, list)
+        and all(is_int(c) for c in cutoffs)
+        and all(a < b for a, b in zip([0, *cutoffs], [*cutoffs, config["vocab_size"]]))
+    ):
+        fail(f"{path}: cutoffs must be increasing integers within vocab_size {config['vocab_size']}, got {cutoffs!r}")
+    if config["d_embed"] // config["div_val"] ** len(cutoffs) < 1:
+        fail(f"{path}: d_embed {config['d_embed']} leaves no width for the last cluster at div_val {config['div_val']}")
+    eps = config.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        fail(f"{path}: layer_norm_epsilon must be a small positive number, got {eps!r}")
+    d_model, width = config["d_model"], config["n_head"] * config["d_head"]
+    per_layer = 4 * width * d_model + 2 * d_model * config["d_inner"]
+    ends = [0, *cutoffs, config["vocab_size"]]
+    embedding = sum(
+        (ends[i + 1] - ends[i] + d_model) * (config["d_embed"] // config["div_val"] ** i) for i in range(len(ends) - 1)
+    )
+    if config["n_layer"] * per_layer + embedding > MAX_TRXL_PARAMETERS:
+        fail(f"{path}: its sizes make a model of more than {MAX_TRXL_PARAMETERS:,} parameters")
+    return config
+
+
 def trxl_source(source, weights=True):
     """(config dict, weights file, idx2sym) of a Transformer-XL source; the weights file is None for
-    the tiny random model and when not asked for (the vocabulary alone needs no 1 GB download)."""
+    the random models and when not asked for (the vocabulary alone needs no 1 GB download)."""
     if source == TINY:
         vocab = tiny_vocab()
         return dict(TINY_TRXL_CONFIG, vocab_size=len(vocab)), None, vocab
+    if source == RANDOM_WT103:
+        return dict(WT103_CONFIG), None, random_vocab(WT103_CONFIG["vocab_size"])
     config_file = find_file(source, ["config.json"])
     if config_file is None:
         fail(f"{source!r} has no config.json")
@@ -196,7 +281,7 @@ def trxl_source(source, weights=True):
         config = json.loads(Path(config_file).read_text())
     except (OSError, ValueError) as e:
         fail(f"{config_file} is not a readable JSON config ({e})")
-    config.setdefault("vocab_size", config.get("n_token"))
+    config = validate_trxl_config(config, config_file)
     weights_file = None
     if weights:
         weights_file = find_file(source, ["model.safetensors", "pytorch_model.bin"])
@@ -209,18 +294,32 @@ def trxl_source(source, weights=True):
 
 
 def read_state_dict(path):
-    """Tensors of a safetensors or torch checkpoint file; never unpickles arbitrary objects."""
+    """Tensors of a safetensors or torch checkpoint file, all finite; never unpickles arbitrary objects."""
     try:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files written before torch's zip format cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # files written before torch's zip format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
         fail(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    validate_tensors(state, f"weights {path}")
+    return state
+
+
+def validate_tensors(state, what):
+    """A state dict: a flat dict of named tensors, none of them NaN or infinite."""
+    if not isinstance(state, dict):
+        fail(f"{what} hold a {type(state).__name__}, not a dict of named tensors")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            fail(f"{what}: entry {key!r} is a {type(value).__name__}, not a named tensor")
+        if (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all():
+            fail(f"{what}: tensor {key} holds NaN or infinite values")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,11 +354,13 @@ def root_log_level(level):
 
 
 def load_clip(name, pretrained, device, tiny_kind="ViT"):
-    """Frozen open_clip model in eval mode. `pretrained` is an open_clip tag ('openai') or a weights file."""
+    """Frozen open_clip model in eval mode. `pretrained` is an open_clip tag ('openai') or a weights file,
+    or `random`: the architecture with random weights (the same in every process), for speed benchmarks."""
     import open_clip
 
-    if name == TINY:
-        name = f"helm-tiny-{tiny_kind.lower()}"
+    if name == TINY or (pretrained == RANDOM_CLIP and name in open_clip.list_models()):
+        if name == TINY:
+            name = f"helm-tiny-{tiny_kind.lower()}"
         if name not in open_clip.list_models():
             with tempfile.TemporaryDirectory(prefix="helm-tiny-clip-") as config_dir:  # read at once by open_clip
                 (Path(config_dir) / f"{name}.json").write_text(json.dumps(TINY_CLIP_CONFIGS[tiny_kind]))
@@ -283,7 +384,16 @@ def load_clip(name, pretrained, device, tiny_kind="ViT"):
                 "access, or pass --clip-pretrained /path/to/open_clip_model.safetensors, or use "
                 "--clip-model tiny-random for a test run"
             )
+        bad = next((n for n, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()), None)
+        if bad is not None:
+            fail(f"CLIP {name} weights {pretrained!r}: tensor {bad} holds NaN or infinite values")
     return model.to(device).eval().requires_grad_(False)
+
+
+def clip_text_dim(clip):
+    """Width of CLIP's text embeddings (the rows of the embeddings file)."""
+    projection = clip.text_projection
+    return projection.out_features if isinstance(projection, torch.nn.Linear) else projection.shape[-1]
 
 
 def clip_image_features(clip, images):
@@ -301,7 +411,8 @@ def clip_image_features(clip, images):
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     x = x[..., top : top + size, left : left + size].clamp(0.0, 1.0)  # PIL clamps bicubic overshoot too
     x = (x - mean.to(x.device)[:, None, None]) / std.to(x.device)[:, None, None]
-    return clip.encode_image(x).float()
+    weights = next(iter(clip.visual.parameters()), None) if isinstance(clip.visual, torch.nn.Module) else None
+    return clip.encode_image(x if weights is None else x.to(weights.dtype)).float()  # CLIP may be bfloat16
 
 
 def encode_words(clip, clip_ids, batch_size=1024):
@@ -445,16 +556,16 @@ def shared_vocabulary(trxl_vocab):
     return clip_ids, trxl_ids, words
 
 
-def embeddings_path(out_dir, clip_model, clip_pretrained, trxl_model, templates=()):
-    """One file per (CLIP weights, Transformer-XL vocabulary, prompt templates)."""
+def embeddings_path(out_dir, clip_model, clip_pretrained, trxl_model, meta):
+    """One file per (CLIP text tower, Transformer-XL vocabulary, prompt templates) content: the names make it
+    readable, the fingerprint of the contents makes it unique (two local models named alike get two files)."""
 
     def slug(s):
         return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(s)).name if os.sep in str(s) else str(s)).strip("-")
 
-    name = f"shelm_vocab__{slug(clip_model)}__{slug(clip_pretrained)}__{slug(trxl_model)}"
-    if templates:
-        name += f"__prompts-{hashlib.sha256(json.dumps(list(templates)).encode()).hexdigest()[:12]}"
-    return Path(out_dir) / f"{name}.safetensors"
+    content = " ".join(meta[k] for k in ("clip_text_sha256", "trxl_vocab_sha256", "prompts"))
+    name = f"shelm_vocab__{slug(clip_model)}__{slug(clip_pretrained)}__{slug(trxl_model)}"[:160]
+    return Path(out_dir) / f"{name}__{hashlib.sha256(content.encode()).hexdigest()[:16]}.safetensors"
 
 
 def expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, templates=()):
@@ -470,8 +581,14 @@ def expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab,
     }
 
 
-def read_embeddings(path, expected):
-    """Tensors of an embeddings file after checking it was made from the models in use."""
+# what an embeddings file must agree on with the models in use; the names are for people (a model moved
+# to another directory still has the same vocabulary, and so the same embeddings)
+MATCHING_METADATA = ("format", "clip_text_sha256", "trxl_vocab_sha256", "prompts")
+
+
+def read_embeddings(path, expected, dim, vocab_size):
+    """Tensors of an embeddings file after checking it was made from the models in use, and that its
+    tensors are what the retrieval reads: (n, dim) finite unit rows, n Transformer-XL ids in range."""
     from safetensors import safe_open
 
     try:
@@ -486,24 +603,46 @@ def read_embeddings(path, expected):
             f"embeddings file {path} was made with the prompt templates {meta['prompts']}, not "
             f"{expected['prompts']}; build one for these with prepare_embeddings.py --prompts ..."
         )
-    stale = [k for k, v in expected.items() if meta.get(k) != v]
+    stale = [k for k in MATCHING_METADATA if meta.get(k) != expected[k]]
     if stale:
         fail(
             f"embeddings file {path} was made from other models or an older format (differs in {', '.join(stale)}); "
             "rebuild it with prepare_embeddings.py --force"
         )
+    emb, trxl_ids, clip_ids = tensors["text_embeddings"], tensors["trxl_ids"], tensors["clip_ids"]
+    n = emb.shape[0] if emb.dim() == 2 else -1
+    problem = None
+    if not (emb.dim() == 2 and n >= 1 and emb.shape[1] == dim and emb.is_floating_point()):
+        problem = f"text_embeddings is {emb.dtype} {tuple(emb.shape)}, not float (n, {dim})"
+    elif any(t.dtype != torch.long or tuple(t.shape) != (n,) for t in (trxl_ids, clip_ids)):
+        problem = f"trxl_ids and clip_ids must be int64 ({n},), got {tuple(trxl_ids.shape)} and {tuple(clip_ids.shape)}"
+    elif meta.get("n_shared", str(n)) != str(n):
+        problem = f"n_shared {meta.get('n_shared')!r} but {n} rows"
+    elif not torch.isfinite(emb).all() or not torch.allclose(emb.norm(dim=-1), torch.ones(n), atol=1e-3):
+        problem = "text_embeddings are not finite unit vectors"
+    elif trxl_ids.min() < 0 or trxl_ids.max() >= vocab_size or clip_ids.min() < 0:
+        problem = f"ids out of range (Transformer-XL ids must lie in [0, {vocab_size}), CLIP ids be >= 0)"
+    if problem:
+        fail(f"embeddings file {path} is malformed: {problem}; rebuild it with prepare_embeddings.py --force")
     return tensors
 
 
 def write_atomically(path, write):
-    """Write through a temporary file in the same directory, fsync, rename, fsync the directory: a
-    crash or a full disk leaves any previous file untouched and no half-written one behind."""
+    """Call write(f) on a new temporary file in the same directory, fsync, rename it over `path`, fsync the
+    directory: a crash or a full disk leaves any previous file untouched and no half-written one behind.
+    The temporary file is created anew (O_EXCL, a random name), so a link planted in the directory
+    is never followed; the rename replaces the name `path`, even if it is a link, never a link's target."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        with open(tmp, "rb") as f:
+        name = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        # O_EXCL: a new file or an error, even if a link stands at that name; mode 0o666 less the umask
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        tmp = name  # ours to remove from here on
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut too
@@ -520,24 +659,39 @@ def write_atomically(path, write):
 
 
 def _remove(path):
-    with contextlib.suppress(OSError):  # never written, or its directory is not one
-        path.unlink()
+    if path is not None:  # None: not created (the name was taken)
+        with contextlib.suppress(OSError):  # already renamed, or its directory is not one
+            path.unlink()
 
 
 def build_embeddings(
-    clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, out_dir, force=False, verbose=True, templates=()
+    clip,
+    clip_model,
+    clip_pretrained,
+    trxl_model,
+    trxl_vocab,
+    out_dir,
+    force=False,
+    verbose=True,
+    templates=(),
+    may_write=True,
 ):
-    """Path of the embeddings file for these models and prompt templates, built if absent (or with force)."""
+    """Path of the embeddings file for these models and prompt templates, built if absent (or with force) and
+    may_write."""
     from safetensors.torch import save
 
-    pretrained = "none" if clip_model == TINY else clip_pretrained
-    path = embeddings_path(out_dir, clip_model, pretrained, trxl_model, templates)
     meta = expected_metadata(clip, clip_model, clip_pretrained, trxl_model, trxl_vocab, templates)
+    path = embeddings_path(out_dir, clip_model, meta["clip_pretrained"], trxl_model, meta)
     if path.exists() and not force:
-        read_embeddings(path, meta)
+        read_embeddings(path, meta, clip_text_dim(clip), len(trxl_vocab))
         if verbose:
             print(f"embeddings up to date: {path}")
         return path
+    if not may_write:
+        fail(
+            f"embeddings file {path} does not exist, and the checkpoint's embeddings_dir is outside the working "
+            "directory: a checkpoint cannot have files written there; give --embeddings-dir"
+        )
     clip_ids, trxl_ids, words = shared_vocabulary(trxl_vocab)
     if not clip_ids:
         fail(f"CLIP and {trxl_model} share no word: is the vocabulary a Transformer-XL word vocabulary?")
@@ -556,7 +710,7 @@ def build_embeddings(
     }
     # serialized in memory, written by Python: safetensors reports a full disk as its own error, not OSError
     data = save(tensors, metadata=dict(meta, n_shared=str(len(words))))
-    write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+    write_atomically(path, lambda f: f.write(data))
     if verbose:
         print(f"wrote {path}")
     return path

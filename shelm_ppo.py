@@ -14,15 +14,22 @@ and helmv2_ppo.py; everything else is the same code in the three scripts (tests/
 
 # [end algorithm-specific]
 import collections
+import dataclasses
+import fcntl
+import hashlib
 import importlib.util
 import io
+import itertools
 import math
 import operator
 import os
 import random
+import re
 import signal
 import sys
 import time
+import types
+import typing
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,10 +48,9 @@ import prepare_embeddings
 from prepare_embeddings import fail
 
 # [algorithm-specific]
-# isort: split
-import hashlib  # the token cache's keys; only SHELM needs it
-
 ALGORITHM = "shelm"
+# arguments naming a directory the script writes to (a checkpoint's values must stay under the working directory)
+OUTPUT_DIRS = ("embeddings_dir",)
 # [end algorithm-specific]
 CHECKPOINT_FORMAT = "helm-checkpoint/1"
 
@@ -116,7 +122,7 @@ class Args:
 
     # Memory: the frozen Transformer-XL
     trxl_model: str = "transfo-xl/transfo-xl-wt103"
-    """Transformer-XL: Hugging Face hub id, local directory, or tiny-random (tests and benchmarks only)"""
+    """Transformer-XL: Hugging Face hub id, local directory, tiny-random (tests) or random-wt103 (speed benchmarks)"""
     n_layer: int = 18
     """keep the first N of the Transformer-XL's layers (1..18); 2 learns as well and is faster"""
     mem_len: int = 15
@@ -125,12 +131,16 @@ class Args:
     """at an episode start: mask (hide the old episode from the new) or zero (zero the memories, as the original)"""
     ablate_memory: bool = False
     """feed the agent zeros instead of the Transformer-XL's output (the papers' memoryless baseline)"""
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the frozen Transformer-XL (and SHELM's CLIP): auto is bfloat16 where the hardware has fast bfloat16"""
+    observation_cache_size: int = 100_000
+    """observations whose frozen-encoder outputs are remembered, so exact repeats skip the encoder (0: off)"""
     # [algorithm-specific]
     # SHELM: CLIP + token retrieval
     clip_model: str = "ViT-B-16"
     """open_clip model name, or tiny-random (tests and benchmarks only)"""
     clip_pretrained: str = "openai"
-    """open_clip pretrained tag, or a local weights file"""
+    """open_clip pretrained tag, a local weights file, or random (random weights: speed benchmarks only)"""
     topk: int = 1
     """number of vocabulary words retrieved per observation (Transformer-XL tokens per step)"""
     embeddings_dir: str = "data"
@@ -139,8 +149,6 @@ class Args:
     """use this embeddings file instead of the one in embeddings_dir; it must exist and match the models"""
     prompts: tuple[str, ...] = ()
     """embed each word in prompt templates with {} for it, or a preset of the original (dmlab, avalon)"""
-    token_cache_size: int = 100_000
-    """observations whose retrieved tokens are remembered, so exact repeats skip CLIP (0: off)"""
     # [end algorithm-specific]
     log_tokens_every: int = 10
     """every N updates, log the memory tokens of one whole episode as tensorboard text (0: never)"""
@@ -166,6 +174,8 @@ class Args:
 
 # What --resume takes from the command line when given there; every other argument comes from the checkpoint.
 RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
+RUNS = Path("runs")  # every run directory lies under it, relative to the working directory
+MAX_NAME_BYTES = 200  # of a run directory's name; file systems allow 255, the rest is for suffixes
 
 
 def resume_args(ckpt, path):
@@ -177,9 +187,11 @@ def resume_args(ckpt, path):
         fail(f"checkpoint {path} was written with other arguments than this script has ({e})")
     args = tyro.cli(Args, default=replace(saved, resume=path))
     changed = [name for name, value in asdict(saved).items() if getattr(args, name) != value]
-    fixed = [f"--{name.replace('_', '-')}" for name in changed if name not in (*RESUME_OVERRIDES, "resume")]
+    fixed = [
+        f"--{name.replace('_', '-')}" for name in changed if name not in (*RESUME_OVERRIDES, *OUTPUT_DIRS, "resume")
+    ]
     if fixed:
-        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDES)
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in (*RESUME_OVERRIDES, *OUTPUT_DIRS))
         fail(f"{' '.join(fixed)}: a resumed run keeps its checkpoint's arguments; only {allowed} can be given")
     return args
 
@@ -199,23 +211,23 @@ def check_args(args):
     # [algorithm-specific]
     positive += ["topk"]
     prepare_embeddings.prompt_templates(args.prompts)  # one error line for a template without {}
-    if args.token_cache_size < 0:
-        fail(f"--token-cache-size must be >= 0, got {args.token_cache_size}")
     # [end algorithm-specific]
     for name in positive:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be >= 0 and < 2**32, got {args.seed}")
     for name in ["learning_rate", "clip_coef", "max_grad_norm"]:
         if not 0 < getattr(args, name) < torch.finfo(torch.float32).max:
             fail(f"--{name.replace('_', '-')} must be a positive float32 number, got {getattr(args, name)}")
     for name in ["gamma", "gae_lambda"]:
         if not 0 <= getattr(args, name) <= 1:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    for name in ["ent_coef", "vf_coef", "log_tokens_every", "checkpoint_every"]:
-        if not getattr(args, name) >= 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.target_kl is not None and not args.target_kl > 0:
-        fail(f"--target-kl must be positive, got {args.target_kl}")
+    for name in ["ent_coef", "vf_coef", "log_tokens_every", "checkpoint_every", "observation_cache_size"]:
+        if not 0 <= getattr(args, name) < torch.finfo(torch.float32).max:
+            fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
+    if args.target_kl is not None and not 0 < args.target_kl < math.inf:
+        fail(f"--target-kl must be positive and finite, got {args.target_kl}")
     if args.n_layer < 1:
         fail(f"--n-layer must be >= 1, got {args.n_layer}")
     if args.num_envs * args.num_steps < args.num_minibatches:
@@ -224,6 +236,36 @@ def check_args(args):
     if args.total_timesteps < args.num_envs * args.num_steps:
         rollout = args.num_envs * args.num_steps
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({rollout})")
+    batch = args.num_envs * args.num_steps
+    minibatch = batch // args.num_minibatches
+    smallest = min(minibatch, batch % minibatch or minibatch)  # the last minibatch takes what is left
+    if args.norm_adv and smallest < 2:
+        fail(
+            f"--num-minibatches {args.num_minibatches} cuts the batch of {batch} into minibatches of as few as 1 "
+            f"sample, whose advantages cannot be normalized: choose one that leaves >= 2 per minibatch"
+        )
+    if "/" in args.exp_name:
+        fail(f"--exp-name {args.exp_name!r} must be a plain name, without '/'")
+    validate_run_name(new_run_name(args), "the run name of --env-id and --exp-name")
+
+
+def new_run_name(args):
+    return f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+
+def validate_run_name(run_name, what):
+    """A name that keeps the run directory under runs/: relative, without '..', printable UTF-8, not too long.
+    Refused, not repaired: a name from a checkpoint or the command line is used as given or not at all."""
+    if not isinstance(run_name, str) or not run_name:
+        fail(f"{what} must be a non-empty string, got {run_name!r}")
+    try:
+        parts = [part.encode("utf-8") for part in run_name.split("/")]
+    except UnicodeEncodeError:
+        fail(f"{what} {run_name!r} is not valid UTF-8")
+    if any(part in (b"", b".", b"..") for part in parts) or re.search(r"[\x00-\x1f\x7f\\]", run_name):
+        fail(f"{what} {run_name!r} leaves runs/: it must be relative, without '..', control characters or '\\'")
+    if max(len(part) for part in parts) > MAX_NAME_BYTES:
+        fail(f"{what} is {max(len(part) for part in parts)} bytes long; at most {MAX_NAME_BYTES} make a directory name")
 
 
 GL_HELP = (
@@ -239,6 +281,12 @@ ENV_SUITES = {
     "MysteryPath": MEMORY_GYM,
     "SearingSpotlights": MEMORY_GYM,
     "Endless-": MEMORY_GYM,
+    # procgen needs numpy < 2: a virtualenv of its own; procgen_memory.py adapts it to gymnasium
+    "procgen-memory-": (
+        "procgen_memory",
+        "python3 -m venv .venv-procgen && .venv-procgen/bin/pip install -r requirements/procgen.txt, "
+        "then run with .venv-procgen/bin/python",
+    ),
 }
 
 
@@ -261,7 +309,7 @@ def import_env_suite(env_id):
     try:
         importlib.import_module(module)
     except ImportError as e:
-        fail(f"{env_id} needs the {module} package ({e}); install it with: {install}")
+        fail(f"{env_id} needs the module {module}, which cannot be imported ({e}); install it with: {install}")
 
 
 def make_env(env_id, idx, capture_video, run_name, render_mode=None):
@@ -387,22 +435,28 @@ class RelMultiHeadAttn(nn.Module):
         x = torch.cat([x.new_zeros(q, 1, *x.shape[2:]), x], dim=1)
         return x.view(k + 1, q, *x.shape[2:])[1:].view(q, k, *x.shape[2:])
 
-    def forward(self, h, pos_emb, mask, mem):
+    def keys_values(self, h):
+        """Keys and values (..., 2 * n_head * d_head) of layer inputs h: what a memory slot holding h
+        offers to later steps. The weights are frozen, so a slot's are computed once, when it is written."""
+        return F.linear(h, self.qkv_net.weight[self.n_head * self.d_head :])
+
+    def forward(self, h, pos_emb, mask, mem_kv):
+        """h (qlen, bsz, d_model) this step's inputs, mem_kv (mlen, bsz, 2 * n_head * d_head) the keys and
+        values of the memory -> (output, the keys and values of h: the memory slots this step writes)."""
         qlen, bsz = h.shape[:2]
-        q, k, v = self.qkv_net(torch.cat([mem, h], dim=0)).chunk(3, dim=-1)
-        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head)
-        k = k.view(-1, bsz, self.n_head, self.d_head)
-        v = v.view(-1, bsz, self.n_head, self.d_head)
+        q, kv = self.qkv_net(h).split([self.n_head * self.d_head, 2 * self.n_head * self.d_head], dim=-1)
+        q = q.view(qlen, bsz, self.n_head, self.d_head)
+        k, v = torch.cat([mem_kv, kv], dim=0).view(-1, bsz, 2, self.n_head, self.d_head).unbind(2)
         r = self.r_net(pos_emb).view(-1, self.n_head, self.d_head)
         content = torch.einsum("ibnd,jbnd->ijbn", q + self.r_w_bias, k)
         position = self.rel_shift(torch.einsum("ibnd,jnd->ijbn", q + self.r_r_bias, r))
-        score = (content + position) * self.scale
+        score = (content + position).float() * self.scale  # the softmax in float32 whatever the weights' dtype
         score = score.masked_fill(mask[..., None], torch.finfo(score.dtype).min)
         probs = score.softmax(dim=1)  # (query, key, batch, head); keys: the memory slots, then this step's tokens
         if self.keep_probs:
             self.probs = probs
-        out = torch.einsum("ijbn,jbnd->ibnd", probs, v).reshape(qlen, bsz, -1)
-        return self.layer_norm(h + self.o_net(out))
+        out = torch.einsum("ijbn,jbnd->ibnd", probs.to(v.dtype), v).reshape(qlen, bsz, -1)
+        return self.layer_norm(h + self.o_net(out)), kv
 
 
 class PositionwiseFF(nn.Module):
@@ -422,20 +476,25 @@ class DecoderLayer(nn.Module):
         self.dec_attn = RelMultiHeadAttn(n_head, d_model, d_head, eps)
         self.pos_ff = PositionwiseFF(d_model, d_inner, eps)
 
-    def forward(self, h, pos_emb, mask, mem):
-        return self.pos_ff(self.dec_attn(h, pos_emb, mask, mem))
+    def forward(self, h, pos_emb, mask, mem_kv):
+        h, kv = self.dec_attn(h, pos_emb, mask, mem_kv)
+        return self.pos_ff(h), kv
 
 
 class TransformerXL(nn.Module):
     """Transformer-XL with per-layer memories of the last mem_len steps.
 
-    mems (n_layer, mem_len, batch, d_model) hold each layer's past inputs; memory_mask (mem_len, batch)
-    says which memory slots a step may attend to (None: all, as Hugging Face's model does)."""
+    mems (n_layer, mem_len, batch, 2 * n_head * d_head) hold the attention keys and values of each layer's
+    past inputs (keys_values(hidden) of Hugging Face's mems, which hold the inputs themselves): the
+    weights are frozen, so each slot's keys and values are computed once instead of at every step.
+    memory_mask (mem_len, batch) says which memory slots a step may attend to (None: all, as Hugging
+    Face's model does). The frozen weights may be bfloat16; inputs are cast to them, outputs are float32."""
 
     def __init__(self, config, n_layer, mem_len):
         """config: the Hugging Face config.json of the model (a dict); n_layer: how many of its layers to keep."""
         super().__init__()
         self.n_layer, self.mem_len, self.d_model = n_layer, mem_len, config["d_model"]
+        self.mem_width = 2 * config["n_head"] * config["d_head"]  # a memory slot holds the keys and values of one input
         self.clamp_len, self.same_length = config["clamp_len"], config["same_length"]
         self.word_emb = AdaptiveEmbedding(
             config["vocab_size"], config["d_embed"], config["d_model"], config["cutoffs"], config["div_val"]
@@ -445,12 +504,19 @@ class TransformerXL(nn.Module):
             DecoderLayer(config["n_head"], config["d_model"], config["d_head"], config["d_inner"], eps)
             for _ in range(n_layer)
         )
-        self.register_buffer(
-            "inv_freq", 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0) / self.d_model)), persistent=False
-        )
+
+    @property
+    def dtype(self):
+        return self.word_emb.emb_projs[0].dtype
+
+    def keys_values(self, hidden):
+        """Memories as this model keeps them (keys and values) from Hugging Face's (each layer's inputs),
+        (n_layer, mem_len, batch, d_model) -> (n_layer, mem_len, batch, mem_width)."""
+        return torch.stack([layer.dec_attn.keys_values(h) for layer, h in zip(self.layers, hidden)])
 
     def forward(self, x, mems, memory_mask=None):
         """x (qlen, batch, d_model) input embeddings -> (output of the last layer, new mems, new memory_mask)."""
+        x = x.to(self.dtype)
         qlen, bsz = x.shape[:2]
         mlen = mems.shape[1]
         klen = mlen + qlen
@@ -463,21 +529,22 @@ class TransformerXL(nn.Module):
         if memory_mask is not None:
             visible = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool, device=x.device)])
             mask = mask | ~visible[None]
-        pos = torch.arange(klen - 1, -1, -1.0, device=x.device, dtype=x.dtype)
+        pos = torch.arange(klen - 1, -1, -1.0, device=x.device)
         if self.clamp_len > 0:
             pos = pos.clamp(max=self.clamp_len)
-        angles = torch.outer(pos, self.inv_freq.to(x.dtype))
-        pos_emb = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, None, :]
-        hids, h = [], x
-        for layer, mem in zip(self.layers, mems):
-            hids.append(h)
-            h = layer(h, pos_emb, mask, mem)
-        new_mems = torch.cat([mems, torch.stack(hids)], dim=1)[:, -self.mem_len :]
+        inv_freq = 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0, device=x.device) / self.d_model))
+        angles = torch.outer(pos, inv_freq)  # in float32 whatever the weights' dtype
+        pos_emb = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, None, :].to(x.dtype)
+        new_kvs, h = [], x
+        for layer, mem_kv in zip(self.layers, mems):
+            h, kv = layer(h, pos_emb, mask, mem_kv)
+            new_kvs.append(kv)
+        new_mems = torch.cat([mems, torch.stack(new_kvs)], dim=1)[:, -self.mem_len :]
         if memory_mask is not None:
             memory_mask = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool, device=x.device)])[
                 -self.mem_len :
             ]
-        return h, new_mems, memory_mask
+        return h.float(), new_mems, memory_mask
 
 
 def build_trxl(source, n_layer, mem_len, device):
@@ -492,12 +559,10 @@ def build_trxl(source, n_layer, mem_len, device):
         fail(f"--n-layer must be between 1 and {config['n_layer']} for {source}, got {n_layer}")
     if len(vocab) != config["vocab_size"]:
         fail(f"{source}: the vocabulary has {len(vocab)} words but the model {config['vocab_size']}")
-    if weights is None:  # tiny random model: the same weights in every process, whatever n_layer
+    if weights is None:  # random model: the same weights in every process, its layers a prefix of all 18
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            trxl = TransformerXL(config, config["n_layer"], mem_len)
-        trxl.layers = trxl.layers[:n_layer]
-        trxl.n_layer = n_layer
+            trxl = TransformerXL(config, n_layer, mem_len)  # the layers are drawn after the embeddings, in order
     else:
         trxl = TransformerXL(config, n_layer, mem_len)
         state = {}
@@ -505,7 +570,8 @@ def build_trxl(source, n_layer, mem_len, device):
             key = key.removeprefix("transformer.")  # the official checkpoint is the LM-head model
             if key.startswith("crit.") or key == "pos_emb.inv_freq":
                 continue
-            if key.startswith("layers.") and int(key.split(".")[1]) >= n_layer:
+            layer = key.split(".")[1] if key.startswith("layers.") else ""
+            if layer.isdigit() and int(layer) >= n_layer:  # other keys that are no parameter fail to load below
                 continue
             state[key] = value
         try:
@@ -517,8 +583,9 @@ def build_trxl(source, n_layer, mem_len, device):
 
 def init_memory(trxl, num_envs, memory_reset, device):
     """Empty memories. With mask, a fresh start has nothing to attend to; with zero, every slot is
-    visible and holds zeros, as in the original (and as Hugging Face initialises mems)."""
-    mems = torch.zeros(trxl.n_layer, trxl.mem_len, num_envs, trxl.d_model, device=device)
+    visible and holds zeros, as in the original (and as Hugging Face initialises mems): the keys and
+    values of a zero input are zeros, since qkv_net has no bias."""
+    mems = torch.zeros(trxl.n_layer, trxl.mem_len, num_envs, trxl.mem_width, dtype=trxl.dtype, device=device)
     memory_mask = torch.full((trxl.mem_len, num_envs), memory_reset == "zero", dtype=torch.bool, device=device)
     return mems, memory_mask
 
@@ -534,6 +601,67 @@ def reset_memory(mems, memory_mask, done, memory_reset):
     if memory_reset == "mask":
         return mems, memory_mask & ~done[None, :]
     return mems * ~done[None, None, :, None], memory_mask
+
+
+def resolve_frozen_dtype(name, device):
+    """torch dtype of --frozen-dtype: auto is bfloat16 where matrix products in it are fast (CUDA, CPUs
+    with AVX512-BF16 or AMX), float32 elsewhere."""
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        else:
+            name = "bfloat16" if torch.backends.mkldnn.is_available() and mkldnn_bf16_supported() else "float32"
+    return getattr(torch, name)
+
+
+def mkldnn_bf16_supported():
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
+class ObservationCache:
+    """What a frozen encoder computed for each observation seen, so exact repeats skip it: grid worlds
+    show the same views again and again. Keys are 128-bit BLAKE2 hashes of the observation's bytes; at
+    most `size` entries are kept, the least recently used go first; size 0 turns the cache off."""
+
+    def __init__(self, size):
+        self.size, self.entries = size, collections.OrderedDict()
+        self.lookups = self.hits = 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __call__(self, obs, compute):
+        """compute(observations) -> tuple of tensors with one row per observation. The same for obs
+        (numpy, batch x ...), with compute run only on the observations not in the cache, each once."""
+        if self.size == 0:
+            return compute(obs)
+        keys = [hashlib.blake2b(o.tobytes(), digest_size=16).digest() for o in obs]
+        missing = {}  # key -> first index in the batch: an observation shown by several envs is computed once
+        for i, key in enumerate(keys):
+            if key not in self.entries:
+                missing.setdefault(key, i)
+        self.lookups += len(keys)
+        self.hits += sum(key in self.entries for key in keys)
+        rows = {key: self.entries[key] for key in keys if key in self.entries}
+        if missing:
+            computed = compute(obs[list(missing.values())])
+            for j, key in enumerate(missing):
+                rows[key] = tuple(t[j].clone() for t in computed)  # clone: a row alone, not a view of the batch
+        for key in keys:  # most recently used last
+            self.entries[key] = rows[key]
+            self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return tuple(torch.stack(column) for column in zip(*(rows[key] for key in keys)))
+
+    def log_scalars(self):
+        """The share of lookups since the last call that the cache answered."""
+        if not self.size:
+            return {}
+        rate = self.hits / self.lookups if self.lookups else float("nan")
+        self.lookups = self.hits = 0
+        return {"charts/observation_cache_hit_rate": rate}
 
 
 # [algorithm-specific]
@@ -553,46 +681,29 @@ def retrieve_tokens(image_features, text_embeddings, trxl_ids, k):
 class TokenRetrieval(nn.Module):
     """Observations (uint8 numpy, batch x H x W x 3) -> Transformer-XL input embeddings (k, batch, d).
 
-    Grid worlds show the same observation again and again, so the tokens of each observation seen
-    are remembered (bounded, least recently used out) and exact repeats skip CLIP."""
+    The tokens of each observation seen are remembered (ObservationCache): exact repeats skip CLIP, and
+    the observations missing from the cache go through CLIP together, as one batch."""
 
     def __init__(self, clip, text_embeddings, trxl_ids, word_emb, topk, cache_size):
         super().__init__()
         self.frozen = {"clip": clip, "word_emb": word_emb}  # in a dict: not submodules, so not in checkpoints
         self.register_buffer("text_embeddings", text_embeddings, persistent=False)
         self.register_buffer("trxl_ids", trxl_ids, persistent=False)
-        self.tokens_per_step, self.cache_size = topk, cache_size
-        self.cache = collections.OrderedDict()
-        self.lookups = self.hits = 0
+        self.tokens_per_step = topk
+        self.cache = ObservationCache(cache_size)
 
     def retrieve(self, obs):
         images = torch.from_numpy(obs).to(self.text_embeddings.device)
         features = prepare_embeddings.clip_image_features(self.frozen["clip"], images)
-        return retrieve_tokens(features, self.text_embeddings, self.trxl_ids, self.tokens_per_step)
+        return (retrieve_tokens(features, self.text_embeddings, self.trxl_ids, self.tokens_per_step),)
 
     @torch.no_grad()
     def forward(self, obs):
-        if self.cache_size == 0:
-            tokens = self.retrieve(obs)
-        else:
-            keys = [hashlib.blake2b(o.tobytes(), digest_size=16).digest() for o in obs]
-            missing = [i for i, key in enumerate(keys) if key not in self.cache]
-            self.lookups += len(keys)
-            self.hits += len(keys) - len(missing)
-            if missing:
-                for i, t in zip(missing, self.retrieve(obs[missing]).cpu()):
-                    self.cache[keys[i]] = t
-            for key in keys:
-                self.cache.move_to_end(key)
-            tokens = torch.stack([self.cache[key] for key in keys]).to(self.text_embeddings.device)
-            while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+        (tokens,) = self.cache(obs, self.retrieve)
         return self.frozen["word_emb"](tokens.T), tokens
 
     def log_scalars(self):
-        rate = self.hits / self.lookups if self.lookups else float("nan")
-        self.lookups = self.hits = 0
-        return {"charts/token_cache_hit_rate": rate} if self.cache_size else {}
+        return self.cache.log_scalars()
 
     def encoder_state(self):
         return {}  # nothing trained or drawn at random: the models and the embeddings file define it
@@ -601,8 +712,9 @@ class TokenRetrieval(nn.Module):
         pass
 
 
-def build_memory(args, device, verbose=True):
-    """(frozen Transformer-XL, its vocabulary, frozen encoder) for these arguments."""
+def build_memory(args, device, verbose=True, may_write=True):
+    """(frozen Transformer-XL, its vocabulary, frozen encoder) for these arguments; without may_write, a missing
+    embeddings file is an error instead of being built (its directory came from a checkpoint, see OUTPUT_DIRS)."""
     trxl, vocab = build_trxl(args.trxl_model, args.n_layer, args.mem_len, device)
     clip = prepare_embeddings.load_clip(args.clip_model, args.clip_pretrained, device, tiny_kind="ViT")
     templates = prepare_embeddings.prompt_templates(args.prompts)
@@ -613,8 +725,13 @@ def build_memory(args, device, verbose=True):
             fail(f"embeddings file {args.embeddings_file} does not exist (build it with prepare_embeddings.py)")
         path = args.embeddings_file
     else:
-        path = prepare_embeddings.build_embeddings(*models, args.embeddings_dir, verbose=verbose, templates=templates)
-    table = prepare_embeddings.read_embeddings(path, expected)
+        path = prepare_embeddings.build_embeddings(
+            *models, args.embeddings_dir, verbose=verbose, templates=templates, may_write=may_write
+        )
+    table = prepare_embeddings.read_embeddings(path, expected, prepare_embeddings.clip_text_dim(clip), len(vocab))
+    dtype = resolve_frozen_dtype(args.frozen_dtype, device)  # after the embeddings: they are made in float32
+    trxl.to(dtype)
+    clip.to(dtype)
     if verbose:
         print(f"token retrieval over the {len(table['trxl_ids'])} words CLIP and the Transformer-XL share ({path})")
     if args.topk > len(table["trxl_ids"]):
@@ -625,7 +742,7 @@ def build_memory(args, device, verbose=True):
         table["trxl_ids"].to(device),
         trxl.word_emb,
         args.topk,
-        args.token_cache_size,
+        args.observation_cache_size,
     )
     return trxl, vocab, encoder
 
@@ -700,6 +817,27 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(x)
 
 
+class Laps:
+    """Wall time of each phase of the training loop: lap(name) adds the time since the previous lap
+    to that phase. Logged per update as perf/<phase>_s, so a run shows where its time goes. On a GPU
+    a phase ends when its work is queued, not done: the phases shift, their sum stays right."""
+
+    def __init__(self):
+        self.totals, self.last = collections.defaultdict(float), time.perf_counter()
+        self.cpu_start = time.process_time()
+
+    def __call__(self, name):
+        now = time.perf_counter()
+        self.totals[name] += now - self.last
+        self.last = now
+
+    def pop(self):
+        """(the phases' totals, the process's CPU time) since the last pop, and a fresh start."""
+        totals, self.totals = dict(self.totals), collections.defaultdict(float)
+        cpu, self.cpu_start = time.process_time() - self.cpu_start, time.process_time()
+        return totals, cpu
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: tensors and plain data only, read back with torch.load(weights_only=True).
 # ---------------------------------------------------------------------------------------------
@@ -709,7 +847,7 @@ def save_checkpoint(path, state):
     # serialized in memory, written by Python: torch.save reports a full disk as RuntimeError, not OSError
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    prepare_embeddings.write_atomically(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
+    prepare_embeddings.write_atomically(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def training_state(iteration, global_step, best_return, recent_returns, reward_norm, encoder):
@@ -742,6 +880,7 @@ class Checkpoints:
     def save_and_exit(self, signum, state):
         self.save("checkpoint.pt", state)
         self.writer.close()
+        ignore_signals()
         resume = self.run_dir / "checkpoint.pt"
         print(f"\ninterrupted by signal {signum}; resume with --resume {resume}", file=sys.stderr)
         sys.exit(128 + signum)
@@ -799,10 +938,164 @@ def read_checkpoint(path):
     return ckpt
 
 
+# what every checkpoint holds, and of which type (bool is an int to Python, never to a checkpoint)
+CHECKPOINT_KEYS = {
+    "args": dict,
+    "meta": dict,
+    "run_name": str,
+    "wandb_id": (str, type(None)),
+    "agent": dict,
+    "optimizer": dict,
+    "encoder": dict,
+    "iteration": int,
+    "global_step": int,
+    "best_return": (int, float),
+    "recent_returns": list,
+    "reward_rms": (list, tuple),
+    "rng": dict,
+}
+
+
+def is_number(value, low=-sys.float_info.max, high=sys.float_info.max):
+    """A real number (no bool) in [low, high]; by default any finite one."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
 def check_checkpoint(ckpt, path):
+    """Everything --resume and enjoy.py take from a checkpoint, checked for structure, types, ranges,
+    finiteness and consistency before anything is built or written (docs/reliability.md, trust model)."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of these scripts")
     if ckpt.get("algorithm") != ALGORITHM:
         fail(f"checkpoint {path} is of {ckpt.get('algorithm')}_ppo.py, not {ALGORITHM}_ppo.py")
+    for key, kind in CHECKPOINT_KEYS.items():
+        if key not in ckpt or not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            found = type(ckpt[key]).__name__ if key in ckpt else "missing"
+            fail(f"checkpoint {path} is malformed: {key} is {found}")
+    args = checkpoint_args(ckpt["args"], path)
+    validate_run_name(ckpt["run_name"], f"checkpoint {path}: run_name")
+    if ckpt["wandb_id"] is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", ckpt["wandb_id"]):
+        fail(f"checkpoint {path}: wandb_id {ckpt['wandb_id']!r} is not a wandb run id")
+    prepare_embeddings.validate_tensors(ckpt["agent"], f"checkpoint {path}: the agent's weights")
+    prepare_embeddings.validate_tensors(ckpt["encoder"], f"checkpoint {path}: the encoder state")
+    state, groups = ckpt["optimizer"].get("state"), ckpt["optimizer"].get("param_groups")
+    if not (isinstance(state, dict) and isinstance(groups, list) and groups):
+        fail(f"checkpoint {path}: the optimizer state is malformed")
+    for group in groups:
+        if not isinstance(group, dict) or not is_number(group.get("lr"), 0, torch.finfo(torch.float32).max):
+            fail(f"checkpoint {path}: the optimizer's learning rate is missing or not a finite number >= 0")
+    for i, tensors in state.items():
+        prepare_embeddings.validate_tensors(tensors, f"checkpoint {path}: the optimizer state of parameter {i}")
+    batch, iteration = args.num_envs * args.num_steps, ckpt["iteration"]
+    if not 0 <= iteration <= args.total_timesteps // batch or ckpt["global_step"] != iteration * batch:
+        fail(
+            f"checkpoint {path}: inconsistent counters (update {iteration}, step {ckpt['global_step']}; "
+            f"{args.total_timesteps // batch} updates of {batch} steps)"
+        )
+    returns, rms = ckpt["recent_returns"], ckpt["reward_rms"]
+    if len(returns) > 100 or not all(is_number(r) for r in returns) or not is_number(ckpt["best_return"], -math.inf):
+        fail(f"checkpoint {path}: recent_returns or best_return are not finite numbers")
+    if len(rms) != 3 or not all(is_number(x) for x in rms) or rms[1] < 0 or rms[2] <= 0:
+        fail(f"checkpoint {path}: reward_rms is not (mean, variance >= 0, count > 0)")
+    rng = ckpt["rng"]
+    if set(rng) != {"torch", "cuda", "numpy", "python"} or not isinstance(rng["torch"], torch.Tensor):
+        fail(f"checkpoint {path}: the RNG states are malformed")
     return ckpt
+
+
+def value_fits(value, annotation):
+    """Whether a value from a checkpoint has the type its Args field declares (an int is a float, a bool no int)."""
+    origin, inner = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in inner)
+    if origin in (types.UnionType, typing.Union):
+        return any(value_fits(value, a) for a in inner)
+    if origin in (tuple, list):  # tuple[str, ...]: any length, each item of the first type
+        return isinstance(value, (tuple, list)) and all(value_fits(v, inner[0]) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)
+
+
+def checkpoint_args(saved, path):
+    """The Args of a checkpoint, each of its declared type and within range."""
+    fields = {field.name: field.type for field in dataclasses.fields(Args)}
+    unknown = [str(name) for name in saved if name not in fields]
+    if unknown:
+        fail(f"checkpoint {path} was written with other arguments than this script has: {', '.join(unknown)}")
+    for name, value in saved.items():
+        if not value_fits(value, fields[name]):
+            fail(f"checkpoint {path}: argument {name} is {repr(value)[:60]}, not {fields[name]}")
+    args = Args(**saved)
+    try:
+        check_args(args)
+    except SystemExit as e:
+        fail(f"checkpoint {path} holds an argument out of range: {str(e.code).removeprefix('error: ')}")
+    return args
+
+
+def may_write_output_dirs(args, saved):
+    """A checkpoint from elsewhere cannot choose where files are written: the directories its arguments (`saved`)
+    name for writing (OUTPUT_DIRS) are written to only if they lie under the working directory, or if the
+    command line chose another one; otherwise they are only read (SHELM: a missing embeddings file is an error)."""
+    paths = [Path(getattr(args, name)) for name in OUTPUT_DIRS]
+    inside = [not path.is_absolute() and ".." not in path.parts for path in paths]
+    return all(ok or getattr(args, name) != saved.get(name) for ok, name in zip(inside, OUTPUT_DIRS))
+
+
+def continues_in_place(run_dir, resume, ckpt):
+    """Whether resuming `resume` may go on in its run's directory: only if the run's checkpoint.pt is not ahead
+    of it (going on from model_best.pt of a run that went further would move the run's files back in time)."""
+    latest = run_dir / "checkpoint.pt"
+    if not latest.exists() or latest.samefile(resume):
+        return True
+    try:
+        step = torch.load(latest, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # noqa: BLE001 - whatever it holds, it is not to be overwritten
+        return False
+    return isinstance(step, int) and step <= ckpt["global_step"]
+
+
+def claim_run_dir(run_name, new):
+    """runs/<run_name>, locked for this process's life: a second process on the same run gets one line instead
+    of mixing its files in. A new run's directory is created here, never reused: if two runs started in the
+    same second take the name, the second gets it with a suffix -2 (-3, ...)."""
+    try:
+        if new:
+            (RUNS / run_name).parent.mkdir(parents=True, exist_ok=True)
+            for n in itertools.count(1):
+                run_dir = RUNS / (run_name if n == 1 else f"{run_name}-{n}")
+                try:
+                    run_dir.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+        else:
+            run_dir = RUNS / run_name
+            run_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(run_dir / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        fail(f"cannot create the run directory {RUNS / run_name} in {os.getcwd()}: {e.strerror or e}")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"{run_dir} is in use by another process (it holds {run_dir / '.lock'}); one run, one process")
+    return run_dir, lock
+
+
+def ignore_signals():
+    """Once the run is saved for good: Python drops its handlers while it shuts down, so a signal then would
+    kill the process (status -15, no message) after all was done; ignored, the run ends as it was going to."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def interrupted_before_training(signum, frame):
+    """SIGINT/SIGTERM before the run directory exists: nothing to save, stop at once with one line."""
+    print(f"interrupted by signal {signum} before training started; no run was written", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def load_trained(agent, encoder, ckpt, path):
@@ -832,6 +1125,21 @@ def set_rng_state(state):
     random.setstate(state["python"])
 
 
+def log_perf(writer, phases, cpu_seconds, batch_size, device, global_step):
+    """perf/<phase>_s of one update, perf/rollout_s and perf/update_sps (this update's steps per second
+    of wall time, the previous update's logging included), perf/cpu_s (the process's CPU time in that
+    while, all threads: with one thread, what the update costs on a core of its own), and the peak CUDA
+    memory on a GPU."""
+    writer.add_scalar("perf/cpu_s", cpu_seconds, global_step)
+    for name, seconds in phases.items():
+        writer.add_scalar(f"perf/{name}_s", seconds, global_step)
+    rollout = sum(v for k, v in phases.items() if k in ("agent", "env", "encoder", "trxl", "rollout_other"))
+    writer.add_scalar("perf/rollout_s", rollout, global_step)
+    writer.add_scalar("perf/update_sps", batch_size / sum(phases.values()), global_step)
+    if device.type == "cuda":
+        writer.add_scalar("perf/cuda_max_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, global_step)
+
+
 def versions():
     import importlib.metadata as md
 
@@ -841,6 +1149,8 @@ def versions():
 
 
 if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupted_before_training)
     args = tyro.cli(Args)
     ckpt = None
     if args.resume:
@@ -850,8 +1160,19 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    run_name = ckpt["run_name"] if ckpt else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path("runs") / run_name
+    if args.total_timesteps % args.batch_size:
+        print(
+            f"--total-timesteps {args.total_timesteps} is not a multiple of the batch size {args.batch_size}: "
+            f"{args.num_iterations} updates, {args.num_iterations * args.batch_size} steps"
+        )
+    run_name = ckpt["run_name"] if ckpt else new_run_name(args)
+    new_run = ckpt is None or not continues_in_place(RUNS / run_name, args.resume, ckpt)
+    if ckpt and new_run:
+        run_name = new_run_name(args)
+        print(
+            f"{RUNS / ckpt['run_name'] / 'checkpoint.pt'} is further than {args.resume}: going on in a new run, "
+            f"{RUNS / run_name}, so that nothing of {ckpt['run_name']} is overwritten"
+        )
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -863,7 +1184,7 @@ if __name__ == "__main__":
     # everything that can fail on bad input happens before anything is written
     envs, reward_norm = make_envs(args, run_name)
     obs_shape = envs.single_observation_space.shape
-    trxl, vocab, encoder = build_memory(args, device)
+    trxl, vocab, encoder = build_memory(args, device, may_write=not ckpt or may_write_output_dirs(args, ckpt["args"]))
     agent = Agent(obs_shape, action_dims(envs.single_action_space), trxl.d_model).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=args.learning_rate, eps=1e-8)
     start_iteration, global_step, best_return = 1, 0, -math.inf
@@ -875,14 +1196,28 @@ if __name__ == "__main__":
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, TypeError) as e:
             fail(f"checkpoint {args.resume}: the optimizer state does not match this model ({e})")
-        start_iteration, global_step, best_return = ckpt["iteration"] + 1, ckpt["global_step"], ckpt["best_return"]
+        start_iteration, global_step, best_return = (
+            ckpt["iteration"] + 1,
+            ckpt["global_step"],
+            float(ckpt["best_return"]),
+        )
         recent_returns.extend(ckpt["recent_returns"])
         reward_norm.return_rms.mean, reward_norm.return_rms.var, reward_norm.return_rms.count = ckpt["reward_rms"]
-        wandb_id = ckpt["wandb_id"]
-        set_rng_state(ckpt["rng"])
+        wandb_id = None if new_run else ckpt["wandb_id"]
+        try:
+            set_rng_state(ckpt["rng"])
+        except (TypeError, ValueError, RuntimeError, IndexError) as e:
+            fail(f"checkpoint {args.resume}: the RNG states are malformed ({' '.join(str(e).split())[:200]})")
         print(f"resuming {run_name} at step {global_step} (update {start_iteration - 1} of {args.num_iterations})")
     n_frozen = sum(p.numel() for p in trxl.parameters())
     print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {n_frozen:,} frozen parameters")
+
+    stop = StopRequest()  # from here on a signal is saved for: the run directory is about to exist
+    # the first write: the run directory, this process's alone from now on
+    run_dir, run_lock = claim_run_dir(run_name, new_run)
+    run_name = run_dir.relative_to(RUNS).as_posix()
+    if not new_run and not continues_in_place(run_dir, args.resume, ckpt):
+        fail(f"{run_dir / 'checkpoint.pt'} was written by another process meanwhile; resume it instead")
 
     videos = None
     if args.track:
@@ -907,7 +1242,10 @@ if __name__ == "__main__":
 
     # purge_step drops what an interrupted run logged after its last checkpoint: the steps after
     # global_step (the losses of the checkpoint's last update are logged at global_step itself)
-    writer = SummaryWriter(str(run_dir), purge_step=global_step + 1 if ckpt else None)
+    try:
+        writer = SummaryWriter(str(run_dir), purge_step=global_step + 1 if ckpt else None)
+    except OSError as e:
+        fail(f"cannot write the logs in {run_dir}: {e.strerror or e}")
     if not ckpt:
         writer.add_text(
             "hyperparameters",
@@ -916,7 +1254,6 @@ if __name__ == "__main__":
     meta = {"algorithm": ALGORITHM, "env_id": args.env_id, "versions": versions()}
     run_info = {"algorithm": ALGORITHM, "args": asdict(args), "meta": meta, "run_name": run_name, "wandb_id": wandb_id}
     checkpoints = Checkpoints(run_dir, writer, run_info, agent, optimizer)
-    stop = StopRequest()
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
@@ -949,8 +1286,10 @@ if __name__ == "__main__":
         progress = tqdm(
             total=args.num_iterations * args.batch_size, initial=global_step, unit="step", dynamic_ncols=True
         )
+    lap = Laps()
 
     for iteration in range(start_iteration, args.num_iterations + 1):
+        lap("logging")  # the previous update's logging and checkpoints
         # where a run interrupted during this iteration resumes: the end of the previous update
         resume_state = training_state(iteration - 1, global_step, best_return, recent_returns, reward_norm, encoder)
         if stop.signum:
@@ -976,6 +1315,7 @@ if __name__ == "__main__":
                 values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob
+            lap("agent")
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs_np, reward, terminations, truncations, infos = envs.step(
@@ -985,6 +1325,7 @@ if __name__ == "__main__":
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device).view(-1)
             next_obs = torch.from_numpy(next_obs_np).to(device)
             next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
+            lap("env")
 
             # the next observation into the memory; where an episode has just ended, that observation is the
             # new episode's first, so the env's memory is reset before it
@@ -992,8 +1333,10 @@ if __name__ == "__main__":
             with torch.no_grad():
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
                 trxl_in, next_tokens = encoder(next_obs_np)
+                lap("encoder")
                 trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
                 next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
+                lap("trxl")
 
             if "episode" in infos:
                 for i in np.nonzero(infos["_episode"])[0]:
@@ -1006,6 +1349,7 @@ if __name__ == "__main__":
                 episode_text = []
             if progress is not None:
                 progress.update(args.num_envs)
+            lap("rollout_other")
 
         # bootstrap value if not done
         with torch.no_grad():
@@ -1108,6 +1452,7 @@ if __name__ == "__main__":
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
+        lap("update")
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -1123,6 +1468,7 @@ if __name__ == "__main__":
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
+        log_perf(writer, *lap.pop(), args.batch_size, device, global_step)
         for key, value in encoder.log_scalars().items():
             writer.add_scalar(key, value, global_step)
         if args.log_tokens_every and iteration % args.log_tokens_every == 0 and last_episode_text:
@@ -1168,3 +1514,4 @@ if __name__ == "__main__":
         enjoy.push_to_hub(run_dir / "model_final.pt", repo_id, episodic_returns, video)
     if args.track:
         wandb.finish()  # the last tensorboard events synced before the process ends
+    ignore_signals()

@@ -6,7 +6,8 @@
 Runs are grouped by script, env and the arguments that differ between runs of the same script and env
 (seed, exp_name and bookkeeping arguments aside); the seeds of a group make its curve: the mean and a 95%
 bootstrap confidence band over seeds, against env steps and against wall-clock time. A run's final return
-is the mean return of its episodes in the last 10% of its steps (--final-fraction). Writes, into --out:
+is the mean return of its episodes in the last 10% of its steps (--final-fraction), or where none ended
+there, of its last num_envs episodes. Writes, into --out:
 
     steps__<env>.png/.svg, time__<env>.png/.svg   learning curves
     aggregate.png/.svg                            IQM of final returns across envs, stratified bootstrap (rliable)
@@ -47,6 +48,7 @@ BOOKKEEPING = {
     "embeddings_dir",
     "embeddings_file",
     "token_cache_size",
+    "observation_cache_size",
     "hopfield_chunk",
     "batch_size",
     "minibatch_size",
@@ -92,6 +94,8 @@ class Run:
     @property
     def final_return(self):
         window = self.steps > (1 - self.final_fraction) * self.last_step
+        if not window.any():  # no episode ended there (long episodes, all envs in step): the last of each env
+            window = np.arange(len(self.returns)) >= len(self.returns) - int(self.args.get("num_envs", 1))
         return float(self.returns[window].mean()) if window.any() else math.nan
 
 
@@ -176,8 +180,8 @@ def bootstrap_ci(samples, reps, rng):
     """95% percentile bootstrap interval of the mean over axis 0 (the seeds), for each column."""
     samples = np.asarray(samples, dtype=float)
     n = samples.shape[0]
-    means = np.nanmean(samples[rng.integers(0, n, size=(reps, n))], axis=1)
-    return np.nanpercentile(means, 2.5, axis=0), np.nanpercentile(means, 97.5, axis=0)
+    means = samples[rng.integers(0, n, size=(reps, n))].mean(axis=1)  # NaN where a seed has no value yet
+    return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
 
 
 def binned(x, y, grid):
@@ -206,7 +210,8 @@ def plot_curves(groups, env_id, axis, args, rng, out):
         ys = np.stack([binned(x, r.returns, grid) for x, r in zip(xs, group)])
         lo, hi = bootstrap_ci(ys, args.reps, rng)
         scale = 1 / 60 if axis == "time" else 1
-        line = ax.plot(grid * scale, np.nanmean(ys, axis=0), label=f"{curve_label(script, label)} ({len(group)} seeds)")
+        # a point where every seed has finished an episode: before, the mean would be of the lucky seeds only
+        line = ax.plot(grid * scale, ys.mean(axis=0), label=f"{curve_label(script, label)} ({len(group)} seeds)")
         ax.fill_between(grid * scale, lo, hi, alpha=0.2, color=line[0].get_color(), linewidth=0)
     ax.set_xlabel("env steps" if axis == "steps" else "training time (minutes)")
     ax.set_ylabel("episodic return")

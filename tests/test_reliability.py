@@ -5,11 +5,13 @@ Every run is a few updates of the tiny random models on CPU. The runs of a scrip
 tests read (an uninterrupted reference run, its twin, one with another seed, the interrupted runs and
 their resumptions) are made once per module, independent ones side by side."""
 
+import copy
 import errno
 import importlib.util
 import math
 import os
 import random
+import re
 import resource
 import runpy
 import shutil
@@ -69,12 +71,14 @@ def load(path):
 
 
 def scalars(run_dir):
-    """{tag: [(step, value), ...]} as TensorBoard shows it (what a restart purged is gone)."""
+    """{tag: [(step, value), ...]} as TensorBoard shows it (what a restart purged is gone), but for the
+    perf/* timings: speed is not deterministic."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    tags = [t for t in acc.Tags()["scalars"] if not t.startswith("perf/")]
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags}
 
 
 def assert_same(a, b, where="checkpoint"):
@@ -480,11 +484,10 @@ def test_write_atomically_on_a_full_disk(tmp_path):
     path = tmp_path / "state.pt"
     path.write_bytes(b"previous")
 
-    def half_then_full(tmp):
-        with open(tmp, "wb") as f:
-            f.write(b"half a")
-            f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def half_then_full(f):
+        f.write(b"half a")
+        f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with pytest.raises(SystemExit) as exit_info:
         prepare_embeddings.write_atomically(path, half_then_full)
@@ -497,8 +500,9 @@ def test_write_atomically_on_a_crash(tmp_path):
     path = tmp_path / "state.pt"
     path.write_bytes(b"previous")
 
-    def half_then_interrupted(tmp):
-        Path(tmp).write_bytes(b"half a")
+    def half_then_interrupted(f):
+        f.write(b"half a")
+        f.flush()
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -509,13 +513,15 @@ def test_write_atomically_on_a_crash(tmp_path):
     # killed outright in the middle of the write: no cleanup can run, the previous file is intact
     code = (
         "import os, signal, prepare_embeddings as p\n"
-        "def w(tmp):\n    open(tmp, 'wb').write(b'half a')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "def w(f):\n    f.write(b'half a')\n    f.flush()\n    os.kill(os.getpid(), signal.SIGKILL)\n"
         f"p.write_atomically({str(path)!r}, w)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=offline_env())
     assert proc.wait(timeout=WAIT) == -signal.SIGKILL
     assert path.read_bytes() == b"previous"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".state.pt.tmp{proc.pid}", "state.pt"]  # documented
+    left = sorted(p.name for p in tmp_path.iterdir())  # documented: .<name>.<random>.tmp
+    assert len(left) == 2 and left[1] == "state.pt" and re.fullmatch(r"\.state\.pt\.[0-9a-f]{16}\.tmp", left[0])
+    assert Path(tmp_path / left[0]).read_bytes() == b"half a"
 
 
 def test_write_atomically_protocol(tmp_path, monkeypatch):
@@ -536,9 +542,9 @@ def test_write_atomically_protocol(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_embeddings.os, "fsync", fsync)
     monkeypatch.setattr(prepare_embeddings.os, "replace", replace)
 
-    def write(tmp):
-        events.append(("write", str(tmp)))
-        Path(tmp).write_bytes(b"new")
+    def write(f):
+        events.append(("write", os.readlink(f"/proc/self/fd/{f.fileno()}")))
+        f.write(b"new")
 
     prepare_embeddings.write_atomically(path, write)
     tmp = events[0][1]
@@ -546,3 +552,256 @@ def test_write_atomically_protocol(tmp_path, monkeypatch):
     assert events == [("write", tmp), ("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]
     assert path.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints from elsewhere (docs/reliability.md, trust model): every crafted one ends in one line
+# ---------------------------------------------------------------------------------------------
+
+
+def setter(*keys, value):
+    def edit(ckpt):
+        target = ckpt
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value(target[keys[-1]]) if callable(value) else value
+
+    return edit
+
+
+def first_float(state):
+    return next(k for k, v in state.items() if v.is_floating_point())
+
+
+def nan_first(tensor):
+    tensor = tensor.clone()
+    tensor.view(-1)[0] = float("nan")
+    return tensor
+
+
+CHECKPOINT_CASES = {
+    "not-a-dict": (lambda c: c.clear(), ["is not a checkpoint of these scripts"]),
+    "missing-agent": (lambda c: c.pop("agent"), ["agent is missing"]),
+    "missing-rng": (lambda c: c.pop("rng"), ["rng is missing"]),
+    "iteration-a-string": (setter("iteration", value="4"), ["iteration is str"]),
+    "iteration-a-bool": (setter("iteration", value=True), ["iteration is bool"]),
+    "args-a-list": (setter("args", value=[]), ["args is list"]),
+    "args-unknown": (setter("args", "no_such_flag", value=1), ["other arguments than this script has: no_such_flag"]),
+    "args-string-for-int": (setter("args", "num_envs", value="4"), ["argument num_envs is '4'"]),
+    "args-bool-for-int": (setter("args", "num_steps", value=True), ["argument num_steps is True"]),
+    "args-not-in-literal": (setter("args", "memory_reset", value="sideways"), ["memory_reset is 'sideways'"]),
+    "args-negative-seed": (setter("args", "seed", value=-1), ["out of range", "--seed"]),
+    "args-infinite-vf-coef": (setter("args", "vf_coef", value=math.inf), ["out of range", "--vf-coef"]),
+    "args-exp-name-escapes": (setter("args", "exp_name", value="../../x"), ["--exp-name"]),
+    "run-name-absolute": (setter("run_name", value="/elsewhere"), ["run_name '/elsewhere' leaves runs/"]),
+    "run-name-dotdot": (setter("run_name", value="a/../../elsewhere"), ["leaves runs/"]),
+    "run-name-a-number": (setter("run_name", value=5), ["run_name is int"]),
+    "run-name-too-long": (setter("run_name", value="x" * 300), ["300 bytes long"]),
+    "wandb-id-a-path": (setter("wandb_id", value="../../x"), ["not a wandb run id"]),
+    "agent-nan": (lambda c: setter("agent", first_float(c["agent"]), value=nan_first)(c), ["NaN", "agent"]),
+    "agent-nested": (setter("agent", value=lambda a: {"query": a}), ["entry 'query' is a", "not a named tensor"]),
+    "agent-a-list": (lambda c: setter("agent", next(iter(c["agent"])), value=[1.0])(c), ["is a list"]),
+    "encoder-nan": (setter("encoder", value={"x": torch.tensor([math.nan])}), ["encoder state", "NaN"]),
+    "optimizer-lr-nan": (setter("optimizer", "param_groups", 0, "lr", value=math.nan), ["learning rate"]),
+    "optimizer-no-groups": (setter("optimizer", value={}), ["optimizer state is malformed"]),
+    "optimizer-state-inf": (setter("optimizer", "state", 0, "exp_avg", value=lambda t: t / 0), ["optimizer state"]),
+    "global-step-off": (setter("global_step", value=lambda s: s + 1), ["inconsistent counters"]),
+    "iteration-beyond-the-run": (
+        lambda c: c.update(iteration=UPDATES + 1, global_step=(UPDATES + 1) * BATCH),
+        ["inconsistent counters"],
+    ),
+    "iteration-negative": (lambda c: c.update(iteration=-1, global_step=-BATCH), ["inconsistent counters"]),
+    "recent-returns-nan": (setter("recent_returns", value=[math.nan]), ["recent_returns"]),
+    "recent-returns-too-many": (setter("recent_returns", value=[0.0] * 101), ["recent_returns"]),
+    "best-return-nan": (setter("best_return", value=math.nan), ["best_return"]),
+    "best-return-inf": (setter("best_return", value=math.inf), ["best_return"]),
+    "reward-rms-negative-variance": (setter("reward_rms", value=(0.0, -1.0, 5.0)), ["reward_rms"]),
+    "reward-rms-short": (setter("reward_rms", value=(0.0, 1.0)), ["reward_rms"]),
+    "rng-missing-numpy": (lambda c: c["rng"].pop("numpy"), ["RNG states"]),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES.values(), ids=CHECKPOINT_CASES.keys())
+def test_crafted_checkpoint_refused(script, reference, case, cache):
+    """check_checkpoint, which --resume and enjoy.py both call on the one read of a checkpoint."""
+    if ("module", script) not in cache:
+        cache["module", script] = import_script(script), load(reference / "checkpoint.pt")
+    module, good = cache["module", script]
+    ckpt = copy.deepcopy(good)
+    edit, phrases = case
+    edit(ckpt)
+    with pytest.raises(SystemExit) as stop:
+        module.check_checkpoint(ckpt, "crafted.pt")
+    message = stop.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    for phrase in phrases:
+        assert phrase in message, message
+    assert module.check_checkpoint(copy.deepcopy(good), "good.pt") is not None  # the edit's doing
+
+
+def run_main(script, args, cwd, monkeypatch):
+    """`python script args` in this process; returns the SystemExit code (a message: exit status 1)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *map(str, args)])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with torch.random.fork_rng(devices=[]), pytest.raises(SystemExit) as stop:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:  # the script installs its own
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return stop.value.code
+
+
+def test_resume_of_a_crafted_checkpoint_writes_nothing(script, reference, tmp_path, monkeypatch):
+    # end to end: a run_name that leaves runs/ (the checkpoint would decide where files go)
+    ckpt = load(reference / "checkpoint.pt")
+    ckpt["run_name"] = "../../elsewhere"
+    torch.save(ckpt, tmp_path / "crafted.pt")
+    message = run_main(script, ["--resume", "crafted.pt", "--no-progress-bar"], tmp_path, monkeypatch)
+    assert message == "error: checkpoint crafted.pt: run_name '../../elsewhere' leaves runs/: it must be relative, " + (
+        "without '..', control characters or '\\'"
+    )
+    assert os.listdir(tmp_path) == ["crafted.pt"]
+
+
+def test_enjoy_refuses_a_crafted_checkpoint(reference, tmp_path, monkeypatch, capsys):
+    """enjoy.py reads a checkpoint once and validates it as --resume does (an unknown argument was a TypeError)."""
+    import enjoy
+
+    ckpt = load(reference / "checkpoint.pt")
+    ckpt["args"]["no_such_flag"] = 1
+    torch.save(ckpt, tmp_path / "crafted.pt")
+    monkeypatch.chdir(tmp_path)
+    for cli, phrase in [
+        (enjoy.Args(checkpoint="crafted.pt"), "other arguments than this script has: no_such_flag"),
+        (enjoy.Args(checkpoint=str(reference / "checkpoint.pt"), seed=-1), "--seed must be >= 0 and < 2**32, got -1"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            enjoy.main(cli)
+        assert stop.value.code.startswith("error: ") and phrase in stop.value.code, stop.value.code
+    assert os.listdir(tmp_path) == ["crafted.pt"]
+
+
+@pytest.mark.parametrize("script", ["shelm_ppo.py"])
+def test_checkpoint_cannot_have_embeddings_written_elsewhere(reference, tmp_path, monkeypatch):
+    """SHELM's embeddings_dir in a checkpoint lies outside the working directory: read there, never written."""
+    ckpt = load(reference / "checkpoint.pt")
+    elsewhere = tmp_path / "elsewhere"
+    ckpt["args"]["embeddings_dir"] = str(elsewhere)
+    (tmp_path / "cwd").mkdir()
+    torch.save(ckpt, tmp_path / "cwd" / "crafted.pt")
+    message = run_main("shelm_ppo.py", ["--resume", "crafted.pt", "--no-progress-bar"], tmp_path / "cwd", monkeypatch)
+    assert (
+        message.startswith(f"error: embeddings file {elsewhere}/shelm_vocab__") and "give --embeddings-dir" in message
+    )
+    assert not elsewhere.exists() and os.listdir(tmp_path / "cwd") == ["crafted.pt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories: one process each, never moved back in time; atomic writes follow no link
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_directory_is_claimed_once(tmp_path, monkeypatch):
+    module = import_script("shelm_ppo.py")
+    monkeypatch.chdir(tmp_path)
+    first, first_lock = module.claim_run_dir("env__exp__1__100", new=True)
+    second, second_lock = module.claim_run_dir("env__exp__1__100", new=True)  # started in the same second
+    assert (first, second) == (Path("runs/env__exp__1__100"), Path("runs/env__exp__1__100-2"))
+    with pytest.raises(SystemExit) as stop:  # resumed while the first process runs: one line
+        module.claim_run_dir("env__exp__1__100", new=False)
+    assert stop.value.code == (
+        "error: runs/env__exp__1__100 is in use by another process (it holds runs/env__exp__1__100/.lock); "
+        "one run, one process"
+    )
+    os.close(first_lock)  # the first process ends: its lock goes with it
+    again, _ = module.claim_run_dir("env__exp__1__100", new=False)
+    assert again == first and sorted(os.listdir("runs")) == ["env__exp__1__100", "env__exp__1__100-2"]
+
+
+@pytest.mark.parametrize("script", ["shelm_ppo.py"])
+def test_resume_of_a_run_in_use_is_refused(script, reference, tmp_path, monkeypatch):
+    import fcntl
+
+    shutil.copytree(reference.parent, tmp_path / "runs")
+    run_dir = tmp_path / "runs" / reference.name
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    lock = os.open(run_dir / ".lock", os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as the process running it holds it
+    try:
+        resume = Path("runs") / reference.name / "checkpoint.pt"
+        message = run_main(script, ["--resume", resume, "--no-progress-bar"], tmp_path, monkeypatch)
+    finally:
+        os.close(lock)
+    assert message.startswith(f"error: runs/{reference.name} is in use by another process")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("script", ["shelm_ppo.py"])
+def test_resume_from_an_older_checkpoint_goes_on_in_a_new_run(script, reference, tmp_path):
+    """model_best.pt of update 3 of a run whose checkpoint.pt is at update 4: resuming it in place would move
+    checkpoint.pt and model_final.pt back in time. It goes on in a new run directory instead."""
+    shutil.copytree(reference.parent, tmp_path / "runs")
+    run_dir = tmp_path / "runs" / reference.name
+    older = load(run_dir / "checkpoint.pt")
+    older.update(iteration=UPDATES - 1, global_step=(UPDATES - 1) * BATCH)
+    torch.save(older, run_dir / "model_best.pt")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    resume = Path("runs") / reference.name / "model_best.pt"
+    proc = run_script(script, ["--resume", resume, "--no-progress-bar"], tmp_path, timeout=WAIT)
+    assert proc.returncode == 0, proc.stderr
+    assert f"is further than {resume}: going on in a new run" in proc.stdout
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # the old run as it was
+    (new_dir,) = [d for d in (tmp_path / "runs").iterdir() if d != run_dir]
+    final = load(new_dir / "checkpoint.pt")
+    assert final["run_name"] == new_dir.name and final["wandb_id"] is None
+    assert (final["iteration"], final["global_step"]) == (UPDATES, UPDATES * BATCH)
+    assert [s for s, _ in scalars(new_dir)["losses/value_loss"]] == [UPDATES * BATCH]  # the one update left
+
+
+@pytest.mark.parametrize("script", ["shelm_ppo.py"])
+def test_runs_started_together_and_a_late_signal(script, shared, tmp_path):
+    """Two identical runs started at once (the same name if in the same second) get a directory each; a
+    SIGTERM right after a run's last checkpoint lets it end as it was going to (it used to die with -15)."""
+    args = train_args(script, shared, save_model=True, total_timesteps=BATCH)
+    procs = []
+    for i in range(2):
+        with open(tmp_path / f"out{i}.txt", "w") as out, open(tmp_path / f"err{i}.txt", "w") as err:
+            command = [sys.executable, str(ROOT / script), *map(str, args)]
+            env = dict(offline_env(), OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=err))
+    signalled, deadline = set(), time.time() + WAIT
+    while len(signalled) < 2 and time.time() < deadline:
+        for i, proc in enumerate(procs):
+            if i not in signalled and "model saved to" in (tmp_path / f"out{i}.txt").read_text():
+                proc.send_signal(signal.SIGTERM)
+                signalled.add(i)
+        time.sleep(0.01)
+    codes = [proc.wait(timeout=WAIT) for proc in procs]
+    assert codes == [0, 0], [(tmp_path / f"err{i}.txt").read_text()[-2000:] for i in range(2)]
+    run_dirs = sorted((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 2
+    for run_dir in run_dirs:
+        final = load(run_dir / "checkpoint.pt")
+        assert final["run_name"] == run_dir.name and final["iteration"] == 1
+        assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one process's logs each
+
+
+def test_write_atomically_follows_no_link(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    path = tmp_path / "run" / "state.pt"
+    path.parent.mkdir()
+    # a link at the target's name: the rename replaces the link, its target stays as it was
+    path.symlink_to(victim)
+    prepare_embeddings.write_atomically(path, lambda f: f.write(b"new"))
+    assert not path.is_symlink() and path.read_bytes() == b"new" and victim.read_bytes() == b"precious"
+    # a link at the temporary file's name (were its random part guessed): refused, nothing followed or removed
+    monkeypatch.setattr(prepare_embeddings.secrets, "token_hex", lambda n: "0" * 2 * n)
+    planted = path.with_name(f".state.pt.{'0' * 16}.tmp")
+    planted.symlink_to(victim)
+    with pytest.raises(SystemExit) as stop:
+        prepare_embeddings.write_atomically(path, lambda f: f.write(b"newer"))
+    assert stop.value.code == f"error: could not write {path}: File exists; nothing was overwritten"
+    assert victim.read_bytes() == b"precious" and path.read_bytes() == b"new" and planted.is_symlink()

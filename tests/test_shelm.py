@@ -5,7 +5,6 @@ import copy
 import errno
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,12 +248,17 @@ def expected_meta(clip, vocab):
     return prepare_embeddings.expected_metadata(clip, TINY, "openai", str(FIXTURE_TRXL), vocab)
 
 
+def read(path, clip, vocab, meta=None):
+    meta = meta or expected_meta(clip, vocab)
+    return prepare_embeddings.read_embeddings(path, meta, prepare_embeddings.clip_text_dim(clip), len(vocab))
+
+
 def test_embeddings_file_build_and_skip(tmp_path, clip, fixture_vocab, capsys):
     path = build(clip, fixture_vocab, tmp_path)
     assert "wrote" in capsys.readouterr().out
     assert os.listdir(tmp_path) == [path.name]  # written through a temporary file, renamed
 
-    table = prepare_embeddings.read_embeddings(path, expected_meta(clip, fixture_vocab))
+    table = read(path, clip, fixture_vocab)
     clip_ids, trxl_ids, words = prepare_embeddings.shared_vocabulary(fixture_vocab)
     assert table["clip_ids"].tolist() == clip_ids and table["trxl_ids"].tolist() == trxl_ids
     assert len(words) >= 10
@@ -270,6 +274,7 @@ def test_embeddings_file_build_and_skip(tmp_path, clip, fixture_vocab, capsys):
 
 def test_embeddings_file_of_other_models_refused(tmp_path, clip, fixture_vocab):
     path = build(clip, fixture_vocab, tmp_path)
+    content = path.read_bytes()
     other_vocab = [w if w != "dog" else "cat" for w in fixture_vocab]
     retrained = copy.deepcopy(clip)
     with torch.no_grad():
@@ -278,8 +283,13 @@ def test_embeddings_file_of_other_models_refused(tmp_path, clip, fixture_vocab):
         (other_vocab, clip, "trxl_vocab_sha256"),
         (fixture_vocab, retrained, "clip_text_sha256"),
     ]:
-        with pytest.raises(SystemExit) as e:
-            build(clip=model, vocab=vocab, out_dir=tmp_path)  # same file name: the models' names agree
+        # models named alike but with other contents (two local directories of the same base name) get a file
+        # of their own, keyed by the contents' fingerprint: neither build overwrites the other's
+        other = build(clip=model, vocab=vocab, out_dir=tmp_path)
+        assert other != path and other.name.rsplit("__", 1)[0] == path.name.rsplit("__", 1)[0]
+        assert path.read_bytes() == content
+        with pytest.raises(SystemExit) as e:  # and a file named explicitly (--embeddings-file) is checked
+            read(path, model, vocab)
         message = str(e.value.code)
         assert message.startswith("error: embeddings file ") and "\n" not in message
         assert field in message and "--force" in message
@@ -297,16 +307,16 @@ def test_embeddings_file_with_prompts(tmp_path, clip, fixture_vocab):
     path = build(clip, fixture_vocab, tmp_path, templates=templates)
     assert path != plain and sorted(os.listdir(tmp_path)) == sorted([plain.name, path.name])
     meta = prepare_embeddings.expected_metadata(clip, TINY, "openai", str(FIXTURE_TRXL), fixture_vocab, templates)
-    table = prepare_embeddings.read_embeddings(path, meta)
+    table = read(path, clip, fixture_vocab, meta)
     _, _, words = prepare_embeddings.shared_vocabulary(fixture_vocab)
     expected = F.normalize(prepare_embeddings.encode_prompted_words(clip, words, templates), dim=-1)
     assert (table["text_embeddings"] - expected).abs().max().item() <= 1e-6
-    plain_table = prepare_embeddings.read_embeddings(plain, expected_meta(clip, fixture_vocab))
+    plain_table = read(plain, clip, fixture_vocab)
     assert (table["text_embeddings"] - plain_table["text_embeddings"]).abs().max().item() > 1e-3
     for file, other in [(path, []), (path, templates[:3]), (plain, templates)]:
         wanted = prepare_embeddings.expected_metadata(clip, TINY, "openai", str(FIXTURE_TRXL), fixture_vocab, other)
         with pytest.raises(SystemExit, match="made with the prompt templates .*--prompts") as e:
-            prepare_embeddings.read_embeddings(file, wanted)
+            read(file, clip, fixture_vocab, wanted)
         assert "\n" not in str(e.value.code)
 
 
@@ -317,7 +327,7 @@ def test_embeddings_file_from_before_prompts_reads_as_the_word_alone(tmp_path, c
     meta = expected_meta(clip, fixture_vocab)
     old = {k: v for k, v in meta.items() if k != "prompts"}
     save_file(load_file(path), path, metadata=old)
-    assert prepare_embeddings.read_embeddings(path, meta).keys() == {"text_embeddings", "trxl_ids", "clip_ids"}
+    assert read(path, clip, fixture_vocab, meta).keys() == {"text_embeddings", "trxl_ids", "clip_ids"}
 
 
 def test_embeddings_file_corrupt_refused_then_force_rebuilds(tmp_path, clip, fixture_vocab):
@@ -329,7 +339,7 @@ def test_embeddings_file_corrupt_refused_then_force_rebuilds(tmp_path, clip, fix
     meta = expected_meta(clip, fixture_vocab)
     for attempt in (
         lambda: build(clip, fixture_vocab, tmp_path),
-        lambda: prepare_embeddings.read_embeddings(path, meta),
+        lambda: read(path, clip, fixture_vocab, meta),
     ):
         with pytest.raises(SystemExit) as e:
             attempt()
@@ -338,7 +348,7 @@ def test_embeddings_file_corrupt_refused_then_force_rebuilds(tmp_path, clip, fix
     assert build(clip, fixture_vocab, tmp_path, force=True) == path
     assert os.listdir(tmp_path) == [path.name]
     # the same content (safetensors may order the metadata keys differently, so not the same bytes)
-    rebuilt = prepare_embeddings.read_embeddings(path, meta)
+    rebuilt = read(path, clip, fixture_vocab, meta)
     original = safetensors.torch.load(good)
     assert rebuilt.keys() == original.keys() and all(torch.equal(rebuilt[k], original[k]) for k in rebuilt)
 
@@ -348,9 +358,8 @@ def test_write_atomically_keeps_old_file_on_failure(tmp_path):
     path.write_bytes(b"old content")
 
     def half_written(interrupt):
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                f.write(b"new, but only half")
+        def write(f):
+            f.write(b"new, but only half")
             raise interrupt
 
         return write
@@ -367,13 +376,14 @@ def test_write_atomically_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(KeyboardInterrupt):  # an interrupt stays an interrupt, but cleans up too
         prepare_embeddings.write_atomically(path, half_written(KeyboardInterrupt()))
     assert path.read_bytes() == b"old content" and os.listdir(tmp_path) == ["file.bin"]
-    prepare_embeddings.write_atomically(path, lambda tmp: Path(tmp).write_bytes(b"new"))
+    prepare_embeddings.write_atomically(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["file.bin"]
 
 
 def test_embeddings_file_unwritable(tmp_path, clip, fixture_vocab):
     # the file's place is taken by a directory: the rename fails, which must read as one clear line
-    blocked = prepare_embeddings.embeddings_path(tmp_path, TINY, "none", str(FIXTURE_TRXL))
+    meta = expected_meta(clip, fixture_vocab)
+    blocked = prepare_embeddings.embeddings_path(tmp_path, TINY, "none", str(FIXTURE_TRXL), meta)
     blocked.mkdir()
     with pytest.raises(SystemExit) as e:
         build(clip, fixture_vocab, tmp_path, force=True)
@@ -405,7 +415,8 @@ def memory(tmp_path_factory):
         mem_len=4,
         topk=2,
         embeddings_dir=str(tmp_path_factory.mktemp("data")),
-        token_cache_size=0,
+        observation_cache_size=0,
+        frozen_dtype="float32",
     )
     return shelm_ppo.build_memory(args, "cpu", verbose=False)
 
@@ -441,7 +452,9 @@ def test_token_cache_same_tokens_and_hit_rate(memory):
         lookups += len(ids)
         seen.update(int(i) for i in ids)
         if (step + 1) % interval == 0:
-            assert cached.log_scalars() == {"charts/token_cache_hit_rate": pytest.approx(hits / lookups, abs=1e-12)}
+            assert cached.log_scalars() == {
+                "charts/observation_cache_hit_rate": pytest.approx(hits / lookups, abs=1e-12)
+            }
             hits = lookups = 0
     assert len(cached.cache) == len(pool)
     assert all(vocab[t] != "<unk>" for t in tokens_off.flatten().tolist())
@@ -463,7 +476,7 @@ def test_token_cache_bounded_lru(memory):
         assert torch.equal(tokens, expected)  # evicted observations come back the same
         flat.extend(int(i) for i in ids)
         assert len(cached.cache) == min(size, len(set(flat)))
-    rate = cached.log_scalars()["charts/token_cache_hit_rate"]
+    rate = cached.log_scalars()["charts/observation_cache_hit_rate"]
     assert rate == pytest.approx(1 - misses / which.size, abs=1e-12)
     assert misses > 2 * len(pool)  # evictions happened and were recomputed
 
