@@ -19,6 +19,7 @@ and helmv2_ppo.py; everything else is the same code in the three scripts (tests/
 import collections
 import dataclasses
 import fcntl
+import hashlib
 import importlib.util
 import io
 import itertools
@@ -124,7 +125,7 @@ class Args:
 
     # Memory: the frozen Transformer-XL
     trxl_model: str = "transfo-xl/transfo-xl-wt103"
-    """Transformer-XL: Hugging Face hub id, local directory, or tiny-random (tests and benchmarks only)"""
+    """Transformer-XL: Hugging Face hub id, local directory, tiny-random (tests) or random-wt103 (speed benchmarks)"""
     n_layer: int = 18
     """keep the first N of the Transformer-XL's layers (1..18); 2 learns as well and is faster"""
     mem_len: int = 15
@@ -133,12 +134,16 @@ class Args:
     """at an episode start: mask (hide the old episode from the new) or zero (zero the memories, as the original)"""
     ablate_memory: bool = False
     """feed the agent zeros instead of the Transformer-XL's output (the papers' memoryless baseline)"""
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the frozen Transformer-XL (and SHELM's CLIP): auto is bfloat16 where the hardware has fast bfloat16"""
+    observation_cache_size: int = 100_000
+    """observations whose frozen-encoder outputs are remembered, so exact repeats skip the encoder (0: off)"""
     # [algorithm-specific]
     # HELM: FrozenHopfield (random projection + Hopfield retrieval over the whole vocabulary)
     beta: float = 100.0
     """inverse temperature of the Hopfield softmax (100: the original's default; see docs/helm_ppo.md)"""
-    hopfield_chunk: int = 16384
-    """vocabulary tokens per chunk of the streaming softmax (working memory: chunk x batch scores)"""
+    hopfield_chunk: int = 0
+    """0: the softmax over the whole vocabulary at once (batch x vocabulary scores); N: streamed in chunks of N"""
     # [end algorithm-specific]
     log_tokens_every: int = 10
     """every N updates, log the memory tokens of one whole episode as tensorboard text (0: never)"""
@@ -199,7 +204,8 @@ def check_args(args):
         "eval_episodes",
     ]
     # [algorithm-specific]
-    positive += ["hopfield_chunk"]
+    if args.hopfield_chunk < 0:
+        fail(f"--hopfield-chunk must be >= 0, got {args.hopfield_chunk}")
     if not (math.isfinite(args.beta) and args.beta > 0):
         fail(f"--beta must be a positive finite number, got {args.beta}")
     # [end algorithm-specific]
@@ -214,7 +220,7 @@ def check_args(args):
     for name in ["gamma", "gae_lambda"]:
         if not 0 <= getattr(args, name) <= 1:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    for name in ["ent_coef", "vf_coef", "log_tokens_every", "checkpoint_every"]:
+    for name in ["ent_coef", "vf_coef", "log_tokens_every", "checkpoint_every", "observation_cache_size"]:
         if not 0 <= getattr(args, name) < torch.finfo(torch.float32).max:
             fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
     if args.target_kl is not None and not 0 < args.target_kl < math.inf:
@@ -272,6 +278,12 @@ ENV_SUITES = {
     "MysteryPath": MEMORY_GYM,
     "SearingSpotlights": MEMORY_GYM,
     "Endless-": MEMORY_GYM,
+    # procgen needs numpy < 2: a virtualenv of its own; procgen_memory.py adapts it to gymnasium
+    "procgen-memory-": (
+        "procgen_memory",
+        "python3 -m venv .venv-procgen && .venv-procgen/bin/pip install -r requirements/procgen.txt, "
+        "then run with .venv-procgen/bin/python",
+    ),
 }
 
 
@@ -294,7 +306,7 @@ def import_env_suite(env_id):
     try:
         importlib.import_module(module)
     except ImportError as e:
-        fail(f"{env_id} needs the {module} package ({e}); install it with: {install}")
+        fail(f"{env_id} needs the module {module}, which cannot be imported ({e}); install it with: {install}")
 
 
 def make_env(env_id, idx, capture_video, run_name, render_mode=None):
@@ -420,22 +432,28 @@ class RelMultiHeadAttn(nn.Module):
         x = torch.cat([x.new_zeros(q, 1, *x.shape[2:]), x], dim=1)
         return x.view(k + 1, q, *x.shape[2:])[1:].view(q, k, *x.shape[2:])
 
-    def forward(self, h, pos_emb, mask, mem):
+    def keys_values(self, h):
+        """Keys and values (..., 2 * n_head * d_head) of layer inputs h: what a memory slot holding h
+        offers to later steps. The weights are frozen, so a slot's are computed once, when it is written."""
+        return F.linear(h, self.qkv_net.weight[self.n_head * self.d_head :])
+
+    def forward(self, h, pos_emb, mask, mem_kv):
+        """h (qlen, bsz, d_model) this step's inputs, mem_kv (mlen, bsz, 2 * n_head * d_head) the keys and
+        values of the memory -> (output, the keys and values of h: the memory slots this step writes)."""
         qlen, bsz = h.shape[:2]
-        q, k, v = self.qkv_net(torch.cat([mem, h], dim=0)).chunk(3, dim=-1)
-        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head)
-        k = k.view(-1, bsz, self.n_head, self.d_head)
-        v = v.view(-1, bsz, self.n_head, self.d_head)
+        q, kv = self.qkv_net(h).split([self.n_head * self.d_head, 2 * self.n_head * self.d_head], dim=-1)
+        q = q.view(qlen, bsz, self.n_head, self.d_head)
+        k, v = torch.cat([mem_kv, kv], dim=0).view(-1, bsz, 2, self.n_head, self.d_head).unbind(2)
         r = self.r_net(pos_emb).view(-1, self.n_head, self.d_head)
         content = torch.einsum("ibnd,jbnd->ijbn", q + self.r_w_bias, k)
         position = self.rel_shift(torch.einsum("ibnd,jnd->ijbn", q + self.r_r_bias, r))
-        score = (content + position) * self.scale
+        score = (content + position).float() * self.scale  # the softmax in float32 whatever the weights' dtype
         score = score.masked_fill(mask[..., None], torch.finfo(score.dtype).min)
         probs = score.softmax(dim=1)  # (query, key, batch, head); keys: the memory slots, then this step's tokens
         if self.keep_probs:
             self.probs = probs
-        out = torch.einsum("ijbn,jbnd->ibnd", probs, v).reshape(qlen, bsz, -1)
-        return self.layer_norm(h + self.o_net(out))
+        out = torch.einsum("ijbn,jbnd->ibnd", probs.to(v.dtype), v).reshape(qlen, bsz, -1)
+        return self.layer_norm(h + self.o_net(out)), kv
 
 
 class PositionwiseFF(nn.Module):
@@ -455,20 +473,25 @@ class DecoderLayer(nn.Module):
         self.dec_attn = RelMultiHeadAttn(n_head, d_model, d_head, eps)
         self.pos_ff = PositionwiseFF(d_model, d_inner, eps)
 
-    def forward(self, h, pos_emb, mask, mem):
-        return self.pos_ff(self.dec_attn(h, pos_emb, mask, mem))
+    def forward(self, h, pos_emb, mask, mem_kv):
+        h, kv = self.dec_attn(h, pos_emb, mask, mem_kv)
+        return self.pos_ff(h), kv
 
 
 class TransformerXL(nn.Module):
     """Transformer-XL with per-layer memories of the last mem_len steps.
 
-    mems (n_layer, mem_len, batch, d_model) hold each layer's past inputs; memory_mask (mem_len, batch)
-    says which memory slots a step may attend to (None: all, as Hugging Face's model does)."""
+    mems (n_layer, mem_len, batch, 2 * n_head * d_head) hold the attention keys and values of each layer's
+    past inputs (keys_values(hidden) of Hugging Face's mems, which hold the inputs themselves): the
+    weights are frozen, so each slot's keys and values are computed once instead of at every step.
+    memory_mask (mem_len, batch) says which memory slots a step may attend to (None: all, as Hugging
+    Face's model does). The frozen weights may be bfloat16; inputs are cast to them, outputs are float32."""
 
     def __init__(self, config, n_layer, mem_len):
         """config: the Hugging Face config.json of the model (a dict); n_layer: how many of its layers to keep."""
         super().__init__()
         self.n_layer, self.mem_len, self.d_model = n_layer, mem_len, config["d_model"]
+        self.mem_width = 2 * config["n_head"] * config["d_head"]  # a memory slot holds the keys and values of one input
         self.clamp_len, self.same_length = config["clamp_len"], config["same_length"]
         self.word_emb = AdaptiveEmbedding(
             config["vocab_size"], config["d_embed"], config["d_model"], config["cutoffs"], config["div_val"]
@@ -478,12 +501,19 @@ class TransformerXL(nn.Module):
             DecoderLayer(config["n_head"], config["d_model"], config["d_head"], config["d_inner"], eps)
             for _ in range(n_layer)
         )
-        self.register_buffer(
-            "inv_freq", 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0) / self.d_model)), persistent=False
-        )
+
+    @property
+    def dtype(self):
+        return self.word_emb.emb_projs[0].dtype
+
+    def keys_values(self, hidden):
+        """Memories as this model keeps them (keys and values) from Hugging Face's (each layer's inputs),
+        (n_layer, mem_len, batch, d_model) -> (n_layer, mem_len, batch, mem_width)."""
+        return torch.stack([layer.dec_attn.keys_values(h) for layer, h in zip(self.layers, hidden)])
 
     def forward(self, x, mems, memory_mask=None):
         """x (qlen, batch, d_model) input embeddings -> (output of the last layer, new mems, new memory_mask)."""
+        x = x.to(self.dtype)
         qlen, bsz = x.shape[:2]
         mlen = mems.shape[1]
         klen = mlen + qlen
@@ -496,21 +526,22 @@ class TransformerXL(nn.Module):
         if memory_mask is not None:
             visible = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool, device=x.device)])
             mask = mask | ~visible[None]
-        pos = torch.arange(klen - 1, -1, -1.0, device=x.device, dtype=x.dtype)
+        pos = torch.arange(klen - 1, -1, -1.0, device=x.device)
         if self.clamp_len > 0:
             pos = pos.clamp(max=self.clamp_len)
-        angles = torch.outer(pos, self.inv_freq.to(x.dtype))
-        pos_emb = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, None, :]
-        hids, h = [], x
-        for layer, mem in zip(self.layers, mems):
-            hids.append(h)
-            h = layer(h, pos_emb, mask, mem)
-        new_mems = torch.cat([mems, torch.stack(hids)], dim=1)[:, -self.mem_len :]
+        inv_freq = 1 / (10000 ** (torch.arange(0.0, self.d_model, 2.0, device=x.device) / self.d_model))
+        angles = torch.outer(pos, inv_freq)  # in float32 whatever the weights' dtype
+        pos_emb = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, None, :].to(x.dtype)
+        new_kvs, h = [], x
+        for layer, mem_kv in zip(self.layers, mems):
+            h, kv = layer(h, pos_emb, mask, mem_kv)
+            new_kvs.append(kv)
+        new_mems = torch.cat([mems, torch.stack(new_kvs)], dim=1)[:, -self.mem_len :]
         if memory_mask is not None:
             memory_mask = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool, device=x.device)])[
                 -self.mem_len :
             ]
-        return h, new_mems, memory_mask
+        return h.float(), new_mems, memory_mask
 
 
 def build_trxl(source, n_layer, mem_len, device):
@@ -525,12 +556,10 @@ def build_trxl(source, n_layer, mem_len, device):
         fail(f"--n-layer must be between 1 and {config['n_layer']} for {source}, got {n_layer}")
     if len(vocab) != config["vocab_size"]:
         fail(f"{source}: the vocabulary has {len(vocab)} words but the model {config['vocab_size']}")
-    if weights is None:  # tiny random model: the same weights in every process, whatever n_layer
+    if weights is None:  # random model: the same weights in every process, its layers a prefix of all 18
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            trxl = TransformerXL(config, config["n_layer"], mem_len)
-        trxl.layers = trxl.layers[:n_layer]
-        trxl.n_layer = n_layer
+            trxl = TransformerXL(config, n_layer, mem_len)  # the layers are drawn after the embeddings, in order
     else:
         trxl = TransformerXL(config, n_layer, mem_len)
         state = {}
@@ -551,8 +580,9 @@ def build_trxl(source, n_layer, mem_len, device):
 
 def init_memory(trxl, num_envs, memory_reset, device):
     """Empty memories. With mask, a fresh start has nothing to attend to; with zero, every slot is
-    visible and holds zeros, as in the original (and as Hugging Face initialises mems)."""
-    mems = torch.zeros(trxl.n_layer, trxl.mem_len, num_envs, trxl.d_model, device=device)
+    visible and holds zeros, as in the original (and as Hugging Face initialises mems): the keys and
+    values of a zero input are zeros, since qkv_net has no bias."""
+    mems = torch.zeros(trxl.n_layer, trxl.mem_len, num_envs, trxl.mem_width, dtype=trxl.dtype, device=device)
     memory_mask = torch.full((trxl.mem_len, num_envs), memory_reset == "zero", dtype=torch.bool, device=device)
     return mems, memory_mask
 
@@ -568,6 +598,67 @@ def reset_memory(mems, memory_mask, done, memory_reset):
     if memory_reset == "mask":
         return mems, memory_mask & ~done[None, :]
     return mems * ~done[None, None, :, None], memory_mask
+
+
+def resolve_frozen_dtype(name, device):
+    """torch dtype of --frozen-dtype: auto is bfloat16 where matrix products in it are fast (CUDA, CPUs
+    with AVX512-BF16 or AMX), float32 elsewhere."""
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        else:
+            name = "bfloat16" if torch.backends.mkldnn.is_available() and mkldnn_bf16_supported() else "float32"
+    return getattr(torch, name)
+
+
+def mkldnn_bf16_supported():
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
+class ObservationCache:
+    """What a frozen encoder computed for each observation seen, so exact repeats skip it: grid worlds
+    show the same views again and again. Keys are 128-bit BLAKE2 hashes of the observation's bytes; at
+    most `size` entries are kept, the least recently used go first; size 0 turns the cache off."""
+
+    def __init__(self, size):
+        self.size, self.entries = size, collections.OrderedDict()
+        self.lookups = self.hits = 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __call__(self, obs, compute):
+        """compute(observations) -> tuple of tensors with one row per observation. The same for obs
+        (numpy, batch x ...), with compute run only on the observations not in the cache, each once."""
+        if self.size == 0:
+            return compute(obs)
+        keys = [hashlib.blake2b(o.tobytes(), digest_size=16).digest() for o in obs]
+        missing = {}  # key -> first index in the batch: an observation shown by several envs is computed once
+        for i, key in enumerate(keys):
+            if key not in self.entries:
+                missing.setdefault(key, i)
+        self.lookups += len(keys)
+        self.hits += sum(key in self.entries for key in keys)
+        rows = {key: self.entries[key] for key in keys if key in self.entries}
+        if missing:
+            computed = compute(obs[list(missing.values())])
+            for j, key in enumerate(missing):
+                rows[key] = tuple(t[j].clone() for t in computed)  # clone: a row alone, not a view of the batch
+        for key in keys:  # most recently used last
+            self.entries[key] = rows[key]
+            self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return tuple(torch.stack(column) for column in zip(*(rows[key] for key in keys)))
+
+    def log_scalars(self):
+        """The share of lookups since the last call that the cache answered."""
+        if not self.size:
+            return {}
+        rate = self.hits / self.lookups if self.lookups else float("nan")
+        self.lookups = self.hits = 0
+        return {"charts/observation_cache_hit_rate": rate}
 
 
 # [algorithm-specific]
@@ -589,22 +680,26 @@ class FrozenHopfield(nn.Module):
     on the channel-last images these scripts use, mean(1) would average over the image rows. Here the
     average is taken explicitly over the last (colour) axis: the projection sees H*W pixels.
 
-    The vocabulary embeddings are computed once and kept as a buffer (267,735 x 1024 floats, 1.1 GB,
-    for wt103). The softmax-weighted sum is streamed over chunks of the vocabulary with an online
-    softmax (running max, normaliser and weighted sum), so no scores matrix larger than chunk x batch
-    exists. `tokens` is the id of the most attended word (the running argmax): the memory's text."""
+    The vocabulary embeddings and their norms are computed once and kept as buffers (267,735 x 1024
+    floats, 1.1 GB, for wt103). With chunk 0 the scores of the whole vocabulary are one batch x vocabulary
+    matrix (17 MB for 16 envs): two matrix products per step. With chunk N the softmax-weighted sum is
+    streamed over chunks of N words with an online softmax (running max, normaliser and weighted sum),
+    so no scores matrix larger than N x batch exists. The result is a function of the observation, so
+    it is cached (ObservationCache): only observations not seen before are computed. The retrieval
+    stays in float32 whatever --frozen-dtype says: beta (100) would magnify bfloat16's rounding of the
+    cosine. `tokens` is the id of the most attended word: the memory's text."""
 
     tokens_per_step = 1
 
-    def __init__(self, word_emb, n_token, obs_hw, beta, chunk, seed):
+    def __init__(self, word_emb, n_token, obs_hw, beta, chunk, seed, cache_size=0):
         super().__init__()
         self.beta, self.chunk, self.obs_hw = float(beta), int(chunk), tuple(obs_hw)
         device = word_emb.emb_projs[0].device
         self.d_model = word_emb.d_model
         embeddings = torch.empty(n_token, self.d_model, device=device)
         with torch.no_grad():  # in chunks: no intermediate of the whole vocabulary's size
-            for i in range(0, n_token, chunk):
-                embeddings[i : i + chunk] = word_emb(torch.arange(i, min(i + chunk, n_token), device=device))
+            for i in range(0, n_token, 16384):
+                embeddings[i : i + 16384] = word_emb(torch.arange(i, min(i + 16384, n_token), device=device))
         self.register_buffer("embeddings", embeddings, persistent=False)
         self.register_buffer("embedding_norms", embeddings.norm(dim=-1), persistent=False)
         # drawn on the CPU from its own generator: the same on every device, and the global RNG
@@ -614,6 +709,7 @@ class FrozenHopfield(nn.Module):
         projection = torch.normal(0.0, 1 / math.sqrt(self.d_model), shape, generator=generator)
         self.register_buffer("projection", projection.to(device), persistent=False)
         self.top_weight_sum, self.top_weight_count = 0.0, 0
+        self.cache = ObservationCache(cache_size)
         self.last_top_weight = None
 
     def project(self, obs):
@@ -624,7 +720,16 @@ class FrozenHopfield(nn.Module):
 
     def retrieve(self, x):
         """(soft tokens (batch, d_model), most attended token ids (batch,), its softmax weight (batch,))
-        for projected observations x (batch, d_model), one vocabulary chunk at a time."""
+        for projected observations x (batch, d_model)."""
+        if not 0 < self.chunk < self.embeddings.shape[0]:
+            sims = (x @ self.embeddings.T) / (x.norm(dim=-1, keepdim=True) * self.embedding_norms + 1e-8)
+            weights = (self.beta * sims).softmax(dim=1)
+            best = weights.argmax(dim=1)  # the first of equal maxima
+            return weights @ self.embeddings, best, weights.gather(1, best[:, None])[:, 0]
+        return self.retrieve_streamed(x)
+
+    def retrieve_streamed(self, x):
+        """retrieve, one vocabulary chunk at a time."""
         bsz = x.shape[0]
         x_norm = x.norm(dim=-1, keepdim=True)
         run_max = x.new_full((bsz,), -math.inf)  # running max of the logits
@@ -650,20 +755,23 @@ class FrozenHopfield(nn.Module):
 
     @torch.no_grad()
     def forward(self, obs):
-        soft, best, top_weight = self.retrieve(self.project(obs))
+        soft, best, top_weight = self.cache(obs, self.encode)
         self.last_top_weight = top_weight  # enjoy.py shows it beside the word
         self.top_weight_sum += float(top_weight.sum())
         self.top_weight_count += top_weight.numel()
         return soft[None], best[:, None]
 
+    def encode(self, obs):
+        return self.retrieve(self.project(obs))
+
     def log_scalars(self):
         """Mean softmax weight of the most attended word since the last call: near 1 the retrieval is
         one word per step (large beta), near 1/n_token it is the vocabulary's mean (small beta)."""
         if not self.top_weight_count:
-            return {}
+            return self.cache.log_scalars()
         mean = self.top_weight_sum / self.top_weight_count
         self.top_weight_sum, self.top_weight_count = 0.0, 0
-        return {"charts/hopfield_top_weight": mean}
+        return {"charts/hopfield_top_weight": mean} | self.cache.log_scalars()
 
     def encoder_state(self):
         return {"projection": self.projection.cpu()}  # drawn at random: saved, so a run resumes with it
@@ -678,6 +786,7 @@ class FrozenHopfield(nn.Module):
                 f"{tuple(self.projection.shape)} (d_model x H*W pixels): another Transformer-XL or environment"
             )
         self.projection.copy_(projection.to(self.projection))
+        self.cache = ObservationCache(self.cache.size)  # what it holds was computed with the old projection
 
 
 def build_memory(args, device, verbose=True, may_write=True):
@@ -687,12 +796,15 @@ def build_memory(args, device, verbose=True, may_write=True):
     # the projection's input size is H*W. The probe is not closed: Memory Gym's close() quits pygame, which
     # would take the surfaces of the envs already running with it
     obs_hw = make_env(args.env_id, 0, False, "probe")().observation_space.shape[:2]
-    encoder = FrozenHopfield(trxl.word_emb, len(vocab), obs_hw, args.beta, args.hopfield_chunk, args.seed)
+    encoder = FrozenHopfield(
+        trxl.word_emb, len(vocab), obs_hw, args.beta, args.hopfield_chunk, args.seed, args.observation_cache_size
+    )
+    trxl.to(resolve_frozen_dtype(args.frozen_dtype, device))  # after the encoder: its embeddings stay float32
     if verbose:
+        chunks = f"in chunks of {args.hopfield_chunk}" if args.hopfield_chunk else "at once"
         print(
             f"FrozenHopfield: {obs_hw[0]}x{obs_hw[1]} pixels -> {trxl.d_model} dims, "
-            f"softmax(beta={args.beta:g} * cosine) over all {len(vocab):,} Transformer-XL tokens "
-            f"in chunks of {args.hopfield_chunk}"
+            f"softmax(beta={args.beta:g} * cosine) over all {len(vocab):,} Transformer-XL tokens {chunks}"
         )
     return trxl, vocab, encoder
 
@@ -765,6 +877,27 @@ class Agent(nn.Module):
         logprob = torch.stack([p.log_prob(a) for p, a in zip(probs, action.unbind(-1))], dim=-1)
         entropy = torch.stack([p.entropy() for p in probs], dim=-1).sum(-1)
         return action, logprob, entropy, self.critic(x)
+
+
+class Laps:
+    """Wall time of each phase of the training loop: lap(name) adds the time since the previous lap
+    to that phase. Logged per update as perf/<phase>_s, so a run shows where its time goes. On a GPU
+    a phase ends when its work is queued, not done: the phases shift, their sum stays right."""
+
+    def __init__(self):
+        self.totals, self.last = collections.defaultdict(float), time.perf_counter()
+        self.cpu_start = time.process_time()
+
+    def __call__(self, name):
+        now = time.perf_counter()
+        self.totals[name] += now - self.last
+        self.last = now
+
+    def pop(self):
+        """(the phases' totals, the process's CPU time) since the last pop, and a fresh start."""
+        totals, self.totals = dict(self.totals), collections.defaultdict(float)
+        cpu, self.cpu_start = time.process_time() - self.cpu_start, time.process_time()
+        return totals, cpu
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1054,6 +1187,21 @@ def set_rng_state(state):
     random.setstate(state["python"])
 
 
+def log_perf(writer, phases, cpu_seconds, batch_size, device, global_step):
+    """perf/<phase>_s of one update, perf/rollout_s and perf/update_sps (this update's steps per second
+    of wall time, the previous update's logging included), perf/cpu_s (the process's CPU time in that
+    while, all threads: with one thread, what the update costs on a core of its own), and the peak CUDA
+    memory on a GPU."""
+    writer.add_scalar("perf/cpu_s", cpu_seconds, global_step)
+    for name, seconds in phases.items():
+        writer.add_scalar(f"perf/{name}_s", seconds, global_step)
+    rollout = sum(v for k, v in phases.items() if k in ("agent", "env", "encoder", "trxl", "rollout_other"))
+    writer.add_scalar("perf/rollout_s", rollout, global_step)
+    writer.add_scalar("perf/update_sps", batch_size / sum(phases.values()), global_step)
+    if device.type == "cuda":
+        writer.add_scalar("perf/cuda_max_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, global_step)
+
+
 def versions():
     import importlib.metadata as md
 
@@ -1200,8 +1348,10 @@ if __name__ == "__main__":
         progress = tqdm(
             total=args.num_iterations * args.batch_size, initial=global_step, unit="step", dynamic_ncols=True
         )
+    lap = Laps()
 
     for iteration in range(start_iteration, args.num_iterations + 1):
+        lap("logging")  # the previous update's logging and checkpoints
         # where a run interrupted during this iteration resumes: the end of the previous update
         resume_state = training_state(iteration - 1, global_step, best_return, recent_returns, reward_norm, encoder)
         if stop.signum:
@@ -1227,6 +1377,7 @@ if __name__ == "__main__":
                 values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob
+            lap("agent")
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs_np, reward, terminations, truncations, infos = envs.step(
@@ -1236,6 +1387,7 @@ if __name__ == "__main__":
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device).view(-1)
             next_obs = torch.from_numpy(next_obs_np).to(device)
             next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
+            lap("env")
 
             # the next observation into the memory; where an episode has just ended, that observation is the
             # new episode's first, so the env's memory is reset before it
@@ -1243,8 +1395,10 @@ if __name__ == "__main__":
             with torch.no_grad():
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
                 trxl_in, next_tokens = encoder(next_obs_np)
+                lap("encoder")
                 trxl_out, mems, memory_mask = trxl(trxl_in, mems, memory_mask)
                 next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
+                lap("trxl")
 
             if "episode" in infos:
                 for i in np.nonzero(infos["_episode"])[0]:
@@ -1257,6 +1411,7 @@ if __name__ == "__main__":
                 episode_text = []
             if progress is not None:
                 progress.update(args.num_envs)
+            lap("rollout_other")
 
         # bootstrap value if not done
         with torch.no_grad():
@@ -1359,6 +1514,7 @@ if __name__ == "__main__":
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
+        lap("update")
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
@@ -1374,6 +1530,7 @@ if __name__ == "__main__":
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
+        log_perf(writer, *lap.pop(), args.batch_size, device, global_step)
         for key, value in encoder.log_scalars().items():
             writer.add_scalar(key, value, global_step)
         if args.log_tokens_every and iteration % args.log_tokens_every == 0 and last_episode_text:

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 TINY = "tiny-random"
+RANDOM_WT103 = "random-wt103"  # the transfo-xl-wt103 architecture with random weights: speed benchmarks only
+RANDOM_CLIP = "random"  # --clip-pretrained random: the CLIP architecture with random weights: speed benchmarks only
 EMBEDDINGS_FORMAT = "shelm-vocab-embeddings/1"
 WEIGHTS_HELP = (
     "download it once with internet access (it is cached under ~/.cache/huggingface), or pass a local "
@@ -122,12 +124,43 @@ def find_file(source, names):
 def tiny_vocab():
     """Vocabulary of the tiny random Transformer-XL: 2000 real English words, so SHELM's retrieval has
     something to find. Taken from CLIP's BPE vocabulary in merge order, which ships with open_clip."""
+    return ["<eos>", "<unk>"] + clip_words()[:1998]
+
+
+def clip_words():
+    """The whole lower-case English words (longer than one letter) of CLIP's BPE vocabulary, in merge order."""
     from open_clip.tokenizer import SimpleTokenizer
 
     words = [t[:-4] for t in SimpleTokenizer().encoder if t.endswith("</w>") and len(t) > 5]
-    words = [w for w in words if w.isascii() and w.isalpha() and w.islower()]
-    return ["<eos>", "<unk>"] + words[:1998]
+    return [w for w in words if w.isascii() and w.isalpha() and w.islower()]
 
+
+def random_vocab(n_token):
+    """A vocabulary of n_token distinct words for random-weight models: CLIP's words (so SHELM retrieves
+    among about as many shared words as with the real wt103 vocabulary), then placeholders."""
+    words = ["<eos>", "<unk>"] + clip_words()[: n_token - 2]
+    return words + [f"<random-{i}>" for i in range(len(words), n_token)]
+
+
+# config.json of transfo-xl/transfo-xl-wt103: random-wt103 has these shapes
+WT103_CONFIG = {
+    "vocab_size": 267735,
+    "cutoffs": [20000, 40000, 200000],
+    "div_val": 4,
+    "d_model": 1024,
+    "d_embed": 1024,
+    "n_head": 16,
+    "d_head": 64,
+    "d_inner": 4096,
+    "n_layer": 18,
+    "clamp_len": 1000,
+    "same_length": True,
+    "untie_r": True,
+    "pre_lnorm": False,
+    "attn_type": 0,
+    "adaptive": True,
+    "layer_norm_epsilon": 1e-5,
+}
 
 TINY_TRXL_CONFIG = {
     "vocab_size": 2000,
@@ -235,10 +268,12 @@ def validate_trxl_config(config, path):
 
 def trxl_source(source, weights=True):
     """(config dict, weights file, idx2sym) of a Transformer-XL source; the weights file is None for
-    the tiny random model and when not asked for (the vocabulary alone needs no 1 GB download)."""
+    the random models and when not asked for (the vocabulary alone needs no 1 GB download)."""
     if source == TINY:
         vocab = tiny_vocab()
         return dict(TINY_TRXL_CONFIG, vocab_size=len(vocab)), None, vocab
+    if source == RANDOM_WT103:
+        return dict(WT103_CONFIG), None, random_vocab(WT103_CONFIG["vocab_size"])
     config_file = find_file(source, ["config.json"])
     if config_file is None:
         fail(f"{source!r} has no config.json")
@@ -319,11 +354,13 @@ def root_log_level(level):
 
 
 def load_clip(name, pretrained, device, tiny_kind="ViT"):
-    """Frozen open_clip model in eval mode. `pretrained` is an open_clip tag ('openai') or a weights file."""
+    """Frozen open_clip model in eval mode. `pretrained` is an open_clip tag ('openai') or a weights file,
+    or `random`: the architecture with random weights (the same in every process), for speed benchmarks."""
     import open_clip
 
-    if name == TINY:
-        name = f"helm-tiny-{tiny_kind.lower()}"
+    if name == TINY or (pretrained == RANDOM_CLIP and name in open_clip.list_models()):
+        if name == TINY:
+            name = f"helm-tiny-{tiny_kind.lower()}"
         if name not in open_clip.list_models():
             with tempfile.TemporaryDirectory(prefix="helm-tiny-clip-") as config_dir:  # read at once by open_clip
                 (Path(config_dir) / f"{name}.json").write_text(json.dumps(TINY_CLIP_CONFIGS[tiny_kind]))
@@ -374,7 +411,8 @@ def clip_image_features(clip, images):
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     x = x[..., top : top + size, left : left + size].clamp(0.0, 1.0)  # PIL clamps bicubic overshoot too
     x = (x - mean.to(x.device)[:, None, None]) / std.to(x.device)[:, None, None]
-    return clip.encode_image(x).float()
+    weights = next(iter(clip.visual.parameters()), None) if isinstance(clip.visual, torch.nn.Module) else None
+    return clip.encode_image(x if weights is None else x.to(weights.dtype)).float()  # CLIP may be bfloat16
 
 
 def encode_words(clip, clip_ids, batch_size=1024):

@@ -6,7 +6,7 @@
 - trxl: the transfo-xl-wt103 architecture (random weights of the real sizes: the cost does not
   depend on the values) stepping 16 envs with a memory of 15 steps, 18 layers against 2 (--n-layer),
   and the frozen parameter count of each.
-- cache: SHELM's observation -> token cache on MiniGrid-MemoryS11-v0 with the ViT-B-16 architecture
+- cache: SHELM's observation cache (tokens) on MiniGrid-MemoryS11-v0 with the ViT-B-16 architecture
   (random weights), random actions: encoder time per env step with the cache off against on, and
   the hit rate.
 
@@ -125,7 +125,7 @@ def bench_cache(args, device):
             times[c].append(time.perf_counter() - t)
         same &= bool(torch.equal(out[0], out[100_000]))
         obs, *_ = envs.step(envs.action_space.sample())
-    hit_rate = enc[100_000].hits / enc[100_000].lookups
+    hit_rate = enc[100_000].cache.hits / enc[100_000].cache.lookups
     total = {c: sum(v) for c, v in times.items()}
     return {
         "env_steps": args.cache_steps,

@@ -18,7 +18,14 @@ SCALARS = [
     "charts/episodic_length",
     "charts/SPS",
     "charts/learning_rate",
-    "charts/token_cache_hit_rate",
+    "charts/observation_cache_hit_rate",
+    "perf/env_s",
+    "perf/encoder_s",
+    "perf/trxl_s",
+    "perf/agent_s",
+    "perf/update_s",
+    "perf/rollout_s",
+    "perf/update_sps",
     "losses/value_loss",
     "losses/policy_loss",
     "losses/entropy",
@@ -50,7 +57,7 @@ def test_scalars_logged(events):
             assert [e.step for e in events.Scalars(tag)] == STEPS, tag
     assert [e.value for e in events.Scalars("charts/learning_rate")] == pytest.approx([5e-4, 5e-4])
     assert all(e.value > 0 for e in events.Scalars("charts/SPS"))
-    rates = [e.value for e in events.Scalars("charts/token_cache_hit_rate")]
+    rates = [e.value for e in events.Scalars("charts/observation_cache_hit_rate")]
     # the first observation of each env is new; the empty room repeats its views a lot
     assert 0 < rates[0] < 1 and all(0 <= r <= 1 for r in rates)
     assert all(e.value >= 0 for e in events.Scalars("losses/entropy"))

@@ -336,6 +336,7 @@ def test_memory_text_of_helm_and_helmv2(script, tmp_path, monkeypatch):
     from conftest import run_script, tiny_args
 
     tiny = ["--num-envs", "2", "--num-steps", "4", "--total-timesteps", "8", "--num-minibatches", "1"]
+    tiny += ["--frozen-dtype", "float32"]  # the references below are float32 computations
     proc = run_script(
         script, [*tiny, "--n-layer", "1", "--save-model", "--no-progress-bar", *tiny_args(script, tmp_path)], tmp_path
     )

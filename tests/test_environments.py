@@ -99,7 +99,7 @@ def test_memory_gym_vector_observations_are_refused():
 
 def test_an_uninstalled_suite_is_named(monkeypatch):
     monkeypatch.setitem(shelm_ppo.ENV_SUITES, "NoSuchSuite-", ("no_such_suite_module", "pip install it"))
-    with pytest.raises(SystemExit, match="NoSuchSuite-Env-v0 needs the no_such_suite_module package.*pip install it"):
+    with pytest.raises(SystemExit, match="NoSuchSuite-Env-v0 needs the module no_such_suite_module.*pip install it"):
         shelm_ppo.import_env_suite("NoSuchSuite-Env-v0")
 
 
@@ -147,3 +147,45 @@ def test_discrete_actions_are_sampled_as_one_categorical():
     space = gym.spaces.Discrete(7)
     assert shelm_ppo.env_actions(action, space).shape == (256,)
     assert shelm_ppo.env_actions(action, gym.spaces.MultiDiscrete([7])).shape == (256, 1)
+
+
+needs_procgen = pytest.mark.skipif(
+    importlib.util.find_spec("procgen") is None,
+    reason="procgen runs in a virtualenv of its own (requirements/procgen.txt, docs/environments.md)",
+)
+
+
+@needs_procgen
+def test_procgen_memory_adapter_replays_gym3():
+    """The adapter's frames, rewards and episode ends are those of procgen's own gym3 env, seeded alike."""
+    from procgen import ProcgenGym3Env
+
+    import procgen_memory
+
+    env = gym.make("procgen-memory-maze-v0")
+    obs, _ = env.reset(seed=7)
+    seed = int(gym.utils.seeding.np_random(7)[0].integers(2**31 - 1))
+    raw = ProcgenGym3Env(
+        num=1, env_name="maze", distribution_mode="memory", num_levels=0, start_level=0, rand_seed=seed
+    )
+    assert env.observation_space.contains(obs) and procgen_memory.GAMES[4] == "maze"
+    np.testing.assert_array_equal(obs, raw.observe()[1]["rgb"][0])
+    rng, ends = np.random.default_rng(0), 0
+    for _ in range(600):
+        action = int(rng.integers(15))
+        obs, reward, terminated, truncated, _ = env.step(action)
+        raw.act(np.array([action], dtype=np.int32))
+        raw_reward, raw_obs, first = raw.observe()
+        np.testing.assert_array_equal(obs, raw_obs["rgb"][0])
+        assert (reward, terminated, truncated) == (float(raw_reward[0]), bool(first[0]), False)
+        ends += terminated
+    assert ends >= 1  # maze's episodes end within 500 steps
+
+
+@needs_procgen
+def test_procgen_memory_trains(tmp_path):
+    args = [*SHORT, "--env-id", "procgen-memory-heist-v0", *tiny_args("helm_ppo.py", tmp_path)]
+    proc = run_script("helm_ppo.py", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run / "model_final.pt", weights_only=True)["agent"]["actor.3.weight"].shape[0] == 15

@@ -50,7 +50,7 @@ def test_vocabulary_embeddings_are_the_trxl_input_embeddings(word_emb):
 
 
 @pytest.mark.parametrize("beta", [1.0, 100.0])
-@pytest.mark.parametrize("chunk", [7, 333, 2000, 5000])
+@pytest.mark.parametrize("chunk", [0, 7, 333, 2000, 5000])
 def test_chunked_streaming_softmax_equals_dense_softmax(word_emb, beta, chunk):
     enc = make(word_emb, beta=beta, chunk=chunk)
     obs = random_obs(5)
@@ -159,7 +159,7 @@ def test_colour_channels_are_averaged(word_emb):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("beta", 0.0), ("beta", -1.0), ("beta", math.nan), ("beta", math.inf), ("hopfield_chunk", 0)]
+    "field,value", [("beta", 0.0), ("beta", -1.0), ("beta", math.nan), ("beta", math.inf), ("hopfield_chunk", -1)]
 )
 def test_check_args_rejects(field, value):
     with pytest.raises(SystemExit) as e:

@@ -17,7 +17,9 @@ EPS = 1e-8
 @pytest.fixture(scope="module")
 def models():
     """(trxl, vocab, clip, word_emb) of the tiny models, built once through build_memory."""
-    args = h.Args(trxl_model="tiny-random", clip_model="tiny-random", n_layer=2, mem_len=4, cuda=False)
+    args = h.Args(
+        trxl_model="tiny-random", clip_model="tiny-random", n_layer=2, mem_len=4, cuda=False, frozen_dtype="float32"
+    )
     trxl, vocab, encoder = h.build_memory(args, torch.device("cpu"), verbose=False)
     return trxl, vocab, encoder.frozen["clip"], trxl.word_emb
 

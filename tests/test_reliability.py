@@ -71,12 +71,14 @@ def load(path):
 
 
 def scalars(run_dir):
-    """{tag: [(step, value), ...]} as TensorBoard shows it (what a restart purged is gone)."""
+    """{tag: [(step, value), ...]} as TensorBoard shows it (what a restart purged is gone), but for the
+    perf/* timings: speed is not deterministic."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    tags = [t for t in acc.Tags()["scalars"] if not t.startswith("perf/")]
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags}
 
 
 def assert_same(a, b, where="checkpoint"):

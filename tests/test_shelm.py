@@ -415,7 +415,8 @@ def memory(tmp_path_factory):
         mem_len=4,
         topk=2,
         embeddings_dir=str(tmp_path_factory.mktemp("data")),
-        token_cache_size=0,
+        observation_cache_size=0,
+        frozen_dtype="float32",
     )
     return shelm_ppo.build_memory(args, "cpu", verbose=False)
 
@@ -451,7 +452,9 @@ def test_token_cache_same_tokens_and_hit_rate(memory):
         lookups += len(ids)
         seen.update(int(i) for i in ids)
         if (step + 1) % interval == 0:
-            assert cached.log_scalars() == {"charts/token_cache_hit_rate": pytest.approx(hits / lookups, abs=1e-12)}
+            assert cached.log_scalars() == {
+                "charts/observation_cache_hit_rate": pytest.approx(hits / lookups, abs=1e-12)
+            }
             hits = lookups = 0
     assert len(cached.cache) == len(pool)
     assert all(vocab[t] != "<unk>" for t in tokens_off.flatten().tolist())
@@ -473,7 +476,7 @@ def test_token_cache_bounded_lru(memory):
         assert torch.equal(tokens, expected)  # evicted observations come back the same
         flat.extend(int(i) for i in ids)
         assert len(cached.cache) == min(size, len(set(flat)))
-    rate = cached.log_scalars()["charts/token_cache_hit_rate"]
+    rate = cached.log_scalars()["charts/observation_cache_hit_rate"]
     assert rate == pytest.approx(1 - misses / which.size, abs=1e-12)
     assert misses > 2 * len(pool)  # evictions happened and were recomputed
 

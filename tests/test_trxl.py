@@ -40,7 +40,7 @@ def trxl4(reference):
 
 def rollout(trxl, inputs, memory_reset):
     """Feed (batch, seq, ...) inputs step by step as HF did, from an empty memory; yield (out, mems)
-    back in HF's (batch, seq, d) layout."""
+    back in HF's (batch, seq, d) layout; mems hold keys and values (compare with hf_mems(trxl, ...))."""
     batch = inputs[0].shape[0]
     mems, memory_mask = shelm_ppo.init_memory(trxl, batch, memory_reset or "zero", "cpu")
     if memory_reset is None:
@@ -50,6 +50,12 @@ def rollout(trxl, inputs, memory_reset):
             x = trxl.word_emb(x.T) if x.dtype == torch.long else x.transpose(0, 1)
             out, mems, memory_mask = trxl(x, mems, memory_mask)
             yield out.transpose(0, 1), mems
+
+
+def hf_mems(trxl, hidden):
+    """HF's mems (each layer's past inputs) as our model keeps them: their attention keys and values."""
+    with torch.no_grad():
+        return trxl.keys_values(hidden)
 
 
 def max_diff(a, b):
@@ -67,7 +73,7 @@ def test_inputs_embeds_rollout_matches_hf(reference, trxl4, memory_reset):
     for t, (out, mems) in enumerate(rollout(trxl, inputs, memory_reset)):
         assert out.shape[1] == qlens[t]
         assert max_diff(out, tensors[f"embeds_out_{t}"]) <= TOL, f"step {t} output"
-        assert max_diff(mems, tensors[f"embeds_mems_{t}"]) <= TOL, f"step {t} mems"
+        assert max_diff(mems, hf_mems(trxl, tensors[f"embeds_mems_{t}"])) <= TOL, f"step {t} mems"
 
 
 def test_input_ids_rollout_matches_hf(reference, trxl4):
@@ -76,7 +82,7 @@ def test_input_ids_rollout_matches_hf(reference, trxl4):
     inputs = [tensors[f"ids_in_{t}"] for t in range(len(qlens))]
     for t, (out, mems) in enumerate(rollout(trxl, inputs, "zero")):
         assert max_diff(out, tensors[f"ids_out_{t}"]) <= TOL, f"step {t} output"
-        assert max_diff(mems, tensors[f"ids_mems_{t}"]) <= TOL, f"step {t} mems"
+        assert max_diff(mems, hf_mems(trxl, tensors[f"ids_mems_{t}"])) <= TOL, f"step {t} mems"
 
 
 def test_pruned_model_matches_hf_n_layer_2(reference):
@@ -86,7 +92,7 @@ def test_pruned_model_matches_hf_n_layer_2(reference):
     inputs = [tensors[f"ids_in_{t}"] for t in range(len(qlens))]
     for t, (out, mems) in enumerate(rollout(trxl, inputs, "zero")):
         assert max_diff(out, tensors[f"ids_nlayer2_out_{t}"]) <= TOL, f"step {t} output"
-        assert max_diff(mems, tensors[f"ids_nlayer2_mems_{t}"]) <= TOL, f"step {t} mems"
+        assert max_diff(mems, hf_mems(trxl, tensors[f"ids_nlayer2_mems_{t}"])) <= TOL, f"step {t} mems"
     # the pruned model is not just the full one: its last layer output differs
     assert max_diff(tensors["ids_nlayer2_out_6"], tensors["ids_out_6"]) > 1e-3
 
@@ -318,11 +324,12 @@ def brute_force_attention(attn, h, mem, visible_mem, mem_len, clamp_len):
     """Attention probabilities (query, key, batch, head) of one layer, one score at a time from its
     weights: score(i, j) = ((q_i + u) . k_j + (q_i + v) . W_r sinusoid(distance)) / sqrt(d_head) over
     the keys [memory slots, this step's tokens] that query i may see: not in the future, not a hidden
-    memory slot, and (same_length) only the last mem_len positions up to its own."""
+    memory slot, and (same_length) only the last mem_len positions up to its own. The memory slots hold
+    their keys (then values) already (test_key_value_memory_equals_plain_forward checks those)."""
     qlen, bsz, d_model = h.shape
     mlen, n_head, d_head = mem.shape[0], attn.n_head, attn.d_head
     w_q, w_k, _ = attn.qkv_net.weight.double().chunk(3, dim=0)
-    keys_in = torch.cat([mem, h]).double()
+    mem_keys = mem[..., : n_head * d_head].double()
     inv_freq = 1 / 10000 ** (torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
     probs = torch.zeros(qlen, mlen + qlen, bsz, n_head, dtype=torch.float64)
     for b in range(bsz):
@@ -338,7 +345,7 @@ def brute_force_attention(attn, h, mem, visible_mem, mem_len, clamp_len):
                         continue
                     angles = min(distance, clamp_len) * inv_freq
                     r = attn.r_net.weight.double()[heads] @ torch.cat([angles.sin(), angles.cos()])
-                    key = w_k[heads] @ keys_in[j, b]
+                    key = mem_keys[j, b, heads] if j < mlen else w_k[heads] @ h[j - mlen, b].double()
                     content = (query + attn.r_w_bias[n].double()) @ key
                     position = (query + attn.r_r_bias[n].double()) @ r
                     scores[j] = (content + position) / d_head**0.5

@@ -1,0 +1,372 @@
+"""Throughput of the whole training loop of each script, as ratios to a CNN-PPO loop measured in the same run.
+
+    python benchmark/throughput.py --label after            # all scripts, --n-layer 2 and 18, CPU
+    python benchmark/throughput.py --scripts shelm_ppo.py --n-layers 2 --repeats 1
+
+What runs: the scripts themselves, each in its own process, with the real-size architectures and random
+weights built offline (`--trxl-model random-wt103`: transfo-xl-wt103's shapes; `--clip-pretrained
+random`: ViT-B-16 for SHELM, RN50 for HELMv2), on MiniGrid-MemoryS11-v0 with 16 envs. The scripts time
+their own loop (perf/* scalars in their tensorboard logs: env stepping, frozen encoder, Transformer-XL,
+agent, update); this reads those logs, so what is measured is the scripts' loop, not a copy of it.
+The first --warmup-updates updates are left out (SHELM's token cache fills there).
+
+Baselines, in the same run and the same way (own process, same envs, same steps):
+- env: the 16 envs stepped with random actions, nothing else;
+- cnn-ppo: a PPO loop with the same Agent (CNN query, actor, critic) and the same PPO settings, but no
+  memory: the Transformer-XL output the agent reads is zeros.
+
+The machine is shared and noisy: the variants are interleaved (each repeat runs every variant once, in
+a rotated order) and each is reported as the median over repeats, ratios as ratios of medians. Peak
+resident memory of each process comes from the kernel (wait4). Results: docs/results/throughput.json
+(one entry per --label, e.g. before/after a change) and the table in docs/benchmarks.md.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SCRIPTS = ["shelm_ppo.py", "helmv2_ppo.py", "helm_ppo.py"]
+PHASES = ["env", "encoder", "trxl", "agent", "rollout_other", "update", "logging"]
+MINIBATCH = 256  # the scripts' default minibatch: 16 envs x 128 steps / 8 minibatches
+DOCS_BEGIN, DOCS_END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
+
+
+@dataclass
+class Args:
+    label: str = "current"
+    """name of this measurement in throughput.json (e.g. before, after)"""
+    scripts: list[str] = field(default_factory=lambda: list(SCRIPTS))
+    """scripts to measure"""
+    n_layers: list[int] = field(default_factory=lambda: [2, 18])
+    """--n-layer values to measure"""
+    env_id: str = "MiniGrid-MemoryS11-v0"
+    num_envs: int = 16
+    num_steps: int = 32
+    """steps per env per update (the update's minibatches stay 256 samples, as the scripts' defaults)"""
+    warmup_updates: int = 2
+    """updates left out of the measurement"""
+    measured_updates: int = 2
+    """updates measured after the warm-up"""
+    repeats: int = 2
+    """runs of every variant, interleaved"""
+    threads: int = 1
+    """torch threads per run (OMP_NUM_THREADS): 1 keeps runs comparable on a shared machine"""
+    cuda: bool = False
+    """run on the GPU"""
+    extra: str = ""
+    """further arguments for every script, e.g. "--frozen-dtype float32" """
+    out: str = str(ROOT / "docs" / "results" / "throughput.json")
+    docs: str = str(ROOT / "docs" / "benchmarks.md")
+    report: bool = False
+    """measure nothing: rewrite the docs table from throughput.json"""
+    baseline: str | None = None
+    """internal: run one baseline (env or cnn-ppo) in this process and print its phase times"""
+
+
+def steps_per_update(args):
+    return args.num_envs * args.num_steps
+
+
+def script_command(args, script, n_layer, data_dir):
+    batch = steps_per_update(args)
+    cmd = [sys.executable, str(ROOT / script), "--trxl-model", "random-wt103", "--n-layer", str(n_layer)]
+    cmd += ["--env-id", args.env_id, "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps)]
+    cmd += ["--num-minibatches", str(max(1, batch // MINIBATCH)), "--no-progress-bar", "--checkpoint-every", "0"]
+    cmd += ["--total-timesteps", str(batch * (args.warmup_updates + args.measured_updates))]
+    cmd += ["--cuda" if args.cuda else "--no-cuda"]
+    if script in ("shelm_ppo.py", "helmv2_ppo.py"):
+        cmd += ["--clip-pretrained", "random"]
+    if script == "shelm_ppo.py":
+        cmd += ["--embeddings-dir", str(data_dir)]
+    return cmd + args.extra.split()
+
+
+def run_process(cmd, cwd, threads):
+    """(stdout, peak resident memory in GB) of a command run to its end; exits on failure."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    with open(Path(cwd) / "stdout.txt", "w+") as out, open(Path(cwd) / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-2000:]}")
+    return stdout, usage.ru_maxrss / 2**20  # KB on Linux
+
+
+def read_perf(run_dir):
+    """{tag: [values per update]} of a run's perf/* and charts/* scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if t.startswith(("perf/", "charts/"))}
+
+
+def summarise(phases_per_update, cpu_per_update, args, extra=None):
+    """Per-run numbers from the phase times and the CPU time (seconds) of each update; the warm-up
+    updates are left out. cpu_sps: steps per second of the process's CPU time, which other processes
+    on a shared machine do not inflate as they do wall time (with one thread: SPS on a core of its own)."""
+    measured = {k: sum(v[args.warmup_updates :]) for k, v in phases_per_update.items()}
+    steps = steps_per_update(args) * args.measured_updates
+    total = sum(measured.values())
+    rollout = sum(measured.get(k, 0.0) for k in ("env", "encoder", "trxl", "agent", "rollout_other"))
+    result = {"sps": steps / total, "rollout_sps": steps / rollout if rollout else None}
+    result["cpu_sps"] = steps / sum(cpu_per_update[args.warmup_updates :])
+    result |= {f"{k}_ms_per_step": 1000 * v / (steps / args.num_envs) for k, v in measured.items()}
+    return result | (extra or {})
+
+
+def run_script(args, script, n_layer, data_dir):
+    with tempfile.TemporaryDirectory(prefix="throughput-") as cwd:
+        _, rss = run_process(script_command(args, script, n_layer, data_dir), cwd, args.threads)
+        (run_dir,) = (Path(cwd) / "runs").iterdir()
+        perf = read_perf(run_dir)
+    n = args.warmup_updates + args.measured_updates
+    phases = {p: perf.get(f"perf/{p}_s", [0.0] * n) for p in PHASES}
+    extra = {"peak_rss_gb": rss}
+    if "perf/cuda_max_memory_gb" in perf:
+        extra["cuda_max_memory_gb"] = max(perf["perf/cuda_max_memory_gb"])
+    for tag in ("charts/token_cache_hit_rate", "charts/observation_cache_hit_rate"):
+        if tag in perf:
+            extra["cache_hit_rate_measured"] = statistics.mean(perf[tag][args.warmup_updates :])
+    return summarise(phases, perf["perf/cpu_s"], args, extra)
+
+
+def run_baseline(args, name):
+    with tempfile.TemporaryDirectory(prefix="throughput-") as cwd:
+        cmd = [sys.executable, __file__, "--baseline", name, "--env-id", args.env_id]
+        cmd += ["--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps)]
+        cmd += ["--warmup-updates", str(args.warmup_updates), "--measured-updates", str(args.measured_updates)]
+        cmd += ["--cuda" if args.cuda else "--no-cuda"]
+        stdout, rss = run_process(cmd, cwd, args.threads)
+    phases = json.loads(stdout.strip().splitlines()[-1])
+    return summarise(phases, phases.pop("cpu"), args, {"peak_rss_gb": rss})
+
+
+# ---------------------------------------------------------------------------------------------
+# The baselines, run in their own process (--baseline)
+# ---------------------------------------------------------------------------------------------
+
+
+def baseline_env(args):
+    import numpy as np
+
+    import shelm_ppo as S
+
+    envs, _ = S.make_envs(S.Args(env_id=args.env_id, num_envs=args.num_envs), "throughput")
+    envs.action_space.seed(1)
+    envs.reset(seed=1)
+    phases = {"env": [], "cpu": []}
+    for _ in range(args.warmup_updates + args.measured_updates):
+        t, cpu = time.perf_counter(), time.process_time()
+        for _ in range(args.num_steps):
+            envs.step(np.asarray(envs.action_space.sample()))
+        phases["env"].append(time.perf_counter() - t)
+        phases["cpu"].append(time.process_time() - cpu)
+    return phases
+
+
+def baseline_cnn_ppo(args):
+    """The scripts' PPO loop (rollout, GAE, clipped update, AdamW) with their Agent and no memory."""
+    import numpy as np
+    import torch
+
+    import shelm_ppo as S
+
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    a = S.Args(env_id=args.env_id, num_envs=args.num_envs, num_steps=args.num_steps)
+    batch = args.num_envs * args.num_steps
+    minibatch = min(MINIBATCH, batch)
+    torch.manual_seed(1)
+    envs, _ = S.make_envs(a, "throughput")
+    obs_shape = envs.single_observation_space.shape
+    d_model = 1024  # transfo-xl-wt103's: the actor and critic have the memory agents' sizes
+    agent = S.Agent(obs_shape, S.action_dims(envs.single_action_space), d_model).to(device)
+    optimizer = torch.optim.AdamW(agent.parameters(), lr=a.learning_rate, eps=1e-8)
+    no_memory = torch.zeros(args.num_envs, d_model, device=device)
+    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
+    n_dims = len(agent.action_dims)
+    actions = torch.zeros(args.num_steps, args.num_envs, n_dims, dtype=torch.long, device=device)
+    logprobs = torch.zeros(args.num_steps, args.num_envs, n_dims, device=device)
+    rewards, dones, values = (torch.zeros(args.num_steps, args.num_envs, device=device) for _ in range(3))
+    next_obs = torch.from_numpy(envs.reset(seed=1)[0]).to(device)
+    next_done = torch.zeros(args.num_envs, device=device)
+    lap = S.Laps()
+    phases = {p: [] for p in ("env", "agent", "update", "cpu")}
+    for _ in range(args.warmup_updates + args.measured_updates):
+        for step in range(args.num_steps):
+            obs[step], dones[step] = next_obs, next_done
+            with torch.no_grad():
+                action, logprob, _, value = agent.get_action_and_value(no_memory, next_obs)
+            values[step], actions[step], logprobs[step] = value.flatten(), action, logprob
+            lap("agent")
+            next_obs_np, reward, term, trunc, _ = envs.step(S.env_actions(action, envs.single_action_space))
+            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            next_obs = torch.from_numpy(next_obs_np).to(device)
+            next_done = torch.as_tensor(np.logical_or(term, trunc), dtype=torch.float32, device=device)
+            lap("env")
+        with torch.no_grad():
+            next_value = agent.get_value(no_memory, next_obs).flatten()
+            advantages, lastgaelam = torch.zeros_like(rewards), 0
+            for t in reversed(range(args.num_steps)):
+                nextnonterminal = 1.0 - (next_done if t == args.num_steps - 1 else dones[t + 1])
+                nextvalues = next_value if t == args.num_steps - 1 else values[t + 1]
+                delta = rewards[t] + a.gamma * nextvalues * nextnonterminal - values[t]
+                advantages[t] = lastgaelam = delta + a.gamma * a.gae_lambda * nextnonterminal * lastgaelam
+            returns = advantages + values
+        b_obs, b_actions = obs.reshape((-1,) + obs_shape), actions.reshape(-1, n_dims)
+        b_logprobs, b_advantages, b_returns = logprobs.reshape(-1, n_dims), advantages.reshape(-1), returns.reshape(-1)
+        b_memory = torch.zeros(batch, d_model, device=device)
+        for _epoch in range(a.update_epochs):
+            b_inds = torch.randperm(batch, device=device)
+            for start in range(0, batch, minibatch):
+                mb = b_inds[start : start + minibatch]
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_memory[mb], b_obs[mb], b_actions[mb])
+                ratio = (newlogprob - b_logprobs[mb]).exp()
+                mb_adv = ((b_advantages[mb] - b_advantages[mb].mean()) / (b_advantages[mb].std() + 1e-8))[:, None]
+                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - a.clip_coef, 1 + a.clip_coef)).mean()
+                v_loss = ((newvalue.view(-1) - b_returns[mb]) ** 2).mean()
+                loss = pg_loss - a.ent_coef * entropy.mean() + v_loss * a.vf_coef
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(agent.parameters(), a.max_grad_norm)
+                optimizer.step()
+        loss.item()
+        lap("update")
+        totals, cpu = lap.pop()
+        for name, seconds in totals.items():
+            phases[name].append(seconds)
+        phases["cpu"].append(cpu)
+    return phases
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def markdown(results):
+    """The docs table: one row per variant of each labelled measurement."""
+    lines = []
+    for label, res in results["runs"].items():
+        lines += [
+            "",
+            f"**{label}** ({res['date']}, load average before/after {res['load_before']} / {res['load_after']}, "
+            f"{res['threads']} thread(s), {res['repeats']} repeat(s), `{res['command']}`):",
+            "",
+            "| variant | SPS | ratio to CNN-PPO | SPS of CPU time | its ratio | env | encoder | Transformer-XL | "
+            "agent | update | peak RSS | cache hit rate |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, v in res["variants"].items():
+            ms = [v.get(f"{p}_ms_per_step") for p in ("env", "encoder", "trxl", "agent", "update")]
+            cells = ["" if x is None else f"{x:.1f}" for x in ms]
+            hit = v.get("cache_hit_rate_measured")
+            cpu = f"{v['cpu_sps']:.0f} | {v['cpu_ratio_to_cnn_ppo']:.2f}" if "cpu_sps" in v else "not measured | "
+            lines.append(
+                f"| {name} | {v['sps']:.0f} | {v['ratio_to_cnn_ppo']:.2f} | {cpu} | {' | '.join(cells)} | "
+                f"{v['peak_rss_gb']:.2f} GB | {'' if hit is None else f'{hit:.3f}'} |"
+            )
+    lines += [
+        "",
+        "SPS: steps per second of wall time; SPS of CPU time: steps per second of the process's CPU time"
+        " (one thread: SPS on a core of its own, which other jobs on the machine do not inflate). Phase"
+        " columns: milliseconds of wall time per step of all envs (16 env steps), the update's share"
+        " included. Every column is the median over repeats; ratios are ratios of those medians.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(path, table):
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    if DOCS_BEGIN in text and DOCS_END in text:
+        head, rest = text.split(DOCS_BEGIN, 1)
+        text = head + DOCS_BEGIN + "\n" + table + DOCS_END + rest.split(DOCS_END, 1)[1]
+        path.write_text(text)
+    else:
+        print(f"{path} has no {DOCS_BEGIN} ... {DOCS_END} section; the table:\n{table}")
+
+
+def main(args):
+    if args.baseline is not None:
+        phases = baseline_env(args) if args.baseline == "env" else baseline_cnn_ppo(args)
+        print(json.dumps(phases))
+        return
+    if args.report:
+        write_docs(args.docs, markdown(json.loads(Path(args.out).read_text())))
+        return
+    variants = ["env", "cnn-ppo"] + [f"{s} --n-layer {n}" for s in args.scripts for n in args.n_layers]
+    runs = {v: [] for v in variants}
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="throughput-data-") as data_dir:  # SHELM's embeddings, built once
+        for repeat in range(args.repeats):
+            order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
+            for v in order:
+                t = time.time()
+                if v in ("env", "cnn-ppo"):
+                    r = run_baseline(args, v)
+                else:
+                    script, n_layer = v.split(" --n-layer ")
+                    r = run_script(args, script, int(n_layer), data_dir)
+                runs[v].append(r)
+                print(f"repeat {repeat} {v}: {r['sps']:.1f} SPS ({time.time() - t:.0f} s, load {load_average()})")
+    median = {}
+    for v, rs in runs.items():
+        median[v] = {k: statistics.median(r[k] for r in rs) for k in rs[0] if rs[0][k] is not None}
+    for v in variants:
+        median[v]["ratio_to_cnn_ppo"] = median[v]["sps"] / median["cnn-ppo"]["sps"]
+        median[v]["cpu_ratio_to_cnn_ppo"] = median[v]["cpu_sps"] / median["cnn-ppo"]["cpu_sps"]
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    results["runs"][args.label] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python benchmark/throughput.py " + " ".join(sys.argv[1:]),
+        "device": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "load_before": load_before,
+        "load_after": load_average(),
+        "steps_measured": steps_per_update(args) * args.measured_updates,
+        "warmup_steps": steps_per_update(args) * args.warmup_updates,
+        "variants": median,
+        "all_runs": runs,
+    }
+    results["ratio_to_cnn_ppo"] = {
+        s: median[f"{s} --n-layer 2"]["ratio_to_cnn_ppo"] for s in args.scripts if f"{s} --n-layer 2" in median
+    }
+    results["cpu_ratio_to_cnn_ppo"] = {
+        s: median[f"{s} --n-layer 2"]["cpu_ratio_to_cnn_ppo"] for s in args.scripts if f"{s} --n-layer 2" in median
+    }
+    results["ratio_to_cnn_ppo_label"] = args.label
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    table = markdown(results)
+    print(table)
+    write_docs(args.docs, table)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

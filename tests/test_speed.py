@@ -1,0 +1,253 @@
+"""The speed-ups of the frozen memory give the results of the plain computations (tiny models, fast):
+keys and values of memory slots computed once, the observation cache of all three encoders, bfloat16
+frozen models, HELM's one-piece retrieval, and the per-phase timer. Nothing here is timed."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import helm_ppo
+import helmv2_ppo
+import shelm_ppo
+from conftest import ROOT
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny3():
+    trxl, _ = shelm_ppo.build_trxl("tiny-random", 3, 4, "cpu")
+    return trxl
+
+
+def plain_attention(attn, h, pos_emb, mask, mem):
+    """One attention layer as written before the key/value memory (checked against Hugging Face then):
+    the keys and values of the whole memory recomputed from its hidden states at every step."""
+    qlen, bsz = h.shape[:2]
+    q, k, v = attn.qkv_net(torch.cat([mem, h], dim=0)).chunk(3, dim=-1)
+    q = q[-qlen:].view(qlen, bsz, attn.n_head, attn.d_head)
+    k = k.view(-1, bsz, attn.n_head, attn.d_head)
+    v = v.view(-1, bsz, attn.n_head, attn.d_head)
+    r = attn.r_net(pos_emb).view(-1, attn.n_head, attn.d_head)
+    content = torch.einsum("ibnd,jbnd->ijbn", q + attn.r_w_bias, k)
+    position = attn.rel_shift(torch.einsum("ibnd,jnd->ijbn", q + attn.r_r_bias, r))
+    score = (content + position) * attn.scale
+    score = score.masked_fill(mask[..., None], torch.finfo(score.dtype).min)
+    out = torch.einsum("ijbn,jbnd->ibnd", score.softmax(dim=1), v).reshape(qlen, bsz, -1)
+    return attn.layer_norm(h + attn.o_net(out))
+
+
+def plain_forward(trxl, x, hidden, memory_mask):
+    """The Transformer-XL step with hidden-state memories (Hugging Face's kind), written out."""
+    qlen, bsz = x.shape[:2]
+    mlen = hidden.shape[1]
+    klen = mlen + qlen
+    ones = torch.ones(qlen, klen, dtype=torch.bool)
+    mask = torch.triu(ones, diagonal=1 + mlen)
+    shift = qlen - (klen - trxl.mem_len) if klen > trxl.mem_len else qlen
+    mask = (mask | torch.tril(ones, diagonal=-shift))[:, :, None]
+    mask = mask | ~torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool)])[None]
+    pos = torch.arange(klen - 1, -1, -1.0)
+    inv_freq = 1 / (10000 ** (torch.arange(0.0, trxl.d_model, 2.0) / trxl.d_model))
+    angles = torch.outer(pos, inv_freq)
+    pos_emb = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, None, :]
+    hids, h = [], x
+    for layer, mem in zip(trxl.layers, hidden):
+        hids.append(h)
+        h = layer.pos_ff(plain_attention(layer.dec_attn, h, pos_emb, mask, mem))
+    new_hidden = torch.cat([hidden, torch.stack(hids)], dim=1)[:, -trxl.mem_len :]
+    new_mask = torch.cat([memory_mask, torch.ones(qlen, bsz, dtype=torch.bool)])[-trxl.mem_len :]
+    return h, new_hidden, new_mask
+
+
+@pytest.mark.parametrize("memory_reset", ["mask", "zero"])
+def test_key_value_memory_equals_plain_forward(tiny3, memory_reset):
+    trxl, batch = tiny3, 3
+    gen = torch.Generator().manual_seed(0)
+    mems, mask = shelm_ppo.init_memory(trxl, batch, memory_reset, "cpu")
+    hidden = torch.zeros(trxl.n_layer, trxl.mem_len, batch, trxl.d_model)
+    plain_mask = mask.clone()
+    with torch.no_grad():
+        for step, qlen in enumerate([1, 2, 1, 1, 3, 1, 1, 2, 1, 1, 1, 1]):  # longer than the memory
+            x = trxl.word_emb(torch.randint(0, 2000, (qlen, batch), generator=gen))
+            out, mems, mask = trxl(x, mems, mask)
+            plain_out, hidden, plain_mask = plain_forward(trxl, x, hidden, plain_mask)
+            assert (out - plain_out).abs().max() <= TOL, step
+            assert (mems - trxl.keys_values(hidden)).abs().max() <= TOL, step
+            assert torch.equal(mask, plain_mask)
+            if step in (3, 7):  # an episode of env 1 ends: both forget it the same way
+                done = torch.tensor([False, True, False])
+                mems, mask = shelm_ppo.reset_memory(mems, mask, done, memory_reset)
+                hidden, plain_mask = shelm_ppo.reset_memory(hidden, plain_mask, done, memory_reset)
+
+
+def test_bfloat16_transformer_xl_close_to_float32():
+    # stated tolerance: outputs (layer-normed, about unit scale) within 0.1 absolute, 2% of their norm
+    f32, _ = shelm_ppo.build_trxl("tiny-random", 2, 4, "cpu")
+    b16, _ = shelm_ppo.build_trxl("tiny-random", 2, 4, "cpu")
+    b16.to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    state = {m: shelm_ppo.init_memory(m, 4, "mask", "cpu") for m in (f32, b16)}
+    assert state[b16][0].dtype == torch.bfloat16
+    with torch.no_grad():
+        for _ in range(8):
+            x = f32.word_emb(torch.randint(0, 2000, (1, 4), generator=gen))
+            outs = {}
+            for m in (f32, b16):
+                outs[m], *state[m] = m(x, *state[m])
+            assert outs[b16].dtype == torch.float32  # what the agent reads is float32
+            assert (outs[b16] - outs[f32]).abs().max() < 0.1
+            assert (outs[b16] - outs[f32]).norm() < 0.02 * outs[f32].norm()
+
+
+def test_bfloat16_clip_close_to_float32():
+    import prepare_embeddings
+
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 56, 56, 3), dtype=np.uint8))
+    for kind in ("ViT", "RN"):
+        clip = prepare_embeddings.load_clip("tiny-random", None, "cpu", tiny_kind=kind)
+        with torch.no_grad():
+            f32 = prepare_embeddings.clip_image_features(clip, images)
+            b16 = prepare_embeddings.clip_image_features(clip.to(torch.bfloat16), images)
+        assert b16.dtype == torch.float32
+        # stated tolerance: cosine similarity of each embedding to its float32 self above 0.99
+        assert torch.nn.functional.cosine_similarity(f32, b16).min() > 0.99, kind
+
+
+def test_frozen_dtype_resolution():
+    assert shelm_ppo.resolve_frozen_dtype("float32", "cpu") == torch.float32
+    assert shelm_ppo.resolve_frozen_dtype("bfloat16", "cpu") == torch.bfloat16
+    expected = torch.bfloat16 if shelm_ppo.mkldnn_bf16_supported() else torch.float32
+    assert shelm_ppo.resolve_frozen_dtype("auto", "cpu") == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# the observation cache
+# ---------------------------------------------------------------------------------------------
+
+
+class Counting:
+    """A stand-in encoder: the sum of each observation's pixels, and a count of what it was asked for."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, obs):
+        self.seen.append(len(obs))
+        flat = torch.from_numpy(obs.reshape(len(obs), -1).astype(np.int64))
+        return flat.sum(1), flat[:, :2].float()
+
+
+def test_cache_computes_each_new_observation_once():
+    pool = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    encode, cache = Counting(), shelm_ppo.ObservationCache(100)
+    for ids in [[0, 1, 0, 1], [1, 2, 2, 3], [3, 0, 1, 2]]:
+        out = cache(pool[ids], encode)
+        expected = Counting()(pool[ids])
+        assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    assert encode.seen == [2, 2]  # repeats within a batch and across batches are not recomputed
+    assert cache.log_scalars() == {"charts/observation_cache_hit_rate": pytest.approx(5 / 12)}
+    assert len(cache) == 4
+
+
+def test_cache_off_calls_through():
+    pool = np.zeros((3, 2, 2, 3), dtype=np.uint8)
+    encode, cache = Counting(), shelm_ppo.ObservationCache(0)
+    cache(pool, encode)
+    cache(pool, encode)
+    assert encode.seen == [3, 3] and cache.log_scalars() == {} and len(cache) == 0
+
+
+@pytest.fixture(scope="module")
+def word_emb():
+    trxl, _ = helm_ppo.build_trxl("tiny-random", 1, 4, "cpu")
+    return trxl.word_emb
+
+
+def test_helm_cache_gives_the_uncached_soft_tokens(word_emb):
+    rng = np.random.default_rng(1)
+    pool = rng.integers(0, 256, (6, 5, 7, 3), dtype=np.uint8)
+    plain = helm_ppo.FrozenHopfield(word_emb, 2000, (5, 7), 100.0, 0, 1)
+    cached = helm_ppo.FrozenHopfield(word_emb, 2000, (5, 7), 100.0, 0, 1, cache_size=4)
+    for ids in rng.integers(0, 6, (12, 5)):
+        (soft, tokens), (soft_c, tokens_c) = plain(pool[ids]), cached(pool[ids])
+        # equal up to float rounding: a matrix product's rounding depends on how many rows it has
+        torch.testing.assert_close(soft_c, soft, rtol=1e-4, atol=1e-5)
+        assert torch.equal(tokens_c, tokens)
+    logged, logged_c = plain.log_scalars(), cached.log_scalars()
+    assert logged_c["charts/hopfield_top_weight"] == pytest.approx(logged["charts/hopfield_top_weight"])
+    assert 0 < logged_c["charts/observation_cache_hit_rate"] < 1
+    # a new projection (a resumed run) empties the cache: what it held is stale
+    other = helm_ppo.FrozenHopfield(word_emb, 2000, (5, 7), 100.0, 0, 2)
+    cached.load_encoder_state(other.encoder_state())
+    torch.testing.assert_close(cached(pool[:3])[0], other(pool[:3])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_helm_one_piece_retrieval_equals_streamed(word_emb):
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    whole = helm_ppo.FrozenHopfield(word_emb, 2000, (5, 7), 100.0, 0, 1).retrieve(x)
+    streamed = helm_ppo.FrozenHopfield(word_emb, 2000, (5, 7), 100.0, 333, 1).retrieve(x)
+    for a, b in zip(whole, streamed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_helmv2_cache_gives_the_uncached_embeddings():
+    args = helmv2_ppo.Args(
+        trxl_model="tiny-random", clip_model="tiny-random", n_layer=1, mem_len=4, frozen_dtype="float32"
+    )
+    trxl, _, plain = helmv2_ppo.build_memory(args, torch.device("cpu"), verbose=False)
+    cached = helmv2_ppo.CLIPRescale(plain.frozen["clip"], plain.frozen["word_emb"], "running", cache_size=100)
+    rng = np.random.default_rng(3)
+    pool = rng.integers(0, 256, (5, 56, 56, 3), dtype=np.uint8)
+    for ids in rng.integers(0, 5, (6, 4)):
+        (x, tokens), (x_c, tokens_c) = plain(pool[ids]), cached(pool[ids])
+        torch.testing.assert_close(x_c, x, rtol=1e-4, atol=1e-5)  # the statistics move the same way
+        assert torch.equal(tokens_c, tokens)
+    assert torch.equal(cached.count, plain.count) and torch.allclose(cached.var, plain.var)
+    assert cached.log_scalars()["charts/observation_cache_hit_rate"] > 0
+
+
+def test_laps_add_up():
+    lap = shelm_ppo.Laps()
+    for name in ("a", "b", "a"):
+        lap(name)
+    totals, cpu = lap.pop()
+    assert set(totals) == {"a", "b"} and all(v >= 0 and math.isfinite(v) for v in totals.values())
+    assert cpu >= 0 and lap.pop()[0] == {}
+
+
+def test_throughput_benchmark_reads_the_scripts_timers(tmp_path):
+    # one tiny update of the real script, read back the way benchmark/throughput.py does
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    import throughput
+
+    from conftest import QUICK, run_script, tiny_args
+
+    proc = run_script("helm_ppo.py", [*QUICK, *tiny_args("helm_ppo.py", tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    perf = throughput.read_perf(run_dir)
+    for phase in ("env", "encoder", "trxl", "agent", "update", "cpu"):
+        assert len(perf[f"perf/{phase}_s"]) == 2 and min(perf[f"perf/{phase}_s"]) > 0, phase
+    # the phases cover the whole loop: its steps over their sum is the logged per-update rate
+    per_update = [sum(perf[f"perf/{p}_s"][i] for p in throughput.PHASES if f"perf/{p}_s" in perf) for i in range(2)]
+    assert perf["perf/update_sps"] == pytest.approx([64 / t for t in per_update], rel=1e-4)
+
+
+def test_cnn_ppo_baseline_runs_the_scripts_agent(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    import throughput
+
+    args = throughput.Args(env_id="MiniGrid-DoorKey-5x5-v0", num_envs=2, num_steps=4, warmup_updates=1)
+    args.measured_updates = 1
+    phases = throughput.baseline_cnn_ppo(args)
+    assert set(phases) == {"env", "agent", "update", "cpu"}
+    assert all(len(v) == 2 and min(v) > 0 for v in phases.values())
+    result = throughput.summarise({k: v for k, v in phases.items() if k != "cpu"}, phases["cpu"], args)
+    assert result["sps"] == pytest.approx(8 / sum(phases[k][1] for k in ("env", "agent", "update")))
