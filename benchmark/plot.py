@@ -69,8 +69,8 @@ class Args:
     """only these environments (default: all)"""
     scripts: tuple[str, ...] = ()
     """only these scripts, e.g. shelm_ppo (default: all)"""
-    points: int = 50
-    """points per curve"""
+    points: int = 25
+    """points per curve (each the mean return of the episodes that ended since the previous point)"""
     reps: int = 2000
     """bootstrap resamples"""
     seed: int = 0
@@ -200,10 +200,12 @@ def curve_label(script, label):
 
 
 def plot_curves(groups, env_id, axis, args, rng, out):
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (script, env, label), group in sorted(groups.items()):
-        if env != env_id:
-            continue
+    """One panel per script, one curve per label (variant) in it."""
+    in_env = {key: group for key, group in sorted(groups.items()) if key[1] == env_id}
+    scripts = sorted({script for script, _, _ in in_env})
+    fig, axes = plt.subplots(1, len(scripts), figsize=(4.2 * len(scripts), 3.8), sharey=True, squeeze=False)
+    for (script, _, label), group in in_env.items():
+        ax = axes[0, scripts.index(script)]
         xs = [r.steps if axis == "steps" else r.times for r in group]
         end = min(x[-1] for x in xs if len(x))
         grid = np.linspace(end / args.points, end, args.points)
@@ -211,13 +213,14 @@ def plot_curves(groups, env_id, axis, args, rng, out):
         lo, hi = bootstrap_ci(ys, args.reps, rng)
         scale = 1 / 60 if axis == "time" else 1
         # a point where every seed has finished an episode: before, the mean would be of the lucky seeds only
-        line = ax.plot(grid * scale, ys.mean(axis=0), label=f"{curve_label(script, label)} ({len(group)} seeds)")
+        line = ax.plot(grid * scale, ys.mean(axis=0), label=f"{label or 'all'} ({len(group)} seeds)")
         ax.fill_between(grid * scale, lo, hi, alpha=0.2, color=line[0].get_color(), linewidth=0)
-    ax.set_xlabel("env steps" if axis == "steps" else "training time (minutes)")
-    ax.set_ylabel("episodic return")
-    ax.set_title(env_id)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, script in zip(axes[0], scripts):
+        ax.set_xlabel("env steps" if axis == "steps" else "training time (minutes)")
+        ax.set_title(f"{script}, {env_id}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("episodic return (mean, 95% bootstrap CI)")
     save(fig, out / f"{axis}__{safe_name(env_id)}")
 
 
@@ -307,6 +310,8 @@ def safe_name(env_id):
 def main(args):
     from prepare_embeddings import fail
 
+    if not Path(args.runs).is_dir():
+        fail(f"--runs {args.runs} is not a directory")
     runs = load_runs(args)
     if not runs:
         fail(f"no runs with logged episodes under {args.runs}")

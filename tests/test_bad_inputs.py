@@ -13,7 +13,6 @@ import runpy
 import shutil
 import signal
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -135,11 +134,10 @@ def test_in_process_reads_like_a_real_process(tmp_path, monkeypatch, capsys):
 
 def test_hub_weights_absent_offline(script, tmp_path):
     # a real process: the hub client reads HF_HUB_OFFLINE when it is first imported
+    # (without HF_HUB_OFFLINE and without a network: tests/test_first_use.py)
     args = [*base_args(script, tmp_path), "--trxl-model", "transfo-xl/transfo-xl-wt103"]
-    start = time.time()
-    proc = run_script(script, args, tmp_path, timeout=120)
+    proc = run_script(script, args, tmp_path, timeout=60)  # no waiting on a network that is not there
     assert_clean_failure(proc, tmp_path, [], "transfo-xl/transfo-xl-wt103", "download it once", "tiny-random")
-    assert time.time() - start < 60  # no waiting on a network that is not there
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ network, and a repository that names nothing outside itself."""
 
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -131,6 +132,17 @@ def test_track_offline(script, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def silent_hub():
+    """An address where connections are accepted (by the kernel, into the backlog) and never answered:
+    a network that hangs. The hub client would wait 10 s per attempt there, 6 attempts, plus 23 s of
+    back-off; without retries, the probe gives up after HUB_PROBE_TIMEOUT (3 s)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
 @pytest.mark.parametrize(
     "args, missing",
     [
@@ -138,11 +150,11 @@ def test_track_offline(script, tmp_path):
         (["--trxl-model", "tiny-random"], "CLIP ViT-B-16 weights 'openai'"),
     ],
 )
-def test_no_network_ends_at_once(args, missing, tmp_path):
-    # nothing cached, HF_HUB_OFFLINE not set, and nothing answers at the hub's address: the hub client
-    # would retry for about 30 s; the timeout below is well under that and over a slow start
+def test_no_network_ends_at_once(args, missing, tmp_path, silent_hub):
+    # nothing cached, HF_HUB_OFFLINE not set, and the hub's address does not answer: the timeout below is
+    # well under the hub client's 80 s of retries and well over a slow start of Python and torch
     env = {k: v for k, v in offline_env().items() if k != "HF_HUB_OFFLINE"}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9", NO_PROXY="127.0.0.1")
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=silent_hub, NO_PROXY="127.0.0.1")
     command = [*("--env-id", "MiniGrid-MemoryS11-v0", "--n-layer", "2"), *args, "--embeddings-dir", "data"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "shelm_ppo.py"), *command],
@@ -150,7 +162,7 @@ def test_no_network_ends_at_once(args, missing, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=25,
+        timeout=50,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
