@@ -162,23 +162,15 @@ WT103_CONFIG = {
     "layer_norm_epsilon": 1e-5,
 }
 
-TINY_TRXL_CONFIG = {
+# the same architecture at a tiny size (tests, and the machinery checks of `tiny-random`)
+TINY_TRXL_CONFIG = WT103_CONFIG | {
     "vocab_size": 2000,
     "cutoffs": [200, 800],
-    "div_val": 4,
     "d_model": 64,
     "d_embed": 64,
     "n_head": 4,
     "d_head": 16,
     "d_inner": 128,
-    "n_layer": 18,
-    "clamp_len": 1000,
-    "same_length": True,
-    "untie_r": True,
-    "pre_lnorm": False,
-    "attn_type": 0,
-    "adaptive": True,
-    "layer_norm_epsilon": 1e-5,
 }
 
 

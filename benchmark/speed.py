@@ -28,26 +28,6 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# config.json of transfo-xl/transfo-xl-wt103
-WT103 = {
-    "vocab_size": 267735,
-    "cutoffs": [20000, 40000, 200000],
-    "div_val": 4,
-    "d_model": 1024,
-    "d_embed": 1024,
-    "n_head": 16,
-    "d_head": 64,
-    "d_inner": 4096,
-    "n_layer": 18,
-    "clamp_len": 1000,
-    "same_length": True,
-    "untie_r": True,
-    "pre_lnorm": False,
-    "attn_type": 0,
-    "adaptive": True,
-    "layer_norm_epsilon": 1e-5,
-}
-
 
 @dataclass
 class Args:
@@ -68,16 +48,17 @@ def sync(device):
 
 
 def bench_trxl(args, device):
+    import prepare_embeddings
     import shelm_ppo as S
 
     models = {}
     for n in (18, 2):
         torch.manual_seed(0)
-        models[n] = S.TransformerXL(WT103, n, 15).to(device).eval().requires_grad_(False)
+        models[n] = S.TransformerXL(prepare_embeddings.WT103_CONFIG, n, 15).to(device).eval().requires_grad_(False)
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     times = {18: [], 2: []}
     mems = {n: S.init_memory(m, 16, "mask", device) for n, m in models.items()}
-    ids = torch.randint(0, WT103["vocab_size"], (1, 16), device=device)
+    ids = torch.randint(0, prepare_embeddings.WT103_CONFIG["vocab_size"], (1, 16), device=device)
     with torch.no_grad():
         for i in range(args.repeats + 3):
             for n, m in models.items():  # interleaved, so both see the same machine load
