@@ -1320,7 +1320,6 @@ if __name__ == "__main__":
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
     trxl_outs = torch.zeros((args.num_steps, args.num_envs, trxl.d_model), device=device)
-    tokens = torch.zeros((args.num_steps, args.num_envs, encoder.tokens_per_step), dtype=torch.long, device=device)
     # one column per action dimension (one for Discrete), as CleanRL's ppo_trxl
     actions = torch.zeros((args.num_steps, args.num_envs, len(agent.action_dims)), dtype=torch.long, device=device)
     logprobs = torch.zeros((args.num_steps, args.num_envs, len(agent.action_dims)), device=device)
@@ -1369,7 +1368,7 @@ if __name__ == "__main__":
             obs[step] = next_obs
             dones[step] = next_done
             trxl_outs[step] = next_trxl_out
-            tokens[step] = next_tokens
+            episode_text.append(" ".join(vocab[t] for t in next_tokens[0].tolist()))  # env 0's memory words
 
             # ALGO LOGIC: action logic
             with torch.no_grad():
@@ -1391,7 +1390,6 @@ if __name__ == "__main__":
 
             # the next observation into the memory; where an episode has just ended, that observation is the
             # new episode's first, so the env's memory is reset before it
-            episode_text.append(" ".join(vocab[t] for t in tokens[step, 0].tolist()))
             with torch.no_grad():
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
                 trxl_in, next_tokens = encoder(next_obs_np)

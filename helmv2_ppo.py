@@ -732,7 +732,7 @@ class CLIPRescale(nn.Module):
     x_norm * we_std + we_mean, so that it looks to the language model like a word. rescale="batch"
     standardises with the current batch across envs (the original); rescale="running" with running
     statistics (float64) of all CLIP embeddings seen in training mode, updated with each batch before it
-    is standardised and frozen in eval mode. The tokens returned are the nearest vocabulary words.
+    is standardised and frozen in eval mode. The token returned is env 0's nearest vocabulary word.
 
     After load_encoder_state (a resumed run), the first batch is standardised with the restored
     statistics but not added to them: it is the first observation of the fresh episodes a resumed run
@@ -789,7 +789,9 @@ class CLIPRescale(nn.Module):
     def forward(self, obs):
         (features,) = self.cache(obs, self.clip_features)
         x = self.embed(features)
-        return x[None], nearest_tokens(x, self.frozen["word_emb"], self.word_norms, self.chunk)
+        # the memory is logged as text for env 0 alone, and a search over the whole vocabulary for every
+        # env would cost as much as the rest of the encoder: the nearest word of env 0's input only
+        return x[None], nearest_tokens(x[:1], self.frozen["word_emb"], self.word_norms, self.chunk)
 
     def clip_features(self, obs):
         images = torch.from_numpy(obs).to(self.we_mean.device)
@@ -1368,7 +1370,6 @@ if __name__ == "__main__":
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
     trxl_outs = torch.zeros((args.num_steps, args.num_envs, trxl.d_model), device=device)
-    tokens = torch.zeros((args.num_steps, args.num_envs, encoder.tokens_per_step), dtype=torch.long, device=device)
     # one column per action dimension (one for Discrete), as CleanRL's ppo_trxl
     actions = torch.zeros((args.num_steps, args.num_envs, len(agent.action_dims)), dtype=torch.long, device=device)
     logprobs = torch.zeros((args.num_steps, args.num_envs, len(agent.action_dims)), device=device)
@@ -1417,7 +1418,7 @@ if __name__ == "__main__":
             obs[step] = next_obs
             dones[step] = next_done
             trxl_outs[step] = next_trxl_out
-            tokens[step] = next_tokens
+            episode_text.append(" ".join(vocab[t] for t in next_tokens[0].tolist()))  # env 0's memory words
 
             # ALGO LOGIC: action logic
             with torch.no_grad():
@@ -1439,7 +1440,6 @@ if __name__ == "__main__":
 
             # the next observation into the memory; where an episode has just ended, that observation is the
             # new episode's first, so the env's memory is reset before it
-            episode_text.append(" ".join(vocab[t] for t in tokens[step, 0].tolist()))
             with torch.no_grad():
                 mems, memory_mask = reset_memory(mems, memory_mask, next_done.bool(), args.memory_reset)
                 trxl_in, next_tokens = encoder(next_obs_np)
