@@ -10,30 +10,20 @@ is shown as the vocabulary word whose embedding is nearest to it.
     python helmv2_ppo.py --env-id MiniGrid-MemoryS11-v0 --n-layer 2
 
 Docs: docs/helmv2_ppo.md. The sections marked [algorithm-specific] are what differ from helm_ppo.py
-and shelm_ppo.py; everything else is the same code in the three scripts (tests/test_drift.py).
+and shelm_ppo.py; everything else is the same code in the three scripts (tests/test_drift.py). What a reader of the
+algorithm never needs (checkpoints, run directories, logging set-up, evaluation, where the frozen models
+come from) lives once in the package helm_utils/ (docs/layout.md).
 """
 
-# [end algorithm-specific]
-import collections
-import dataclasses
-import fcntl
-import hashlib
-import importlib.util
-import io
-import itertools
 import math
+
+# [end algorithm-specific]
 import operator
 import os
 import random
-import re
-import signal
 import sys
 import time
-import types
-import typing
-import warnings
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import gymnasium as gym
@@ -42,18 +32,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from torch.distributions.categorical import Categorical
 
-import prepare_embeddings
-from prepare_embeddings import fail
-
 # [algorithm-specific]
+from helm_utils import arguments, env_suites, fail, frozen_models, observation_cache, runs, timing
+
 ALGORITHM = "helmv2"
 # arguments naming a directory the script writes to (a checkpoint's values must stay under the working directory)
 OUTPUT_DIRS = ()
 # [end algorithm-specific]
-CHECKPOINT_FORMAT = "helm-checkpoint/1"
 
 
 @dataclass
@@ -167,42 +154,10 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-# What --resume takes from the command line when given there; every other argument comes from the checkpoint.
-RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
-RUNS = Path("runs")  # every run directory lies under it, relative to the working directory
-MAX_NAME_BYTES = 200  # of a run directory's name; file systems allow 255, the rest is for suffixes
-
-
-def resume_args(ckpt, path):
-    """The checkpoint's arguments with the flags given on this command line: tyro parses it again with the
-    checkpoint's values as defaults. Flags outside RESUME_OVERRIDES may only repeat the checkpoint's value."""
-    try:
-        saved = Args(**ckpt["args"])
-    except TypeError as e:
-        fail(f"checkpoint {path} was written with other arguments than this script has ({e})")
-    args = tyro.cli(Args, default=replace(saved, resume=path))
-    changed = [name for name, value in asdict(saved).items() if getattr(args, name) != value]
-    fixed = [
-        f"--{name.replace('_', '-')}" for name in changed if name not in (*RESUME_OVERRIDES, *OUTPUT_DIRS, "resume")
-    ]
-    if fixed:
-        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in (*RESUME_OVERRIDES, *OUTPUT_DIRS))
-        fail(f"{' '.join(fixed)}: a resumed run keeps its checkpoint's arguments; only {allowed} can be given")
-    return args
-
-
 def check_args(args):
     """One clear line for each argument out of range, before anything is built or written."""
-    positive = [
-        "total_timesteps",
-        "num_envs",
-        "num_steps",
-        "num_minibatches",
-        "update_epochs",
-        "mem_len",
-        "nonfinite_limit",
-        "eval_episodes",
-    ]
+    arguments.check_ppo_args(args)
+    arguments.check_memory_args(args)
     # [algorithm-specific]
     if args.rescale == "batch" and args.num_envs < 2:
         fail(
@@ -210,115 +165,12 @@ def check_args(args):
             f"sample is NaN), got {args.num_envs}; use --rescale running"
         )
     # [end algorithm-specific]
-    for name in positive:
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**32:
-        fail(f"--seed must be >= 0 and < 2**32, got {args.seed}")
-    for name in ["learning_rate", "clip_coef", "max_grad_norm"]:
-        if not 0 < getattr(args, name) < torch.finfo(torch.float32).max:
-            fail(f"--{name.replace('_', '-')} must be a positive float32 number, got {getattr(args, name)}")
-    for name in ["gamma", "gae_lambda"]:
-        if not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    for name in ["ent_coef", "vf_coef", "log_tokens_every", "checkpoint_every", "observation_cache_size"]:
-        if not 0 <= getattr(args, name) < torch.finfo(torch.float32).max:
-            fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
-    if args.target_kl is not None and not 0 < args.target_kl < math.inf:
-        fail(f"--target-kl must be positive and finite, got {args.target_kl}")
-    if args.n_layer < 1:
-        fail(f"--n-layer must be >= 1, got {args.n_layer}")
-    if args.num_envs * args.num_steps < args.num_minibatches:
-        batch_size = args.num_envs * args.num_steps
-        fail(f"--num-minibatches ({args.num_minibatches}) exceeds the batch size num_envs * num_steps ({batch_size})")
-    if args.total_timesteps < args.num_envs * args.num_steps:
-        rollout = args.num_envs * args.num_steps
-        fail(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps ({rollout})")
-    batch = args.num_envs * args.num_steps
-    minibatch = batch // args.num_minibatches
-    smallest = min(minibatch, batch % minibatch or minibatch)  # the last minibatch takes what is left
-    if args.norm_adv and smallest < 2:
-        fail(
-            f"--num-minibatches {args.num_minibatches} cuts the batch of {batch} into minibatches of as few as 1 "
-            f"sample, whose advantages cannot be normalized: choose one that leaves >= 2 per minibatch"
-        )
-    if "/" in args.exp_name:
-        fail(f"--exp-name {args.exp_name!r} must be a plain name, without '/'")
-    validate_run_name(new_run_name(args), "the run name of --env-id and --exp-name")
-
-
-def new_run_name(args):
-    return f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-
-
-def validate_run_name(run_name, what):
-    """A name that keeps the run directory under runs/: relative, without '..', printable UTF-8, not too long.
-    Refused, not repaired: a name from a checkpoint or the command line is used as given or not at all."""
-    if not isinstance(run_name, str) or not run_name:
-        fail(f"{what} must be a non-empty string, got {run_name!r}")
-    try:
-        parts = [part.encode("utf-8") for part in run_name.split("/")]
-    except UnicodeEncodeError:
-        fail(f"{what} {run_name!r} is not valid UTF-8")
-    if any(part in (b"", b".", b"..") for part in parts) or re.search(r"[\x00-\x1f\x7f\\]", run_name):
-        fail(f"{what} {run_name!r} leaves runs/: it must be relative, without '..', control characters or '\\'")
-    if max(len(part) for part in parts) > MAX_NAME_BYTES:
-        fail(f"{what} is {max(len(part) for part in parts)} bytes long; at most {MAX_NAME_BYTES} make a directory name")
-
-
-GL_HELP = (
-    "MiniWorld renders with OpenGL, headless through EGL: on Debian or Ubuntu, "
-    "apt-get install libegl1 libgl1 libglu1-mesa libgl1-mesa-dri libfontconfig1"
-)
-MEMORY_GYM = ("memory_gym", "pip install --no-deps -r requirements/memory-gym.txt")
-# Suites beside MiniGrid, by the start of their env ids: the module that registers their envs (imported only
-# when one of them is asked for) and how to install it. docs/environments.md
-ENV_SUITES = {
-    "MiniWorld-": ("miniworld", f"pip install -r requirements/requirements.txt; {GL_HELP}"),
-    "MortarMayhem": MEMORY_GYM,
-    "MysteryPath": MEMORY_GYM,
-    "SearingSpotlights": MEMORY_GYM,
-    "Endless-": MEMORY_GYM,
-    # procgen needs numpy < 2: a virtualenv of its own; procgen_memory.py adapts it to gymnasium
-    "procgen-memory-": (
-        "procgen_memory",
-        "python3 -m venv .venv-procgen && .venv-procgen/bin/pip install -r requirements/procgen.txt, "
-        "then run with .venv-procgen/bin/python",
-    ),
-}
-
-
-def import_env_suite(env_id):
-    """Register the envs of env_id's suite (docs/environments.md). MiniWorld renders off-screen through
-    EGL, so no display (nor xvfb) is needed."""
-    suite = next((suite for prefix, suite in ENV_SUITES.items() if env_id.startswith(prefix)), None)
-    if suite is None or env_id in gym.registry:
-        return
-    module, install = suite
-    if module == "miniworld":
-        os.environ.setdefault("PYGLET_HEADLESS", "true")  # read by pyglet when miniworld first imports it
-        # triton, which torch's compiler stack imports later (through torchvision), carries its own LLVM; loaded
-        # after Mesa's software renderer (linked to the system's LLVM) has made a GL context, it segfaults.
-        # Loaded before any GL context, both work.
-        if importlib.util.find_spec("triton") is not None:
-            import triton  # noqa: F401
-    if module == "memory_gym":
-        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")  # pygame.init() opens a sound card it never uses
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        fail(f"{env_id} needs the module {module}, which cannot be imported ({e}); install it with: {install}")
 
 
 def make_env(env_id, idx, capture_video, run_name, render_mode=None):
     def thunk():
-        import_env_suite(env_id)
-        try:
-            env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else render_mode)
-        except gym.error.Error as e:
-            fail(f"unknown or unusable environment {env_id!r} ({e})")
-        except ImportError as e:  # a system library of the renderer
-            fail(f"{env_id} cannot be made: {e}" + (f"; {GL_HELP}" if env_id.startswith("MiniWorld-") else ""))
+        # MiniWorld, Memory Gym and Procgen are registered on first use (docs/environments.md)
+        env = env_suites.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else render_mode)
         if isinstance(env.observation_space, gym.spaces.Dict) and "image" in env.observation_space.spaces:
             # MiniGrid as in the original: the agent's partial view rendered as 56x56 RGB pixels
             env = minigrid.wrappers.RGBImgPartialObsWrapper(env, tile_size=8)
@@ -327,39 +179,12 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
             # MiniWorld-Sign observes {obs: image, goal: box or key}; the original kept the image only. The
             # goal is fixed when the env is made (box, by default), so nothing is lost.
             env = gym.wrappers.TransformObservation(env, operator.itemgetter("obs"), env.observation_space["obs"])
-        space = env.observation_space
-        if not (
-            isinstance(space, gym.spaces.Box)
-            and space.dtype == np.uint8
-            and len(space.shape) == 3
-            and space.shape[-1] == 3
-        ):
-            fail(f"{env_id} does not observe RGB images (H, W, 3) of uint8 but {space}; these agents need pixels")
-        if min(space.shape[:2]) < 8:
-            fail(f"{env_id} observes images of {space.shape[0]}x{space.shape[1]} pixels; the CNN needs at least 8x8")
-        if not isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)) or (
-            isinstance(env.action_space, gym.spaces.MultiDiscrete) and env.action_space.nvec.ndim != 1
-        ):
-            fail(
-                f"{env_id} has the action space {env.action_space}; these agents need Discrete or MultiDiscrete "
-                "(one dimension) actions"
-            )
+        env_suites.check_spaces(env, env_id)  # RGB pixels and Discrete or MultiDiscrete actions, or one error line
         if capture_video and idx == 0:
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
         return env
 
     return thunk
-
-
-def action_dims(space):
-    """Choices per action dimension: (n,) for Discrete, nvec for MultiDiscrete (one categorical each)."""
-    return (int(space.n),) if isinstance(space, gym.spaces.Discrete) else tuple(int(n) for n in space.nvec)
-
-
-def env_actions(action, space):
-    """The agent's actions (num_envs, n_dims) as the vector env takes them: (num_envs,) for Discrete."""
-    action = action.cpu().numpy()
-    return action[:, 0] if isinstance(space, gym.spaces.Discrete) else action
 
 
 def make_envs(args, run_name):
@@ -547,35 +372,15 @@ class TransformerXL(nn.Module):
 
 def build_trxl(source, n_layer, mem_len, device):
     """The frozen Transformer-XL with its first n_layer layers, and its vocabulary (idx2sym)."""
-    config, weights, vocab = prepare_embeddings.trxl_source(source)
-    for key, want in [("adaptive", True), ("untie_r", True), ("pre_lnorm", False), ("attn_type", 0)]:
-        if config.get(key, want) != want:
-            fail(f"{source}: {key}={config.get(key)} is not supported (the wt103 model has {key}={want})")
-    if config.get("div_val", 1) < 2:
-        fail(f"{source}: div_val={config.get('div_val')} is not supported (adaptive embeddings need div_val > 1)")
-    if not 1 <= n_layer <= config["n_layer"]:
-        fail(f"--n-layer must be between 1 and {config['n_layer']} for {source}, got {n_layer}")
-    if len(vocab) != config["vocab_size"]:
-        fail(f"{source}: the vocabulary has {len(vocab)} words but the model {config['vocab_size']}")
+    config, weights, vocab = frozen_models.trxl_source(source)  # hub id, local directory, or random weights
+    frozen_models.check_supported(config, vocab, source, n_layer)
     if weights is None:  # random model: the same weights in every process, its layers a prefix of all 18
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             trxl = TransformerXL(config, n_layer, mem_len)  # the layers are drawn after the embeddings, in order
     else:
         trxl = TransformerXL(config, n_layer, mem_len)
-        state = {}
-        for key, value in prepare_embeddings.read_state_dict(weights).items():
-            key = key.removeprefix("transformer.")  # the official checkpoint is the LM-head model
-            if key.startswith("crit.") or key == "pos_emb.inv_freq":
-                continue
-            layer = key.split(".")[1] if key.startswith("layers.") else ""
-            if layer.isdigit() and int(layer) >= n_layer:  # other keys that are no parameter fail to load below
-                continue
-            state[key] = value
-        try:
-            trxl.load_state_dict(state)
-        except RuntimeError as e:
-            fail(f"weights {weights} do not fit the Transformer-XL of {source}: {' '.join(str(e).split())[:300]}")
+        frozen_models.load_trxl_weights(trxl, weights, n_layer, source)
     return trxl.to(device).eval().requires_grad_(False), vocab
 
 
@@ -599,67 +404,6 @@ def reset_memory(mems, memory_mask, done, memory_reset):
     if memory_reset == "mask":
         return mems, memory_mask & ~done[None, :]
     return mems * ~done[None, None, :, None], memory_mask
-
-
-def resolve_frozen_dtype(name, device):
-    """torch dtype of --frozen-dtype: auto is bfloat16 where matrix products in it are fast (CUDA, CPUs
-    with AVX512-BF16 or AMX), float32 elsewhere."""
-    if name == "auto":
-        if torch.device(device).type == "cuda":
-            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-        else:
-            name = "bfloat16" if torch.backends.mkldnn.is_available() and mkldnn_bf16_supported() else "float32"
-    return getattr(torch, name)
-
-
-def mkldnn_bf16_supported():
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check and check())
-
-
-class ObservationCache:
-    """What a frozen encoder computed for each observation seen, so exact repeats skip it: grid worlds
-    show the same views again and again. Keys are 128-bit BLAKE2 hashes of the observation's bytes; at
-    most `size` entries are kept, the least recently used go first; size 0 turns the cache off."""
-
-    def __init__(self, size):
-        self.size, self.entries = size, collections.OrderedDict()
-        self.lookups = self.hits = 0
-
-    def __len__(self):
-        return len(self.entries)
-
-    def __call__(self, obs, compute):
-        """compute(observations) -> tuple of tensors with one row per observation. The same for obs
-        (numpy, batch x ...), with compute run only on the observations not in the cache, each once."""
-        if self.size == 0:
-            return compute(obs)
-        keys = [hashlib.blake2b(o.tobytes(), digest_size=16).digest() for o in obs]
-        missing = {}  # key -> first index in the batch: an observation shown by several envs is computed once
-        for i, key in enumerate(keys):
-            if key not in self.entries:
-                missing.setdefault(key, i)
-        self.lookups += len(keys)
-        self.hits += sum(key in self.entries for key in keys)
-        rows = {key: self.entries[key] for key in keys if key in self.entries}
-        if missing:
-            computed = compute(obs[list(missing.values())])
-            for j, key in enumerate(missing):
-                rows[key] = tuple(t[j].clone() for t in computed)  # clone: a row alone, not a view of the batch
-        for key in keys:  # most recently used last
-            self.entries[key] = rows[key]
-            self.entries.move_to_end(key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return tuple(torch.stack(column) for column in zip(*(rows[key] for key in keys)))
-
-    def log_scalars(self):
-        """The share of lookups since the last call that the cache answered."""
-        if not self.size:
-            return {}
-        rate = self.hits / self.lookups if self.lookups else float("nan")
-        self.lookups = self.hits = 0
-        return {"charts/observation_cache_hit_rate": rate}
 
 
 # [algorithm-specific]
@@ -740,7 +484,7 @@ class CLIPRescale(nn.Module):
     already count. So a resumed run counts what an uninterrupted one does, and resuming a finished run
     saves the statistics unchanged.
 
-    CLIP's embeddings of the observations seen are cached (ObservationCache): exact repeats skip CLIP.
+    CLIP's embeddings of the observations seen are cached (observation_cache.py): exact repeats skip CLIP.
     The standardisation comes after the cache, since its statistics move: the result is the same as
     without the cache."""
 
@@ -758,7 +502,7 @@ class CLIPRescale(nn.Module):
         self.register_buffer("mean", torch.zeros(d, dtype=torch.float64, device=device))
         self.register_buffer("var", torch.zeros(d, dtype=torch.float64, device=device))  # population variance
         self.restored = False  # statistics just loaded: the next training batch is not added (see above)
-        self.cache = ObservationCache(cache_size)
+        self.cache = observation_cache.ObservationCache(cache_size)
 
     def standardise(self, features):
         """CLIP embeddings (batch, d) float32 -> standardised per dimension (computed in float64)."""
@@ -795,7 +539,7 @@ class CLIPRescale(nn.Module):
 
     def clip_features(self, obs):
         images = torch.from_numpy(obs).to(self.we_mean.device)
-        return (prepare_embeddings.clip_image_features(self.frozen["clip"], images),)
+        return (frozen_models.clip_image_features(self.frozen["clip"], images),)
 
     def log_scalars(self):
         return self.cache.log_scalars()
@@ -837,9 +581,9 @@ def build_memory(args, device, verbose=True, may_write=True):
     """(frozen Transformer-XL, its vocabulary, frozen encoder) for these arguments (it writes nothing, whatever
     may_write says)."""
     trxl, vocab = build_trxl(args.trxl_model, args.n_layer, args.mem_len, device)
-    clip = prepare_embeddings.load_clip(args.clip_model, args.clip_pretrained, device, tiny_kind="RN")
+    clip = frozen_models.load_clip(args.clip_model, args.clip_pretrained, device, tiny_kind="RN")
     with torch.no_grad():
-        clip_dim = prepare_embeddings.clip_image_features(
+        clip_dim = frozen_models.clip_image_features(
             clip, torch.zeros(1, 32, 32, 3, dtype=torch.uint8, device=device)
         ).shape[-1]
     if clip_dim != trxl.d_model:
@@ -850,7 +594,8 @@ def build_memory(args, device, verbose=True, may_write=True):
     encoder = CLIPRescale(clip, trxl.word_emb, args.rescale, cache_size=args.observation_cache_size)
     # CLIP stays float32: the standardisation magnifies its small differences between observations, which
     # bfloat16 would round away; it runs only on observations the cache has not seen
-    trxl.to(resolve_frozen_dtype(args.frozen_dtype, device))  # after the word statistics: they stay float32
+    # after the word statistics: they stay float32
+    trxl.to(frozen_models.resolve_frozen_dtype(args.frozen_dtype, device))
     if verbose:
         print(
             f"CLIP {args.clip_model} embeddings rescaled to the statistics of {len(vocab)} word embeddings "
@@ -929,362 +674,10 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(x)
 
 
-class Laps:
-    """Wall time of each phase of the training loop: lap(name) adds the time since the previous lap
-    to that phase. Logged per update as perf/<phase>_s, so a run shows where its time goes. On a GPU
-    a phase ends when its work is queued, not done: the phases shift, their sum stays right."""
-
-    def __init__(self):
-        self.totals, self.last = collections.defaultdict(float), time.perf_counter()
-        self.cpu_start = time.process_time()
-
-    def __call__(self, name):
-        now = time.perf_counter()
-        self.totals[name] += now - self.last
-        self.last = now
-
-    def pop(self):
-        """(the phases' totals, the process's CPU time) since the last pop, and a fresh start."""
-        totals, self.totals = dict(self.totals), collections.defaultdict(float)
-        cpu, self.cpu_start = time.process_time() - self.cpu_start, time.process_time()
-        return totals, cpu
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: tensors and plain data only, read back with torch.load(weights_only=True).
-# ---------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path, state):
-    # serialized in memory, written by Python: torch.save reports a full disk as RuntimeError, not OSError
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    prepare_embeddings.write_atomically(path, lambda f: f.write(buffer.getbuffer()))
-
-
-def training_state(iteration, global_step, best_return, recent_returns, reward_norm, encoder):
-    """What a checkpoint holds besides arguments and weights, taken when update `iteration` has finished."""
-    rms = reward_norm.return_rms
-    return {
-        "iteration": iteration,
-        "global_step": global_step,
-        "best_return": best_return,
-        "recent_returns": [float(r) for r in recent_returns],
-        "rng": rng_state(),
-        "reward_rms": (float(np.asarray(rms.mean)), float(np.asarray(rms.var)), float(rms.count)),
-        "encoder": encoder.encoder_state(),  # HELMv2's running statistics change during the rollout
-    }
-
-
-class Checkpoints:
-    """Writes the run's checkpoints into run_dir. What stays fixed during training (arguments, names,
-    the agent and optimizer objects) is given once; each save adds a training_state()."""
-
-    def __init__(self, run_dir, writer, run_info, agent, optimizer):
-        self.run_dir, self.writer, self.run_info = run_dir, writer, run_info
-        self.agent, self.optimizer = agent, optimizer
-
-    def save(self, name, state):
-        self.writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
-        weights = {"agent": self.agent.state_dict(), "optimizer": self.optimizer.state_dict()}
-        save_checkpoint(self.run_dir / name, {"format": CHECKPOINT_FORMAT, **self.run_info, **weights, **state})
-
-    def save_and_exit(self, signum, state):
-        self.save("checkpoint.pt", state)
-        self.writer.close()
-        ignore_signals()
-        resume = self.run_dir / "checkpoint.pt"
-        print(f"\ninterrupted by signal {signum}; resume with --resume {resume}", file=sys.stderr)
-        sys.exit(128 + signum)
-
-
-class StopRequest:
-    """Catches SIGINT/SIGTERM (Ctrl-C, preemption) so that the loop can finish the env step or update
-    under way, save and exit; `signum` is the first signal received (None: none yet)."""
-
-    def __init__(self):
-        self.signum = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.catch)
-
-    def catch(self, signum, frame):
-        self.signum = self.signum or signum
-
-
-class VideoLog:
-    """Hands the videos that RecordVideo writes into video_dir to wandb, each once. wandb's own hook
-    (wandb.init(monitor_gym=True)) fails with gymnasium 1.x's RecordVideo."""
-
-    def __init__(self, video_dir):
-        self.video_dir = video_dir
-        self.logged = self.on_disk()  # a resumed run's earlier videos were logged by the earlier process
-
-    def on_disk(self):
-        # with the modification time: a resumed run's recorder writes the same file names again
-        return {path: path.stat().st_mtime_ns for path in sorted(self.video_dir.glob("*.mp4"))}
-
-    def log_new(self):
-        import wandb
-
-        on_disk = self.on_disk()
-        for path, mtime in on_disk.items():
-            if self.logged.get(path) != mtime:
-                wandb.log({"videos": wandb.Video(str(path), format="mp4")})
-        self.logged = on_disk
-
-
-def load_checkpoint(path):
-    return check_checkpoint(read_checkpoint(path), path)
-
-
-def read_checkpoint(path):
-    """A checkpoint of any of the three scripts, read once (enjoy.py then checks it with its own script)."""
-    if not Path(path).is_file():
-        fail(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file at all
-        fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a checkpoint of these scripts")
-    return ckpt
-
-
-# what every checkpoint holds, and of which type (bool is an int to Python, never to a checkpoint)
-CHECKPOINT_KEYS = {
-    "args": dict,
-    "meta": dict,
-    "run_name": str,
-    "wandb_id": (str, type(None)),
-    "agent": dict,
-    "optimizer": dict,
-    "encoder": dict,
-    "iteration": int,
-    "global_step": int,
-    "best_return": (int, float),
-    "recent_returns": list,
-    "reward_rms": (list, tuple),
-    "rng": dict,
-}
-
-
-def is_number(value, low=-sys.float_info.max, high=sys.float_info.max):
-    """A real number (no bool) in [low, high]; by default any finite one."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
-
-
-def check_checkpoint(ckpt, path):
-    """Everything --resume and enjoy.py take from a checkpoint, checked for structure, types, ranges,
-    finiteness and consistency before anything is built or written (docs/reliability.md, trust model)."""
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a checkpoint of these scripts")
-    if ckpt.get("algorithm") != ALGORITHM:
-        fail(f"checkpoint {path} is of {ckpt.get('algorithm')}_ppo.py, not {ALGORITHM}_ppo.py")
-    for key, kind in CHECKPOINT_KEYS.items():
-        if key not in ckpt or not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
-            found = type(ckpt[key]).__name__ if key in ckpt else "missing"
-            fail(f"checkpoint {path} is malformed: {key} is {found}")
-    args = checkpoint_args(ckpt["args"], path)
-    validate_run_name(ckpt["run_name"], f"checkpoint {path}: run_name")
-    if ckpt["wandb_id"] is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", ckpt["wandb_id"]):
-        fail(f"checkpoint {path}: wandb_id {ckpt['wandb_id']!r} is not a wandb run id")
-    prepare_embeddings.validate_tensors(ckpt["agent"], f"checkpoint {path}: the agent's weights")
-    prepare_embeddings.validate_tensors(ckpt["encoder"], f"checkpoint {path}: the encoder state")
-    state, groups = ckpt["optimizer"].get("state"), ckpt["optimizer"].get("param_groups")
-    if not (isinstance(state, dict) and isinstance(groups, list) and groups):
-        fail(f"checkpoint {path}: the optimizer state is malformed")
-    for group in groups:
-        if not isinstance(group, dict) or not is_number(group.get("lr"), 0, torch.finfo(torch.float32).max):
-            fail(f"checkpoint {path}: the optimizer's learning rate is missing or not a finite number >= 0")
-    for i, tensors in state.items():
-        prepare_embeddings.validate_tensors(tensors, f"checkpoint {path}: the optimizer state of parameter {i}")
-    batch, iteration = args.num_envs * args.num_steps, ckpt["iteration"]
-    if not 0 <= iteration <= args.total_timesteps // batch or ckpt["global_step"] != iteration * batch:
-        fail(
-            f"checkpoint {path}: inconsistent counters (update {iteration}, step {ckpt['global_step']}; "
-            f"{args.total_timesteps // batch} updates of {batch} steps)"
-        )
-    returns, rms = ckpt["recent_returns"], ckpt["reward_rms"]
-    if len(returns) > 100 or not all(is_number(r) for r in returns) or not is_number(ckpt["best_return"], -math.inf):
-        fail(f"checkpoint {path}: recent_returns or best_return are not finite numbers")
-    if len(rms) != 3 or not all(is_number(x) for x in rms) or rms[1] < 0 or rms[2] <= 0:
-        fail(f"checkpoint {path}: reward_rms is not (mean, variance >= 0, count > 0)")
-    rng = ckpt["rng"]
-    if set(rng) != {"torch", "cuda", "numpy", "python"} or not isinstance(rng["torch"], torch.Tensor):
-        fail(f"checkpoint {path}: the RNG states are malformed")
-    return ckpt
-
-
-def value_fits(value, annotation):
-    """Whether a value from a checkpoint has the type its Args field declares (an int is a float, a bool no int)."""
-    origin, inner = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Literal:
-        return any(value == a and type(value) is type(a) for a in inner)
-    if origin in (types.UnionType, typing.Union):
-        return any(value_fits(value, a) for a in inner)
-    if origin in (tuple, list):  # tuple[str, ...]: any length, each item of the first type
-        return isinstance(value, (tuple, list)) and all(value_fits(v, inner[0]) for v in value)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or annotation)
-
-
-def checkpoint_args(saved, path):
-    """The Args of a checkpoint, each of its declared type and within range."""
-    fields = {field.name: field.type for field in dataclasses.fields(Args)}
-    unknown = [str(name) for name in saved if name not in fields]
-    if unknown:
-        fail(f"checkpoint {path} was written with other arguments than this script has: {', '.join(unknown)}")
-    for name, value in saved.items():
-        if not value_fits(value, fields[name]):
-            fail(f"checkpoint {path}: argument {name} is {repr(value)[:60]}, not {fields[name]}")
-    args = Args(**saved)
-    try:
-        check_args(args)
-    except SystemExit as e:
-        fail(f"checkpoint {path} holds an argument out of range: {str(e.code).removeprefix('error: ')}")
-    return args
-
-
-def may_write_output_dirs(args, saved):
-    """A checkpoint from elsewhere cannot choose where files are written: the directories its arguments (`saved`)
-    name for writing (OUTPUT_DIRS) are written to only if they lie under the working directory, or if the
-    command line chose another one; otherwise they are only read (SHELM: a missing embeddings file is an error)."""
-    paths = [Path(getattr(args, name)) for name in OUTPUT_DIRS]
-    inside = [not path.is_absolute() and ".." not in path.parts for path in paths]
-    return all(ok or getattr(args, name) != saved.get(name) for ok, name in zip(inside, OUTPUT_DIRS))
-
-
-def continues_in_place(run_dir, resume, ckpt):
-    """Whether resuming `resume` may go on in its run's directory: only if the run's checkpoint.pt is not ahead
-    of it (going on from model_best.pt of a run that went further would move the run's files back in time)."""
-    latest = run_dir / "checkpoint.pt"
-    if not latest.exists() or latest.samefile(resume):
-        return True
-    try:
-        step = torch.load(latest, map_location="cpu", weights_only=True, mmap=True).get("global_step")
-    except Exception:  # noqa: BLE001 - whatever it holds, it is not to be overwritten
-        return False
-    return isinstance(step, int) and step <= ckpt["global_step"]
-
-
-def claim_run_dir(run_name, new):
-    """runs/<run_name>, locked for this process's life: a second process on the same run gets one line instead
-    of mixing its files in. A new run's directory is created here, never reused: if two runs started in the
-    same second take the name, the second gets it with a suffix -2 (-3, ...)."""
-    try:
-        if new:
-            (RUNS / run_name).parent.mkdir(parents=True, exist_ok=True)
-            for n in itertools.count(1):
-                run_dir = RUNS / (run_name if n == 1 else f"{run_name}-{n}")
-                try:
-                    run_dir.mkdir()
-                    break
-                except FileExistsError:
-                    continue
-        else:
-            run_dir = RUNS / run_name
-            run_dir.mkdir(parents=True, exist_ok=True)
-        lock = os.open(run_dir / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        fail(f"cannot create the run directory {RUNS / run_name} in {os.getcwd()}: {e.strerror or e}")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fail(f"{run_dir} is in use by another process (it holds {run_dir / '.lock'}); one run, one process")
-    return run_dir, lock
-
-
-def ignore_signals():
-    """Once the run is saved for good: Python drops its handlers while it shuts down, so a signal then would
-    kill the process (status -15, no message) after all was done; ignored, the run ends as it was going to."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def interrupted_before_training(signum, frame):
-    """SIGINT/SIGTERM before the run directory exists: nothing to save, stop at once with one line."""
-    print(f"interrupted by signal {signum} before training started; no run was written", file=sys.stderr)
-    raise SystemExit(128 + signum)
-
-
-def load_trained(agent, encoder, ckpt, path):
-    try:
-        agent.load_state_dict(ckpt["agent"])
-        encoder.load_encoder_state(ckpt["encoder"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        fail(f"checkpoint {path} does not match this model ({' '.join(str(e).split())[:200]})")
-
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(state["python"])
-
-
-def log_perf(writer, phases, cpu_seconds, batch_size, device, global_step):
-    """perf/<phase>_s of one update, perf/rollout_s and perf/update_sps (this update's steps per second
-    of wall time, the previous update's logging included), perf/cpu_s (the process's CPU time in that
-    while, all threads: with one thread, what the update costs on a core of its own), and the peak CUDA
-    memory on a GPU."""
-    writer.add_scalar("perf/cpu_s", cpu_seconds, global_step)
-    for name, seconds in phases.items():
-        writer.add_scalar(f"perf/{name}_s", seconds, global_step)
-    rollout = sum(v for k, v in phases.items() if k in ("agent", "env", "encoder", "trxl", "rollout_other"))
-    writer.add_scalar("perf/rollout_s", rollout, global_step)
-    writer.add_scalar("perf/update_sps", batch_size / sum(phases.values()), global_step)
-    if device.type == "cuda":
-        writer.add_scalar("perf/cuda_max_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, global_step)
-
-
-def versions():
-    import importlib.metadata as md
-
-    return {p: md.version(p) for p in ["torch", "gymnasium", "minigrid", "open_clip_torch"]} | {
-        "python": sys.version.split()[0]
-    }
-
-
 if __name__ == "__main__":
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, interrupted_before_training)
-    args = tyro.cli(Args)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        args = resume_args(ckpt, args.resume)
-    check_args(args)
-    args.batch_size = int(args.num_envs * args.num_steps)
-    args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = args.total_timesteps // args.batch_size
-    if args.total_timesteps % args.batch_size:
-        print(
-            f"--total-timesteps {args.total_timesteps} is not a multiple of the batch size {args.batch_size}: "
-            f"{args.num_iterations} updates, {args.num_iterations * args.batch_size} steps"
-        )
-    run_name = ckpt["run_name"] if ckpt else new_run_name(args)
-    new_run = ckpt is None or not continues_in_place(RUNS / run_name, args.resume, ckpt)
-    if ckpt and new_run:
-        run_name = new_run_name(args)
-        print(
-            f"{RUNS / ckpt['run_name'] / 'checkpoint.pt'} is further than {args.resume}: going on in a new run, "
-            f"{RUNS / run_name}, so that nothing of {ckpt['run_name']} is overwritten"
-        )
+    script = sys.modules[__name__]  # this file: the package reads its Args, check_args, ALGORITHM and models
+    args, ckpt = runs.parse(script)  # the command line, or with --resume the checkpoint's own arguments
+    run = runs.Run(args, ckpt, script)  # its name; nothing is written until run.start() below
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -1294,78 +687,17 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # everything that can fail on bad input happens before anything is written
-    envs, reward_norm = make_envs(args, run_name)
+    envs, reward_norm = make_envs(args, run.name)
     obs_shape = envs.single_observation_space.shape
-    trxl, vocab, encoder = build_memory(args, device, may_write=not ckpt or may_write_output_dirs(args, ckpt["args"]))
-    agent = Agent(obs_shape, action_dims(envs.single_action_space), trxl.d_model).to(device)
+    trxl, vocab, encoder = build_memory(args, device, may_write=run.may_write_output_dirs)
+    agent = Agent(obs_shape, env_suites.action_dims(envs.single_action_space), trxl.d_model).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=args.learning_rate, eps=1e-8)
-    start_iteration, global_step, best_return = 1, 0, -math.inf
-    recent_returns = collections.deque(maxlen=100)
-    wandb_id = None
-    if ckpt:
-        load_trained(agent, encoder, ckpt, args.resume)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            fail(f"checkpoint {args.resume}: the optimizer state does not match this model ({e})")
-        start_iteration, global_step, best_return = (
-            ckpt["iteration"] + 1,
-            ckpt["global_step"],
-            float(ckpt["best_return"]),
-        )
-        recent_returns.extend(ckpt["recent_returns"])
-        reward_norm.return_rms.mean, reward_norm.return_rms.var, reward_norm.return_rms.count = ckpt["reward_rms"]
-        wandb_id = None if new_run else ckpt["wandb_id"]
-        try:
-            set_rng_state(ckpt["rng"])
-        except (TypeError, ValueError, RuntimeError, IndexError) as e:
-            fail(f"checkpoint {args.resume}: the RNG states are malformed ({' '.join(str(e).split())[:200]})")
-        print(f"resuming {run_name} at step {global_step} (update {start_iteration - 1} of {args.num_iterations})")
     n_frozen = sum(p.numel() for p in trxl.parameters())
     print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {n_frozen:,} frozen parameters")
-
-    stop = StopRequest()  # from here on a signal is saved for: the run directory is about to exist
-    # the first write: the run directory, this process's alone from now on
-    run_dir, run_lock = claim_run_dir(run_name, new_run)
-    run_name = run_dir.relative_to(RUNS).as_posix()
-    if not new_run and not continues_in_place(run_dir, args.resume, ckpt):
-        fail(f"{run_dir / 'checkpoint.pt'} was written by another process meanwhile; resume it instead")
-
-    videos = None
-    if args.track:
-        import wandb
-
-        # wandb logs what the SummaryWriter below writes (sync_tensorboard=True would wait 10 s at the end
-        # to guess the log directory)
-        wandb.tensorboard.patch(root_logdir=str(run_dir))
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            config=vars(args),
-            name=run_name,
-            id=wandb_id,  # None: a new run; a resumed run continues its checkpoint's
-            resume="allow",
-            save_code=True,
-        )
-        wandb_id = wandb.run.id
-        if args.capture_video:
-            videos = VideoLog(Path("videos") / run_name)
-    from torch.utils.tensorboard import SummaryWriter
-
-    # purge_step drops what an interrupted run logged after its last checkpoint: the steps after
-    # global_step (the losses of the checkpoint's last update are logged at global_step itself)
-    try:
-        writer = SummaryWriter(str(run_dir), purge_step=global_step + 1 if ckpt else None)
-    except OSError as e:
-        fail(f"cannot write the logs in {run_dir}: {e.strerror or e}")
-    if not ckpt:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n{}".format("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-        )
-    meta = {"algorithm": ALGORITHM, "env_id": args.env_id, "versions": versions()}
-    run_info = {"algorithm": ALGORITHM, "args": asdict(args), "meta": meta, "run_name": run_name, "wandb_id": wandb_id}
-    checkpoints = Checkpoints(run_dir, writer, run_info, agent, optimizer)
+    # a resumed run gets back its weights, optimizer, encoder state, reward normalisation, RNG states and counters;
+    # then the run directory is claimed and the logs open (tensorboard, and wandb with --track)
+    start_iteration, global_step = run.start(agent, optimizer, encoder, reward_norm)
+    writer = run.writer
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
@@ -1389,22 +721,11 @@ if __name__ == "__main__":
         next_trxl_out = memory_readout(trxl_out, args.ablate_memory)
     # env 0's memory as text, one line per step: the episode under way, and the last one finished (logged)
     episode_text, last_episode_text = [], None
-    nonfinite_in_row = 0
-    progress = None
-    if args.progress_bar:
-        from tqdm import tqdm
-
-        progress = tqdm(
-            total=args.num_iterations * args.batch_size, initial=global_step, unit="step", dynamic_ncols=True
-        )
-    lap = Laps()
+    lap = timing.Laps()  # where each update's time goes, logged as perf/*
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         lap("logging")  # the previous update's logging and checkpoints
-        # where a run interrupted during this iteration resumes: the end of the previous update
-        resume_state = training_state(iteration - 1, global_step, best_return, recent_returns, reward_norm, encoder)
-        if stop.signum:
-            checkpoints.save_and_exit(stop.signum, resume_state)
+        run.update_starts(iteration, global_step)  # what a stop during this update saves: where it started
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -1412,8 +733,7 @@ if __name__ == "__main__":
             optimizer.param_groups[0]["lr"] = lrnow
 
         for step in range(0, args.num_steps):
-            if stop.signum:  # the update has not run yet: resume_state still describes the weights
-                checkpoints.save_and_exit(stop.signum, resume_state)
+            run.exit_if_stopped()  # on SIGINT/SIGTERM: save where this update started, and exit
             global_step += args.num_envs
             obs[step] = next_obs
             dones[step] = next_done
@@ -1430,7 +750,7 @@ if __name__ == "__main__":
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs_np, reward, terminations, truncations, infos = envs.step(
-                env_actions(action, envs.single_action_space)
+                env_suites.env_actions(action, envs.single_action_space)
             )
             next_done_np = np.logical_or(terminations, truncations)
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device).view(-1)
@@ -1451,14 +771,12 @@ if __name__ == "__main__":
             if "episode" in infos:
                 for i in np.nonzero(infos["_episode"])[0]:
                     r, length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
-                    recent_returns.append(r)
+                    run.recent_returns.append(r)  # their mean decides model_best.pt
                     writer.add_scalar("charts/episodic_return", r, global_step)
                     writer.add_scalar("charts/episodic_length", length, global_step)
             if next_done_np[0]:
                 last_episode_text = "  \n".join(f"{t}: {words}" for t, words in enumerate(episode_text))
                 episode_text = []
-            if progress is not None:
-                progress.update(args.num_envs)
             lap("rollout_other")
 
         # bootstrap value if not done
@@ -1534,29 +852,9 @@ if __name__ == "__main__":
                 optimizer.zero_grad()
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                    # one bad minibatch must not poison the weights: skip it, give up if it persists
-                    nonfinite_in_row += 1
-                    message = f"non-finite loss or gradient at step {global_step}: update skipped"
-                    warnings.warn(f"{message} ({nonfinite_in_row} in a row)", stacklevel=1)
-                    if nonfinite_in_row >= args.nonfinite_limit:
-                        # saved as the end of this iteration: its rollout is complete, and the counters in the
-                        # checkpoint must say so (global_step == iteration * batch_size) for a resume to add up
-                        state = training_state(
-                            iteration, global_step, best_return, recent_returns, reward_norm, encoder
-                        )
-                        checkpoints.save("checkpoint_nonfinite.pt", state)
-                        writer.close()
-                        last = run_dir / "checkpoint.pt"
-                        before = (
-                            f"last periodic checkpoint: {last}" if last.exists() else "no periodic checkpoint before it"
-                        )
-                        fail(
-                            f"{nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}; "
-                            f"state saved to {run_dir / 'checkpoint_nonfinite.pt'} ({before})"
-                        )
+                # one bad minibatch must not poison the weights: skip it (the run stops after --nonfinite-limit)
+                if run.nonfinite(loss, grad_norm, iteration, global_step):
                     continue
-                nonfinite_in_row = 0
                 optimizer.step()
 
             if args.target_kl is not None and approx_kl > args.target_kl:
@@ -1578,50 +876,12 @@ if __name__ == "__main__":
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
-        log_perf(writer, *lap.pop(), args.batch_size, device, global_step)
+        timing.log_perf(writer, *lap.pop(), args.batch_size, device, global_step)
         for key, value in encoder.log_scalars().items():
             writer.add_scalar(key, value, global_step)
         if args.log_tokens_every and iteration % args.log_tokens_every == 0 and last_episode_text:
             writer.add_text("memory/episode_tokens", last_episode_text, global_step)
-        if videos is not None:
-            videos.log_new()
-        mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
-        if progress is not None:
-            progress.set_postfix(SPS=sps, ret=f"{mean_return:.3f}")
+        run.update_done(iteration, global_step)  # model_best.pt, checkpoint.pt every --checkpoint-every updates
 
-        new_best = bool(recent_returns) and mean_return > best_return
-        if new_best:
-            best_return = mean_return
-        state = training_state(iteration, global_step, best_return, recent_returns, reward_norm, encoder)
-        if new_best and args.save_model:
-            checkpoints.save("model_best.pt", state)
-        # not while non-finite updates are being skipped: the weights may have diverged, and checkpoint.pt
-        # is the last good state that the non-finite abort points to
-        if args.checkpoint_every and iteration % args.checkpoint_every == 0 and not nonfinite_in_row:
-            checkpoints.save("checkpoint.pt", state)
-
-    final = training_state(args.num_iterations, global_step, best_return, recent_returns, reward_norm, encoder)
-    checkpoints.save("checkpoint.pt", final)
-    if args.save_model or args.upload_model:
-        checkpoints.save("model_final.pt", final)
-        print(f"model saved to {run_dir / 'model_final.pt'}")
-    if progress is not None:
-        progress.close()
     envs.close()  # the video under way, if any, is written now
-    if videos is not None:
-        videos.log_new()
-    if args.upload_model:
-        # enjoy.py watches agents, so it evaluates and uploads them too (docs/enjoy.md); only then imported
-        import enjoy
-
-        episodic_returns, video = enjoy.evaluate(run_dir / "model_final.pt", args.eval_episodes, cuda=args.cuda)
-        for idx, episodic_return in enumerate(episodic_returns):
-            writer.add_scalar("eval/episodic_return", episodic_return, idx)
-    writer.close()
-    if args.upload_model:
-        repo_name = f"{args.env_id}-{args.exp_name}-seed{args.seed}"
-        repo_id = f"{args.hf_entity}/{repo_name}" if args.hf_entity else repo_name
-        enjoy.push_to_hub(run_dir / "model_final.pt", repo_id, episodic_returns, video)
-    if args.track:
-        wandb.finish()  # the last tensorboard events synced before the process ends
-    ignore_signals()
+    run.finish(global_step)  # the final checkpoints; with --upload-model the evaluation and the upload

@@ -40,7 +40,7 @@ import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from prepare_embeddings import fail  # noqa: E402 - the repository root is not on the path when run as a script
+from helm_utils import fail  # noqa: E402 - the repository root is not on the path when run as a script
 
 CONFIGS = Path(__file__).resolve().parent / "configs.json"
 SCRIPTS = ("shelm_ppo.py", "helm_ppo.py", "helmv2_ppo.py")

@@ -308,7 +308,7 @@ def safe_name(env_id):
 
 
 def main(args):
-    from prepare_embeddings import fail
+    from helm_utils import fail
 
     if not Path(args.runs).is_dir():
         fail(f"--runs {args.runs} is not a directory")

@@ -48,17 +48,17 @@ def sync(device):
 
 
 def bench_trxl(args, device):
-    import prepare_embeddings
     import shelm_ppo as S
+    from helm_utils import frozen_models
 
     models = {}
     for n in (18, 2):
         torch.manual_seed(0)
-        models[n] = S.TransformerXL(prepare_embeddings.WT103_CONFIG, n, 15).to(device).eval().requires_grad_(False)
+        models[n] = S.TransformerXL(frozen_models.WT103_CONFIG, n, 15).to(device).eval().requires_grad_(False)
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     times = {18: [], 2: []}
     mems = {n: S.init_memory(m, 16, "mask", device) for n, m in models.items()}
-    ids = torch.randint(0, prepare_embeddings.WT103_CONFIG["vocab_size"], (1, 16), device=device)
+    ids = torch.randint(0, frozen_models.WT103_CONFIG["vocab_size"], (1, 16), device=device)
     with torch.no_grad():
         for i in range(args.repeats + 3):
             for n, m in models.items():  # interleaved, so both see the same machine load

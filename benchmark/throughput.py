@@ -186,6 +186,7 @@ def baseline_cnn_ppo(args):
     import torch
 
     import shelm_ppo as S
+    from helm_utils import env_suites, timing
 
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     a = S.Args(env_id=args.env_id, num_envs=args.num_envs, num_steps=args.num_steps)
@@ -195,7 +196,7 @@ def baseline_cnn_ppo(args):
     envs, _ = S.make_envs(a, "throughput")
     obs_shape = envs.single_observation_space.shape
     d_model = 1024  # transfo-xl-wt103's: the actor and critic have the memory agents' sizes
-    agent = S.Agent(obs_shape, S.action_dims(envs.single_action_space), d_model).to(device)
+    agent = S.Agent(obs_shape, env_suites.action_dims(envs.single_action_space), d_model).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=a.learning_rate, eps=1e-8)
     no_memory = torch.zeros(args.num_envs, d_model, device=device)
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
@@ -205,7 +206,7 @@ def baseline_cnn_ppo(args):
     rewards, dones, values = (torch.zeros(args.num_steps, args.num_envs, device=device) for _ in range(3))
     next_obs = torch.from_numpy(envs.reset(seed=1)[0]).to(device)
     next_done = torch.zeros(args.num_envs, device=device)
-    lap = S.Laps()
+    lap = timing.Laps()
     phases = {p: [] for p in ("env", "agent", "update", "cpu")}
     for _ in range(args.warmup_updates + args.measured_updates):
         for step in range(args.num_steps):
@@ -214,7 +215,7 @@ def baseline_cnn_ppo(args):
                 action, logprob, _, value = agent.get_action_and_value(no_memory, next_obs)
             values[step], actions[step], logprobs[step] = value.flatten(), action, logprob
             lap("agent")
-            next_obs_np, reward, term, trunc, _ = envs.step(S.env_actions(action, envs.single_action_space))
+            next_obs_np, reward, term, trunc, _ = envs.step(env_suites.env_actions(action, envs.single_action_space))
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
             next_obs = torch.from_numpy(next_obs_np).to(device)
             next_done = torch.as_tensor(np.logical_or(term, trunc), dtype=torch.float32, device=device)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import QUICK, ROOT, error_line, run_script, tiny_args
+from helm_utils import frozen_models
 
 
 def run_in_process(script, args, cwd, monkeypatch, capsys):
@@ -93,6 +94,14 @@ CASES = {
     "env-id-escapes": (["--env-id", "../../MiniGrid-DoorKey-5x5-v0"], ["leaves runs/"]),
     "env-id-unknown-module": (["--env-id", "nosuchmodule:Foo-v0"], ["nosuchmodule:Foo-v0", "No module"]),
 }
+# per script: the flags of its own algorithm (the cases above test the shared code, once, through SCRIPT)
+HELM_CASES = {
+    "beta-zero": (["--beta", "0"], ["--beta", "got 0"]),
+    "hopfield-chunk-negative": (["--hopfield-chunk", "-1"], ["--hopfield-chunk", "got -1"]),
+}
+HELMV2_CASES = {
+    "rescale-batch-one-env": (["--rescale", "batch", "--num-envs", "1", "--num-minibatches", "1"], ["--num-envs >= 2"]),
+}
 SHELM_CASES = {
     "embeddings-file-missing": (
         ["--embeddings-file", "/missing.safetensors"],
@@ -112,14 +121,25 @@ def check_case(script, case, tmp_path, monkeypatch, capsys):
     assert_clean_failure(proc, tmp_path, before, *phrases)
 
 
+# the checks of the shared code (helm_utils, and the copies tests/test_drift.py keeps equal) run through one
+# script: HELM's, which imports no CLIP
+SCRIPT = "helm_ppo.py"
+
+
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_refused(script, case, tmp_path, monkeypatch, capsys):
+def test_refused(case, tmp_path, monkeypatch, capsys):
+    check_case(SCRIPT, case, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(
+    "script,case",
+    [("helm_ppo.py", case) for case in HELM_CASES.values()]
+    + [("helmv2_ppo.py", case) for case in HELMV2_CASES.values()]
+    + [("shelm_ppo.py", case) for case in SHELM_CASES.values()],
+    ids=[*HELM_CASES, *HELMV2_CASES, *SHELM_CASES],
+)
+def test_refused_by_the_algorithm(script, case, tmp_path, monkeypatch, capsys):
     check_case(script, case, tmp_path, monkeypatch, capsys)
-
-
-@pytest.mark.parametrize("case", SHELM_CASES.values(), ids=SHELM_CASES.keys())
-def test_refused_shelm(case, tmp_path, monkeypatch, capsys):
-    check_case("shelm_ppo.py", case, tmp_path, monkeypatch, capsys)
 
 
 def test_in_process_reads_like_a_real_process(tmp_path, monkeypatch, capsys):
@@ -132,11 +152,11 @@ def test_in_process_reads_like_a_real_process(tmp_path, monkeypatch, capsys):
     assert_clean_failure(real, tmp_path, [], "CartPole-v1")
 
 
-def test_hub_weights_absent_offline(script, tmp_path):
+def test_hub_weights_absent_offline(tmp_path):
     # a real process: the hub client reads HF_HUB_OFFLINE when it is first imported
     # (without HF_HUB_OFFLINE and without a network: tests/test_first_use.py)
-    args = [*base_args(script, tmp_path), "--trxl-model", "transfo-xl/transfo-xl-wt103"]
-    proc = run_script(script, args, tmp_path, timeout=60)  # no waiting on a network that is not there
+    args = [*base_args(SCRIPT, tmp_path), "--trxl-model", "transfo-xl/transfo-xl-wt103"]
+    proc = run_script(SCRIPT, args, tmp_path, timeout=60)  # no waiting on a network that is not there
     assert_clean_failure(proc, tmp_path, [], "transfo-xl/transfo-xl-wt103", "download it once", "tiny-random")
 
 
@@ -266,10 +286,10 @@ def embeddings(tmp_path_factory):
 
     import prepare_embeddings
 
-    clip = prepare_embeddings.load_clip(prepare_embeddings.TINY, "none", "cpu")
-    vocab = prepare_embeddings.tiny_vocab()
+    clip = frozen_models.load_clip(frozen_models.TINY, "none", "cpu")
+    vocab = frozen_models.tiny_vocab()
     out = tmp_path_factory.mktemp("embeddings")
-    args = (clip, prepare_embeddings.TINY, "none", prepare_embeddings.TINY, vocab, out)
+    args = (clip, frozen_models.TINY, "none", frozen_models.TINY, vocab, out)
     path = prepare_embeddings.build_embeddings(*args, verbose=False)
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict

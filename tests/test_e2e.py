@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-import prepare_embeddings
 import shelm_ppo
 from conftest import ROOT, SHELM_RUN_ENV, offline_env
+from helm_utils import checkpoints, frozen_models
 
 ENV_ID = SHELM_RUN_ENV
 STEPS = [128, 256]  # global step at the end of each update
@@ -74,7 +74,7 @@ def test_episodes_logged_raw(events):
 
 
 def test_episode_tokens_text(events):
-    vocab = set(prepare_embeddings.tiny_vocab())
+    vocab = set(frozen_models.tiny_vocab())
     tag = "memory/episode_tokens/text_summary"
     assert tag in events.Tags()["tensors"]
     texts = events.Tensors(tag)
@@ -91,7 +91,7 @@ def test_episode_tokens_text(events):
 @pytest.mark.parametrize("name", ["model_final.pt", "checkpoint.pt", "model_best.pt"])
 def test_saved_checkpoints(run, name):
     ckpt = torch.load(run / name, map_location="cpu", weights_only=True)
-    assert ckpt["format"] == shelm_ppo.CHECKPOINT_FORMAT and ckpt["algorithm"] == "shelm"
+    assert ckpt["format"] == checkpoints.FORMAT and ckpt["algorithm"] == "shelm"
     assert ckpt["meta"]["algorithm"] == "shelm" and ckpt["meta"]["env_id"] == ENV_ID
     installed = {p: importlib.metadata.version(p) for p in ["torch", "gymnasium", "minigrid", "open_clip_torch"]}
     assert ckpt["meta"]["versions"] == installed | {"python": sys.version.split()[0]}
@@ -105,7 +105,7 @@ def test_saved_checkpoints(run, name):
     # the trainable agent only: no tensor of the frozen Transformer-XL or CLIP anywhere in the file
     assert ckpt["encoder"] == {}
     trxl, _ = shelm_ppo.build_trxl("tiny-random", 2, 15, "cpu")
-    clip = prepare_embeddings.load_clip("tiny-random", "openai", "cpu")
+    clip = frozen_models.load_clip("tiny-random", "openai", "cpu")
     frozen_names = {*trxl.state_dict(), *clip.state_dict()}
     assert not frozen_names & set(names_in(ckpt))
     elsewhere = {k: v for k, v in ckpt.items() if k not in ("agent", "optimizer", "rng")}
@@ -162,7 +162,7 @@ def test_enjoy_replays_the_trained_agent(run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     memory = [line.split("memory <- ")[1].split() for line in lines if "memory <- " in line]
-    vocab = set(prepare_embeddings.tiny_vocab())
+    vocab = set(frozen_models.tiny_vocab())
     assert memory and all(len(words) == 2 and set(words) <= vocab for words in memory)  # --topk 2 as trained
     episode = [line for line in lines if line.startswith("episode 1: return")]
     assert len(episode) == 1 and int(episode[0].rsplit("length ", 1)[1]) == len(memory)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import enjoy
-import prepare_embeddings
 import shelm_ppo
+from helm_utils import evaluation, frozen_models, hub
 
 EPISODES = 2
 
@@ -77,7 +77,7 @@ def test_one_video_per_episode_with_one_frame_per_step(enjoyed):
 
 def test_trace_words_are_the_retrieved_tokens(enjoyed, shelm_run):
     _, retrieved, _, trace = enjoyed
-    vocab = prepare_embeddings.tiny_vocab()
+    vocab = frozen_models.tiny_vocab()
     # env 0's tokens at each step, as the encoder returned them, in order
     assert len(retrieved) == len(trace)
     assert [row["words"] for row in trace] == [[vocab[i] for i in ids] for ids in retrieved]
@@ -200,7 +200,7 @@ def test_evaluate_and_upload_through_the_hub_client(shelm_run, tmp_path, monkeyp
     import tyro
 
     monkeypatch.chdir(shelm_run.parent.parent)
-    returns, video = enjoy.evaluate(shelm_run / "model_final.pt", 1, video_dir=tmp_path / "eval")
+    returns, video = evaluation.evaluate(shelm_run / "model_final.pt", None, 1, video_dir=tmp_path / "eval")
     assert len(returns) == 1 and video == tmp_path / "eval" / "episode-001.mp4"
     frames, _ = imageio_ffmpeg.count_frames_and_secs(str(video))
     assert 1 <= frames <= 100
@@ -209,7 +209,7 @@ def test_evaluate_and_upload_through_the_hub_client(shelm_run, tmp_path, monkeyp
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(enjoy, "hub_offline", lambda: False)  # the fake hub is in reach
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)  # the fake hub is in reach
     returns = [0.25, 0.75]
     sent = enjoy.push_to_hub(shelm_run / "model_final.pt", "someone/tiny-shelm", returns, video)
     assert sent == ["README.md", "model.pt", "replay.mp4"]
@@ -250,7 +250,7 @@ def test_upload_without_network_or_token_is_one_line(shelm_run, monkeypatch, off
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
-    monkeypatch.setattr(enjoy, "hub_offline", lambda: not reachable)
+    monkeypatch.setattr(hub, "hub_offline", lambda: not reachable)
     checkpoint = shelm_run / "model_final.pt"
     before = checkpoint.read_bytes()
     with pytest.raises(SystemExit) as e:

@@ -15,6 +15,7 @@ import torch
 import helm_ppo
 import shelm_ppo
 from conftest import QUICK, ROOT, offline_env, run_script, tiny_args
+from helm_utils import env_suites
 
 CONFIGS = json.loads((ROOT / "benchmark" / "configs.json").read_text())["configs"]
 MINIWORLD = sorted(env_id for env_id in CONFIGS if env_id.startswith("MiniWorld-"))
@@ -22,7 +23,7 @@ MINIWORLD = sorted(env_id for env_id in CONFIGS if env_id.startswith("MiniWorld-
 GL_LIBRARIES = ["EGL", "GL", "GLU", "freetype", "fontconfig"]
 missing_gl = [name for name in GL_LIBRARIES if ctypes.util.find_library(name) is None]
 needs_gl = pytest.mark.skipif(
-    bool(missing_gl), reason=f"no system library {', '.join(missing_gl)} for MiniWorld: {shelm_ppo.GL_HELP}"
+    bool(missing_gl), reason=f"no system library {', '.join(missing_gl)} for MiniWorld: {env_suites.GL_HELP}"
 )
 needs_memory_gym = pytest.mark.skipif(
     importlib.util.find_spec("memory_gym") is None,
@@ -47,7 +48,7 @@ def test_miniworld_envs_observe_what_the_env_renders(env_id):
     raw = gym.make(env_id)
     try:
         assert env.observation_space == gym.spaces.Box(0, 255, (60, 80, 3), np.uint8)
-        assert shelm_ppo.action_dims(env.action_space) == (raw.action_space.n,)
+        assert env_suites.action_dims(env.action_space) == (raw.action_space.n,)
         obs, _ = env.reset(seed=3)
         expected, _ = raw.reset(seed=3)
         for action in [2, 0, 2]:  # 2 moves forward, 0 turns left in every MiniWorld env
@@ -98,9 +99,9 @@ def test_memory_gym_vector_observations_are_refused():
 
 
 def test_an_uninstalled_suite_is_named(monkeypatch):
-    monkeypatch.setitem(shelm_ppo.ENV_SUITES, "NoSuchSuite-", ("no_such_suite_module", "pip install it"))
+    monkeypatch.setitem(env_suites.ENV_SUITES, "NoSuchSuite-", ("no_such_suite_module", "pip install it"))
     with pytest.raises(SystemExit, match="NoSuchSuite-Env-v0 needs the module no_such_suite_module.*pip install it"):
-        shelm_ppo.import_env_suite("NoSuchSuite-Env-v0")
+        env_suites.import_env_suite("NoSuchSuite-Env-v0")
 
 
 def reference_heads(logits, action_dims, action):
@@ -145,8 +146,8 @@ def test_discrete_actions_are_sampled_as_one_categorical():
     assert torch.equal(action[:, 0], want)
     assert torch.equal(logprob[:, 0], single.log_prob(want)) and torch.equal(entropy, single.entropy())
     space = gym.spaces.Discrete(7)
-    assert shelm_ppo.env_actions(action, space).shape == (256,)
-    assert shelm_ppo.env_actions(action, gym.spaces.MultiDiscrete([7])).shape == (256, 1)
+    assert env_suites.env_actions(action, space).shape == (256,)
+    assert env_suites.env_actions(action, gym.spaces.MultiDiscrete([7])).shape == (256, 1)
 
 
 needs_procgen = pytest.mark.skipif(
@@ -160,7 +161,7 @@ def test_procgen_memory_adapter_replays_gym3():
     """The adapter's frames, rewards and episode ends are those of procgen's own gym3 env, seeded alike."""
     from procgen import ProcgenGym3Env
 
-    import procgen_memory
+    from helm_utils import procgen_memory
 
     env = gym.make("procgen-memory-maze-v0")
     obs, _ = env.reset(seed=7)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import QUICK, ROOT, SCRIPTS, error_line, offline_env, tiny_args
+from helm_utils import arguments
 
 BATCH = 4 * 16  # QUICK: 4 envs x 16 steps, 2 updates
 
@@ -29,15 +30,15 @@ def import_script(script):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_resume_takes_exactly_the_flags_given(script, monkeypatch):
+def test_resume_takes_exactly_the_flags_given(monkeypatch):
+    script = "shelm_ppo.py"  # helm_utils.arguments.resume_args; SHELM has a directory flag (OUTPUT_DIRS)
     module = import_script(script)
     saved = module.Args(cuda=False, track=True, checkpoint_every=5, seed=7, learning_rate=1e-3)
     ckpt = {"args": asdict(saved)}
 
     def resume(*flags):
         monkeypatch.setattr(sys, "argv", [script, "--resume", "run/checkpoint.pt", *flags])
-        return module.resume_args(ckpt, "run/checkpoint.pt")
+        return arguments.resume_args(module.Args, ckpt, "run/checkpoint.pt", module.OUTPUT_DIRS)
 
     # nothing given: the checkpoint's arguments, whatever the defaults
     assert asdict(resume()) == asdict(saved) | {"resume": "run/checkpoint.pt"}
@@ -95,11 +96,11 @@ def assert_losses_logged(rows, steps):
     assert all(isinstance(row["losses/value_loss"], float) for row in losses)
 
 
-# the tracking code is shared (tests/test_drift.py), and a tracked run costs a wandb service start:
-# SHELM with videos, then resumed (one more update, the same wandb run); HELM without videos
-@pytest.mark.parametrize("script", ["shelm_ppo.py", "helm_ppo.py"])
-def test_track_offline(script, tmp_path):
-    video = script == "shelm_ppo.py"
+# the tracking code is shared (helm_utils.runs), and a tracked run costs a wandb service start: SHELM with
+# videos, then resumed (one more update, the same wandb run); without --capture-video no video is logged
+@pytest.mark.parametrize("video", [True, False], ids=["videos", "no-videos"])
+def test_track_offline(video, tmp_path):
+    script = "shelm_ppo.py"
     run_tracked(script, [*QUICK, *tiny_args(script, tmp_path), "--track", *(["--capture-video"] * video)], tmp_path)
     (first,) = offline_runs(tmp_path)
     run_id = first.name.split("-")[-1]

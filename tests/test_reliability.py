@@ -1,5 +1,10 @@
-"""Reliability of the training scripts (docs/reliability.md): resume, interruption by SIGTERM and
-SIGKILL, periodic and atomic checkpoints, determinism, the non-finite guard, a full disk.
+"""Reliability of a training run (docs/reliability.md): resume, interruption by SIGTERM and SIGKILL, periodic
+and atomic checkpoints, determinism, the non-finite guard, a full disk, checkpoints from elsewhere.
+
+What this tests lives in helm_utils/ (checkpoints, runs, files), the same for the three scripts: it is tested
+once, through one script, HELMv2 (SCRIPT), whose checkpoints hold the most (the encoder's running statistics).
+What differs between the scripts is tested for each: that a resume restores everything exactly (each
+encoder has its own state) and that a seed fixes the whole run (each encoder has its own randomness).
 
 Every run is a few updates of the tiny random models on CPU. The runs of a script that several
 tests read (an uninterrupted reference run, its twin, one with another seed, the interrupted runs and
@@ -26,8 +31,10 @@ import numpy as np
 import pytest
 import torch
 
-import prepare_embeddings
-from conftest import QUICK, ROOT, error_line, offline_env, run_script, tiny_args
+from conftest import QUICK, ROOT, SCRIPTS, error_line, offline_env, run_script, tiny_args
+from helm_utils import checkpoints, env_suites, files, frozen_models, runs
+
+SCRIPT = "helmv2_ppo.py"  # the infrastructure's tests run through this one (see the docstring)
 
 # episodes of a few dozen steps (the agent bumps into an obstacle), so returns get recorded
 ENV = "MiniGrid-Dynamic-Obstacles-5x5-v0"
@@ -136,9 +143,9 @@ def finish(proc):
     )
 
 
-def side_by_side(script, runs):
+def side_by_side(script, made):
     """{name: (args, cwd)} run concurrently (independent runs; the machine has 2 cores) -> {name: result}."""
-    procs = {name: start(script, args, cwd) for name, (args, cwd) in runs.items()}
+    procs = {name: start(script, args, cwd) for name, (args, cwd) in made.items()}
     return {name: finish(proc) for name, proc in procs.items()}
 
 
@@ -159,7 +166,13 @@ def cache(shared):
 
 
 @pytest.fixture
-def runs(script, shared, cache):
+def script():
+    """The infrastructure is the same for every script: its tests run through SCRIPT."""
+    return SCRIPT
+
+
+@pytest.fixture
+def runs_of(script, shared, cache):
     """Run directories of an uninterrupted run of `script` (`reference`), of the same run again
     (`twin`), and of one update with another seed (`other`), made side by side on first use."""
     if ("runs", script) not in cache:
@@ -179,9 +192,9 @@ def runs(script, shared, cache):
 
 
 @pytest.fixture
-def reference(runs):
+def reference(runs_of):
     """Run directory of the uninterrupted run (read only: copy it to change it)."""
-    return runs.reference
+    return runs_of.reference
 
 
 @pytest.fixture
@@ -269,6 +282,7 @@ def test_sigkill_then_resume_from_the_periodic_checkpoint(interrupted, reference
     assert_resumed_to_the_end(r, reference)
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_resuming_a_finished_run_changes_nothing(script, reference, tmp_path):
     """No update is left: the script restores everything and saves it again, so every restored
     part (weights, optimizer, reward normalization, RNG states, counters, best return) must come
@@ -295,12 +309,12 @@ def test_resuming_a_finished_run_changes_nothing(script, reference, tmp_path):
 def test_checkpoint_content_matches_the_run(script, reference):
     """What was saved is what the run had, read back the way the script reads it."""
     module = import_script(script)
-    ckpt = module.load_checkpoint(reference / "checkpoint.pt")
+    ckpt = checkpoints.load(reference / "checkpoint.pt", module)
     args = module.Args(**ckpt["args"])
     env = module.make_env(ENV, 0, False, "test")()
-    obs_shape, action_dims = env.observation_space.shape, module.action_dims(env.action_space)
+    obs_shape, action_dims = env.observation_space.shape, env_suites.action_dims(env.action_space)
     env.close()
-    d_model = prepare_embeddings.TINY_TRXL_CONFIG["d_model"]
+    d_model = frozen_models.TINY_TRXL_CONFIG["d_model"]
 
     # weights and optimizer, loaded into the objects the script builds
     torch.manual_seed(12345)
@@ -331,18 +345,18 @@ def test_checkpoint_content_matches_the_run(script, reference):
         if seen and np.mean(seen) > best:
             best, best_iteration = float(np.mean(seen)), i
     assert ckpt["best_return"] == pytest.approx(best)
-    model_best = module.load_checkpoint(reference / "model_best.pt")
+    model_best = checkpoints.load(reference / "model_best.pt", module)
     assert (model_best["iteration"], model_best["best_return"]) == (best_iteration, pytest.approx(best))
 
     # RNG states: restoring them twice gives the same draws; the save/restore round trip is exact
     def draws():
         return torch.rand(4).tolist(), np.random.rand(4).tolist(), [random.random() for _ in range(4)]
 
-    module.set_rng_state(ckpt["rng"])
-    assert_same(module.rng_state(), ckpt["rng"], "rng")
+    checkpoints.set_rng_state(ckpt["rng"])
+    assert_same(checkpoints.rng_state(), ckpt["rng"], "rng")
     first = draws()
     assert draws() != first
-    module.set_rng_state(ckpt["rng"])
+    checkpoints.set_rng_state(ckpt["rng"])
     assert draws() == first
 
 
@@ -368,18 +382,19 @@ def test_resume_with_weights_of_another_shape_fails_cleanly(script, reference, t
 # ---------------------------------------------------------------------------------------------
 
 
-def test_same_seed_same_run(runs):
-    a, b = scalars(runs.reference), scalars(runs.twin)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_same_seed_same_run(runs_of):
+    a, b = scalars(runs_of.reference), scalars(runs_of.twin)
     a.pop("charts/SPS"), b.pop("charts/SPS")  # speed is not deterministic
     assert a.keys() == b.keys() and "losses/value_loss" in a and "charts/episodic_return" in a
     for tag in a:
         np.testing.assert_array_equal(np.array(a[tag]), np.array(b[tag]), err_msg=tag)
-    ca, cb = load(runs.reference / "checkpoint.pt"), load(runs.twin / "checkpoint.pt")
+    ca, cb = load(runs_of.reference / "checkpoint.pt"), load(runs_of.twin / "checkpoint.pt")
     for part in ["agent", "optimizer", "rng", "reward_rms", "recent_returns", "best_return"]:
         assert_same(ca[part], cb[part], part)
 
     # the comparison can tell runs apart: another seed gives other losses from the first update on
-    c = scalars(runs.other)
+    c = scalars(runs_of.other)
     for tag in ["losses/value_loss", "losses/policy_loss"]:
         assert c[tag][0][0] == a[tag][0][0] == BATCH
         assert c[tag][0][1] != a[tag][0][1], tag
@@ -490,7 +505,7 @@ def test_write_atomically_on_a_full_disk(tmp_path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with pytest.raises(SystemExit) as exit_info:
-        prepare_embeddings.write_atomically(path, half_then_full)
+        files.write_atomically(path, half_then_full)
     assert str(exit_info.value) == f"error: could not write {path}: No space left on device; nothing was overwritten"
     assert path.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
@@ -506,13 +521,13 @@ def test_write_atomically_on_a_crash(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        prepare_embeddings.write_atomically(path, half_then_interrupted)
+        files.write_atomically(path, half_then_interrupted)
     assert path.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
     # killed outright in the middle of the write: no cleanup can run, the previous file is intact
     code = (
-        "import os, signal, prepare_embeddings as p\n"
+        "import os, signal, helm_utils.files as p\n"
         "def w(f):\n    f.write(b'half a')\n    f.flush()\n    os.kill(os.getpid(), signal.SIGKILL)\n"
         f"p.write_atomically({str(path)!r}, w)\n"
     )
@@ -539,14 +554,14 @@ def test_write_atomically_protocol(tmp_path, monkeypatch):
         events.append(("replace", str(src), str(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(prepare_embeddings.os, "fsync", fsync)
-    monkeypatch.setattr(prepare_embeddings.os, "replace", replace)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
 
     def write(f):
         events.append(("write", os.readlink(f"/proc/self/fd/{f.fileno()}")))
         f.write(b"new")
 
-    prepare_embeddings.write_atomically(path, write)
+    files.write_atomically(path, write)
     tmp = events[0][1]
     assert Path(tmp).parent == tmp_path and tmp != str(path)
     assert events == [("write", tmp), ("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]
@@ -623,7 +638,7 @@ CHECKPOINT_CASES = {
 
 @pytest.mark.parametrize("case", CHECKPOINT_CASES.values(), ids=CHECKPOINT_CASES.keys())
 def test_crafted_checkpoint_refused(script, reference, case, cache):
-    """check_checkpoint, which --resume and enjoy.py both call on the one read of a checkpoint."""
+    """checkpoints.check, which --resume and enjoy.py both call on the one read of a checkpoint."""
     if ("module", script) not in cache:
         cache["module", script] = import_script(script), load(reference / "checkpoint.pt")
     module, good = cache["module", script]
@@ -631,12 +646,12 @@ def test_crafted_checkpoint_refused(script, reference, case, cache):
     edit, phrases = case
     edit(ckpt)
     with pytest.raises(SystemExit) as stop:
-        module.check_checkpoint(ckpt, "crafted.pt")
+        checkpoints.check(ckpt, "crafted.pt", module)
     message = stop.value.code
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
     for phrase in phrases:
         assert phrase in message, message
-    assert module.check_checkpoint(copy.deepcopy(good), "good.pt") is not None  # the edit's doing
+    assert checkpoints.check(copy.deepcopy(good), "good.pt", module) is not None  # the edit's doing
 
 
 def run_main(script, args, cwd, monkeypatch):
@@ -683,7 +698,7 @@ def test_enjoy_refuses_a_crafted_checkpoint(reference, tmp_path, monkeypatch, ca
     assert os.listdir(tmp_path) == ["crafted.pt"]
 
 
-@pytest.mark.parametrize("script", ["shelm_ppo.py"])
+@pytest.mark.parametrize("script", ["shelm_ppo.py"])  # the one script with a directory to write: OUTPUT_DIRS
 def test_checkpoint_cannot_have_embeddings_written_elsewhere(reference, tmp_path, monkeypatch):
     """SHELM's embeddings_dir in a checkpoint lies outside the working directory: read there, never written."""
     ckpt = load(reference / "checkpoint.pt")
@@ -704,23 +719,21 @@ def test_checkpoint_cannot_have_embeddings_written_elsewhere(reference, tmp_path
 
 
 def test_run_directory_is_claimed_once(tmp_path, monkeypatch):
-    module = import_script("shelm_ppo.py")
     monkeypatch.chdir(tmp_path)
-    first, first_lock = module.claim_run_dir("env__exp__1__100", new=True)
-    second, second_lock = module.claim_run_dir("env__exp__1__100", new=True)  # started in the same second
+    first, first_lock = runs.claim_run_dir("env__exp__1__100", new=True)
+    second, second_lock = runs.claim_run_dir("env__exp__1__100", new=True)  # started in the same second
     assert (first, second) == (Path("runs/env__exp__1__100"), Path("runs/env__exp__1__100-2"))
     with pytest.raises(SystemExit) as stop:  # resumed while the first process runs: one line
-        module.claim_run_dir("env__exp__1__100", new=False)
+        runs.claim_run_dir("env__exp__1__100", new=False)
     assert stop.value.code == (
         "error: runs/env__exp__1__100 is in use by another process (it holds runs/env__exp__1__100/.lock); "
         "one run, one process"
     )
     os.close(first_lock)  # the first process ends: its lock goes with it
-    again, _ = module.claim_run_dir("env__exp__1__100", new=False)
+    again, _ = runs.claim_run_dir("env__exp__1__100", new=False)
     assert again == first and sorted(os.listdir("runs")) == ["env__exp__1__100", "env__exp__1__100-2"]
 
 
-@pytest.mark.parametrize("script", ["shelm_ppo.py"])
 def test_resume_of_a_run_in_use_is_refused(script, reference, tmp_path, monkeypatch):
     import fcntl
 
@@ -738,7 +751,6 @@ def test_resume_of_a_run_in_use_is_refused(script, reference, tmp_path, monkeypa
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
-@pytest.mark.parametrize("script", ["shelm_ppo.py"])
 def test_resume_from_an_older_checkpoint_goes_on_in_a_new_run(script, reference, tmp_path):
     """model_best.pt of update 3 of a run whose checkpoint.pt is at update 4: resuming it in place would move
     checkpoint.pt and model_final.pt back in time. It goes on in a new run directory instead."""
@@ -760,7 +772,6 @@ def test_resume_from_an_older_checkpoint_goes_on_in_a_new_run(script, reference,
     assert [s for s, _ in scalars(new_dir)["losses/value_loss"]] == [UPDATES * BATCH]  # the one update left
 
 
-@pytest.mark.parametrize("script", ["shelm_ppo.py"])
 def test_runs_started_together_and_a_late_signal(script, shared, tmp_path):
     """Two identical runs started at once (the same name if in the same second) get a directory each; a
     SIGTERM right after a run's last checkpoint lets it end as it was going to (it used to die with -15)."""
@@ -795,13 +806,13 @@ def test_write_atomically_follows_no_link(tmp_path, monkeypatch):
     path.parent.mkdir()
     # a link at the target's name: the rename replaces the link, its target stays as it was
     path.symlink_to(victim)
-    prepare_embeddings.write_atomically(path, lambda f: f.write(b"new"))
+    files.write_atomically(path, lambda f: f.write(b"new"))
     assert not path.is_symlink() and path.read_bytes() == b"new" and victim.read_bytes() == b"precious"
     # a link at the temporary file's name (were its random part guessed): refused, nothing followed or removed
-    monkeypatch.setattr(prepare_embeddings.secrets, "token_hex", lambda n: "0" * 2 * n)
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: "0" * 2 * n)
     planted = path.with_name(f".state.pt.{'0' * 16}.tmp")
     planted.symlink_to(victim)
     with pytest.raises(SystemExit) as stop:
-        prepare_embeddings.write_atomically(path, lambda f: f.write(b"newer"))
+        files.write_atomically(path, lambda f: f.write(b"newer"))
     assert stop.value.code == f"error: could not write {path}: File exists; nothing was overwritten"
     assert victim.read_bytes() == b"precious" and path.read_bytes() == b"new" and planted.is_symlink()

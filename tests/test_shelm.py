@@ -16,8 +16,9 @@ from open_clip.tokenizer import SimpleTokenizer, tokenize
 import prepare_embeddings
 import shelm_ppo
 from conftest import ROOT
+from helm_utils import files, frozen_models
 
-TINY = prepare_embeddings.TINY
+TINY = frozen_models.TINY
 FIXTURE_TRXL = ROOT / "tests" / "fixtures" / "tiny_trxl"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -25,7 +26,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @pytest.fixture(scope="module")
 def clip():
-    return prepare_embeddings.load_clip(TINY, "openai", "cpu")
+    return frozen_models.load_clip(TINY, "openai", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +98,11 @@ def test_shared_vocabulary_maps_whole_words_only(tokenizer):
 
 
 def test_shared_vocabulary_of_tiny_and_fixture_models(tokenizer):
-    tiny = prepare_embeddings.tiny_vocab()
+    tiny = frozen_models.tiny_vocab()
     _, trxl_ids, words = prepare_embeddings.shared_vocabulary(tiny)
     # the tiny vocabulary is made of CLIP words: all but <eos> and <unk> are shared
     assert sorted(trxl_ids) == list(range(2, len(tiny)))
-    fixture = prepare_embeddings.read_vocab(FIXTURE_TRXL / "vocab.pkl")
+    fixture = frozen_models.read_vocab(FIXTURE_TRXL / "vocab.pkl")
     _, trxl_ids, words = prepare_embeddings.shared_vocabulary(fixture)
     expected = {w for w in fixture if clip_key(tokenizer, w) in tokenizer.encoder}
     assert set(words) == expected and {"dog", "key", "ball", "café", "the"} <= expected
@@ -179,7 +180,7 @@ def random_images(n, h, w, seed):
 @pytest.mark.parametrize("shape", [(56, 56), (56, 72), (128, 96)])
 def test_clip_preprocessing_matches_torchvision(shape):
     images = random_images(4, *shape, seed=1)
-    got = prepare_embeddings.clip_image_features(PixelsOut(64), images)
+    got = frozen_models.clip_image_features(PixelsOut(64), images)
     assert got.shape == (4, 3, 64, 64)
     assert (got - torchvision_reference(images, 64)).abs().max().item() <= 1e-5
 
@@ -188,7 +189,7 @@ def test_clip_preprocessing_matches_torchvision(shape):
 # 64x86, not 64x87, or every pixel of the crop moves.
 def test_clip_preprocessing_long_side_truncated_like_torchvision():
     images = random_images(2, 56, 76, seed=2)  # 64 * 76 / 56 = 86.86
-    got = prepare_embeddings.clip_image_features(PixelsOut(64), images)
+    got = frozen_models.clip_image_features(PixelsOut(64), images)
     assert (got - torchvision_reference(images, 64)).abs().max().item() <= 1e-5
 
 
@@ -210,15 +211,15 @@ def test_clip_preprocessing_close_to_clip_own_on_minigrid():
         ]
     )
     expected = torch.stack([clip_own(Image.fromarray(image.numpy())) for image in images])
-    got = prepare_embeddings.clip_image_features(PixelsOut(224), images)
+    got = frozen_models.clip_image_features(PixelsOut(224), images)
     diff = (got - expected).abs()
     assert diff.mean().item() < 0.02 and diff.max().item() < 0.5  # normalised units (pixel / ~0.27)
 
 
 def test_clip_image_features_batch_invariant_and_reference(clip):
     images = random_images(5, 56, 56, seed=3)
-    batched = prepare_embeddings.clip_image_features(clip, images)
-    single = torch.cat([prepare_embeddings.clip_image_features(clip, images[i : i + 1]) for i in range(5)])
+    batched = frozen_models.clip_image_features(clip, images)
+    single = torch.cat([frozen_models.clip_image_features(clip, images[i : i + 1]) for i in range(5)])
     assert batched.shape == (5, clip.visual.output_dim)
     assert (batched - single).abs().max().item() <= 1e-5
     with torch.no_grad():
@@ -235,7 +236,7 @@ def test_clip_image_features_batch_invariant_and_reference(clip):
 
 @pytest.fixture(scope="module")
 def fixture_vocab():
-    return prepare_embeddings.read_vocab(FIXTURE_TRXL / "vocab.pkl")
+    return frozen_models.read_vocab(FIXTURE_TRXL / "vocab.pkl")
 
 
 def build(clip, vocab, out_dir, **kwargs):
@@ -365,7 +366,7 @@ def test_write_atomically_keeps_old_file_on_failure(tmp_path):
         return write
 
     with pytest.raises(SystemExit) as e:
-        prepare_embeddings.write_atomically(path, half_written(OSError(errno.ENOSPC, "No space left on device")))
+        files.write_atomically(path, half_written(OSError(errno.ENOSPC, "No space left on device")))
     message = str(e.value.code)
     assert (
         message.startswith("error: could not write ")
@@ -374,9 +375,9 @@ def test_write_atomically_keeps_old_file_on_failure(tmp_path):
     )
     assert path.read_bytes() == b"old content" and os.listdir(tmp_path) == ["file.bin"]
     with pytest.raises(KeyboardInterrupt):  # an interrupt stays an interrupt, but cleans up too
-        prepare_embeddings.write_atomically(path, half_written(KeyboardInterrupt()))
+        files.write_atomically(path, half_written(KeyboardInterrupt()))
     assert path.read_bytes() == b"old content" and os.listdir(tmp_path) == ["file.bin"]
-    prepare_embeddings.write_atomically(path, lambda f: f.write(b"new"))
+    files.write_atomically(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["file.bin"]
 
 

@@ -12,6 +12,7 @@ import helm_ppo
 import helmv2_ppo
 import shelm_ppo
 from conftest import ROOT
+from helm_utils import frozen_models, observation_cache, timing
 
 TOL = 1e-5
 
@@ -103,24 +104,23 @@ def test_bfloat16_transformer_xl_close_to_float32():
 
 
 def test_bfloat16_clip_close_to_float32():
-    import prepare_embeddings
 
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 56, 56, 3), dtype=np.uint8))
     for kind in ("ViT", "RN"):
-        clip = prepare_embeddings.load_clip("tiny-random", None, "cpu", tiny_kind=kind)
+        clip = frozen_models.load_clip("tiny-random", None, "cpu", tiny_kind=kind)
         with torch.no_grad():
-            f32 = prepare_embeddings.clip_image_features(clip, images)
-            b16 = prepare_embeddings.clip_image_features(clip.to(torch.bfloat16), images)
+            f32 = frozen_models.clip_image_features(clip, images)
+            b16 = frozen_models.clip_image_features(clip.to(torch.bfloat16), images)
         assert b16.dtype == torch.float32
         # stated tolerance: cosine similarity of each embedding to its float32 self above 0.99
         assert torch.nn.functional.cosine_similarity(f32, b16).min() > 0.99, kind
 
 
 def test_frozen_dtype_resolution():
-    assert shelm_ppo.resolve_frozen_dtype("float32", "cpu") == torch.float32
-    assert shelm_ppo.resolve_frozen_dtype("bfloat16", "cpu") == torch.bfloat16
-    expected = torch.bfloat16 if shelm_ppo.mkldnn_bf16_supported() else torch.float32
-    assert shelm_ppo.resolve_frozen_dtype("auto", "cpu") == expected
+    assert frozen_models.resolve_frozen_dtype("float32", "cpu") == torch.float32
+    assert frozen_models.resolve_frozen_dtype("bfloat16", "cpu") == torch.bfloat16
+    expected = torch.bfloat16 if frozen_models.mkldnn_bf16_supported() else torch.float32
+    assert frozen_models.resolve_frozen_dtype("auto", "cpu") == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ class Counting:
 
 def test_cache_computes_each_new_observation_once():
     pool = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
-    encode, cache = Counting(), shelm_ppo.ObservationCache(100)
+    encode, cache = Counting(), observation_cache.ObservationCache(100)
     for ids in [[0, 1, 0, 1], [1, 2, 2, 3], [3, 0, 1, 2]]:
         out = cache(pool[ids], encode)
         expected = Counting()(pool[ids])
@@ -154,7 +154,7 @@ def test_cache_computes_each_new_observation_once():
 
 def test_cache_off_calls_through():
     pool = np.zeros((3, 2, 2, 3), dtype=np.uint8)
-    encode, cache = Counting(), shelm_ppo.ObservationCache(0)
+    encode, cache = Counting(), observation_cache.ObservationCache(0)
     cache(pool, encode)
     cache(pool, encode)
     assert encode.seen == [3, 3] and cache.log_scalars() == {} and len(cache) == 0
@@ -210,7 +210,7 @@ def test_helmv2_cache_gives_the_uncached_embeddings():
 
 
 def test_laps_add_up():
-    lap = shelm_ppo.Laps()
+    lap = timing.Laps()
     for name in ("a", "b", "a"):
         lap(name)
     totals, cpu = lap.pop()

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import prepare_embeddings
 import shelm_ppo
 from conftest import ROOT
+from helm_utils import frozen_models
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_trxl"
 REFERENCE = ROOT / "tests" / "fixtures" / "tiny_trxl_reference.safetensors"
@@ -140,7 +140,7 @@ def fixture_vocab_dict():
 
 def test_read_vocab_of_fixture():
     expected = fixture_vocab_dict()["idx2sym"]
-    vocab = prepare_embeddings.read_vocab(FIXTURE / "vocab.pkl")
+    vocab = frozen_models.read_vocab(FIXTURE / "vocab.pkl")
     assert vocab == expected
     assert len(vocab) == 300 and vocab[0] == "<eos>" and vocab[24] == "<unk>" and vocab[64] == "dog"
     assert vocab[100] == "café"
@@ -172,7 +172,7 @@ def test_read_vocab_refuses_code(tmp_path, protocol, nested):
     marker.unlink()
 
     with pytest.raises(SystemExit) as e:
-        prepare_embeddings.read_vocab(path)
+        frozen_models.read_vocab(path)
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message
     assert "system" in message and str(path) in message
@@ -197,10 +197,10 @@ def legacy_vocab_file(path, vocab):
 def test_read_vocab_of_legacy_torch_save_stream(tmp_path):
     vocab = fixture_vocab_dict()
     legacy_vocab_file(tmp_path / "handmade.pkl", vocab)
-    assert prepare_embeddings.read_vocab(tmp_path / "handmade.pkl") == vocab["idx2sym"]
+    assert frozen_models.read_vocab(tmp_path / "handmade.pkl") == vocab["idx2sym"]
     # and what torch's own legacy writer produces
     torch.save(vocab, tmp_path / "torch.pkl", _use_new_zipfile_serialization=False)
-    assert prepare_embeddings.read_vocab(tmp_path / "torch.pkl") == vocab["idx2sym"]
+    assert frozen_models.read_vocab(tmp_path / "torch.pkl") == vocab["idx2sym"]
 
 
 @pytest.mark.parametrize(
@@ -210,7 +210,7 @@ def test_read_vocab_of_unusable_file(tmp_path, content):
     path = tmp_path / "vocab.pkl"
     path.write_bytes(content)
     with pytest.raises(SystemExit) as e:
-        prepare_embeddings.read_vocab(path)
+        frozen_models.read_vocab(path)
     assert str(e.value.code).startswith("error: vocabulary ") and str(path) in str(e.value.code)
 
 
