@@ -139,15 +139,15 @@ class Args:
 
 def check_args(args):
     """One clear line for each argument out of range, before anything is built or written."""
-    arguments.check_ppo_args(args)
-    for name in ["d_model", "lstm_hidden_size"]:
-        if getattr(args, name) < 1:
-            fail(f"{arguments.flag(name)} must be >= 1, got {getattr(args, name)}")
-    if args.lstm and args.num_envs % args.num_minibatches:
+    if args.lstm and args.num_minibatches >= 1 and args.num_envs % args.num_minibatches:
         fail(
             f"--num-minibatches {args.num_minibatches} must divide --num-envs {args.num_envs}: "
             "the LSTM's minibatches are whole envs"
         )
+    arguments.check_ppo_args(args)
+    for name in ["d_model", "lstm_hidden_size"]:
+        if getattr(args, name) < 1:
+            fail(f"{arguments.flag(name)} must be >= 1, got {getattr(args, name)}")
     if args.upload_model:
         fail(
             "--upload-model: the baselines cannot be evaluated for an upload (helm_utils.evaluation plays the "
