@@ -76,6 +76,30 @@ def test_the_cnn_is_the_memory_scripts_query_encoder():
         assert (agent.lstm is None) == (lstm_size is None)
 
 
+def between(text, first, last):
+    """The lines of text from the one holding `first` to the one holding `last`, both included."""
+    start = text.index(first)
+    start = text.rindex("\n", 0, start) + 1
+    return text[start : text.index("\n", text.index(last, start)) + 1]
+
+
+@pytest.mark.parametrize(
+    "first, last",
+    [
+        ("advantages = torch.zeros_like(rewards)", "returns = advantages + values"),  # GAE
+        ("logratio = newlogprob - b_logprobs[mb_inds]", "optimizer.step()"),  # the clipped loss and the step
+        ("if args.target_kl is not None", "timing.log_perf("),  # early stop and logging
+        ('if "episode" in infos:', 'writer.add_scalar("charts/episodic_length"'),  # returns
+    ],
+)
+def test_the_ppo_loop_is_the_memory_scripts(first, last):
+    """Same PPO settings, same logging: the baseline's copies of the scripts' PPO code are equal to theirs
+    (tests/test_drift.py keeps the three scripts equal to one another)."""
+    baseline, script = BASELINE.read_text(), (ROOT / "shelm_ppo.py").read_text()
+    assert between(baseline, first, last) == between(script, first, last)
+    assert len(between(baseline, first, last).splitlines()) >= 3
+
+
 def rollout_and_update_args(num_envs, num_steps, num_minibatches, lstm=True):
     args = lstm_ppo.Args(num_envs=num_envs, num_steps=num_steps, num_minibatches=num_minibatches, lstm=lstm)
     args.batch_size = num_envs * num_steps
