@@ -331,6 +331,29 @@ def test_upload_is_refused_in_one_line(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing written
 
 
+def test_an_encoder_state_is_refused(made, tmp_path):
+    """A baseline has no frozen encoder: its checkpoints hold an empty encoder state, and a checkpoint holding
+    one (another script's, or crafted) is refused in one line before anything is written."""
+    ckpt = load(made.lstm / "checkpoint.pt")
+    ckpt["encoder"] = {"running_mean": torch.zeros(3)}
+    torch.save(ckpt, tmp_path / "crafted.pt")
+    code = train(tmp_path, "--resume", "crafted.pt", "--no-progress-bar")
+    assert code == (
+        "error: checkpoint crafted.pt does not match this model (a baseline has no encoder state, this one holds "
+        "running_mean)"
+    )
+    assert os.listdir(tmp_path) == ["crafted.pt"]
+
+
+def test_the_baseline_leaves_the_run_infrastructure_to_the_package():
+    text = BASELINE.read_text()  # as tests/test_layout.py checks the memory scripts
+    for name in ["torch.load", "signal.signal", "wandb.init", "SummaryWriter(", "fcntl"]:
+        assert name not in text, f"lstm_ppo.py has {name}: it belongs in helm_utils/"
+    calls = ["runs.parse(", "runs.Run(", "run.start(", "run.update_starts(", "run.exit_if_stopped()"]
+    calls += ["run.nonfinite(", "run.update_done(", "run.finish("]
+    assert [call for call in calls if call not in text] == []
+
+
 # ---------------------------------------------------------------------------------------------
 # The published configurations, the launcher and the plots
 # ---------------------------------------------------------------------------------------------
