@@ -62,12 +62,14 @@ def rollout(trxl, inputs, memory_reset):
     mems, memory_mask = shelm_ppo.init_memory(trxl, batch, memory_reset or "zero", device)
     if memory_reset is None:
         memory_mask = None  # HF's model has no memory mask at all
-    with torch.no_grad():
-        for x in inputs:
+    for x in inputs:
+        # no_grad around each step, not around the yields: a generator left suspended (zip of two rollouts)
+        # would leave gradients off for the tests that run after it
+        with torch.no_grad():
             x = x.to(device)
             x = trxl.word_emb(x.T) if x.dtype == torch.long else x.transpose(0, 1)
             out, mems, memory_mask = trxl(x, mems, memory_mask)
-            yield out.transpose(0, 1).cpu(), mems.cpu()
+        yield out.transpose(0, 1).cpu(), mems.cpu()
 
 
 def hf_mems(trxl, hidden):
