@@ -34,7 +34,7 @@ N_LAYERS = (2, 18)
 # the slice of the budget each step may take at most (the last throughput step gets all that is left)
 STEP_LIMITS_S = {"environment": 60, "pytest": 150, "throughput_n2": 170}
 VIDEO_SKIP = (
-    "video tests skipped: imageio_ffmpeg is not installed (its cp312 wheel is 64.9 MB, more than can be carried "
+    "video tests skipped: imageio_ffmpeg is not installed (its cp312 wheel is 64.85 MiB, more than can be carried "
     "to the GPU machine); tests/test_enjoy.py, which imports it, is left out of the pytest step"
 )
 

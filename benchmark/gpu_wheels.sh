@@ -13,11 +13,12 @@
 # one is neither here nor in GPU_HAS, so nothing is left for a resolver to find there.
 #
 # Left out, and why (sizes of the cp312 x86-64 wheels at the pins of requirements/):
-#   imageio-ffmpeg 0.8.1: 64.9 MB (an ffmpeg binary), more than all that can be carried (64 MiB with the
-#     working tree); without it moviepy cannot write a video, so moviepy (0.12 MB, with decorator, proglog,
+#   imageio-ffmpeg 0.8.1: 64.85 MiB (an ffmpeg binary), more than all that can be carried (64 MiB with the
+#     working tree); without it moviepy cannot write a video, so moviepy (0.12 MiB, with decorator, proglog,
 #     python-dotenv) is left out too, and gpu_check.sh skips the video tests, saying so.
-#   rliable 1.2.0: no wheel on PyPI (1.0.8 is the last); with arch 0.9 MB, statsmodels 11.5 MB, seaborn,
-#     patsy, formulaic and their dependencies about 14 MB for benchmark/plot.py, which the check never runs.
+#   rliable 1.2.0 (only an sdist on PyPI, pure Python), for benchmark/plot.py, which the check never runs: with
+#     arch 0.93 MiB, statsmodels 11.48 MiB, seaborn, patsy, formulaic, interface-meta, narwhals and wrapt it
+#     would add 13.8 MiB; and arch 7.2 breaks on pandas 3 (requirements/benchmark.txt), whatever pandas is there.
 #   wandb, miniworld: not wanted on that machine (no network; MiniWorld needs system GL libraries).
 #
 # The total must stay under WHEEL_BUDGET_MIB (40), and with the working tree (what git would send: tracked
