@@ -14,7 +14,8 @@ OUT_DIR/gpu_check.json is rewritten after every step (what a killed check got so
 script's output is OUT_DIR/gpu_check.log. Exit status 1 if any step failed.
 
 Budget: GPU_CHECK_BUDGET_S (480 s) from the start of gpu_check.sh; each step's timeout is cut to what is
-left of it. GPU_CHECK_WARMUP and GPU_CHECK_MEASURED set the throughput's updates (3 and 3).
+left of it. GPU_CHECK_WARMUP and GPU_CHECK_MEASURED set the throughput's updates (3 and 3), GPU_CHECK_N_LAYERS
+its --n-layer values ("2 18").
 """
 
 import json
@@ -303,7 +304,8 @@ class Check:
         self.save()
         self.step("environment", self.environment)
         self.step("pytest", self.pytest)
-        for n_layer in N_LAYERS:
+        n_layers = [int(n) for n in os.environ.get("GPU_CHECK_N_LAYERS", " ".join(map(str, N_LAYERS))).split()]
+        for n_layer in n_layers:
             self.step(f"throughput_n{n_layer}", lambda n=n_layer: self.throughput(n))
         self.save()
         self.say(
