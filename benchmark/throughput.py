@@ -71,6 +71,8 @@ class Args:
     """the tiny random models instead of the real-size ones: a dry run of the machinery that measures nothing"""
     extra: str = ""
     """further arguments for every script, e.g. "--frozen-dtype float32" """
+    async_envs: bool = False
+    """every training loop steps its envs in worker processes (--async-envs): for machines with many cores"""
     out: str = str(ROOT / "docs" / "results" / "throughput.json")
     docs: str = str(ROOT / "docs" / "benchmarks.md")
     """markdown file whose throughput section gets the table ("": print the table only)"""
@@ -90,7 +92,7 @@ def loop_flags(args):
     cmd = ["--env-id", args.env_id, "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps)]
     cmd += ["--num-minibatches", str(max(1, batch // MINIBATCH)), "--no-progress-bar", "--checkpoint-every", "0"]
     cmd += ["--total-timesteps", str(batch * (args.warmup_updates + args.measured_updates))]
-    return cmd + ["--cuda" if args.cuda else "--no-cuda"]
+    return cmd + ["--cuda" if args.cuda else "--no-cuda"] + (["--async-envs"] if args.async_envs else [])
 
 
 def cnn_ppo_command(args):
