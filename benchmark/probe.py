@@ -11,8 +11,10 @@ No RL, nothing trained but linear classifiers (docs/probe.md):
    MiniGrid-Memory (any size): a scripted policy turns round to the cue (the object in the start room,
    key or ball: the label), looks at it, turns away, walks to the junction, waits there for --wait steps
    without ever facing the corridor back to the cue, and walks to one of the two end objects at random.
-   MiniWorld-TMaze/YMaze (label: the arm the box is in) and Memory Gym's MortarMayhem (label: the first
-   command) run a random policy. The policy never depends on the label.
+   MiniWorld-TMaze/YMaze (label: the arm the box is in): a scripted policy walks to the junction, looks
+   into both arms, turns round, walks back down the stem and turns to and fro there until the time limit.
+   Memory Gym's MortarMayhem (label: the first command): a random policy. The policy never depends on the
+   label.
 2. Each script (imported, not copied) runs its own frozen pipeline over the lanes, exactly as its training
    loop does: `init_memory`, then at every step `reset_memory` where an episode has just begun, the
    script's `encoder`, its Transformer-XL, `memory_readout`. The read-out at step t is what the agent
@@ -89,7 +91,7 @@ class Args:
     num_envs: int = 16
     """envs stepped together: lanes of back-to-back episodes, as the training's vector env"""
     policy: Literal["auto", "scripted", "random"] = "auto"
-    """behaviour policy: auto is scripted where there is one (MiniGrid-Memory), random elsewhere"""
+    """behaviour policy: auto is scripted where there is one (MiniGrid-Memory, MiniWorld), random elsewhere"""
     wait: tuple[int, int] = (30, 50)
     """scripted MiniGrid-Memory policy: steps waited at the junction, drawn uniformly from [min, max]"""
     variants: tuple[str, ...] = DEFAULT_VARIANTS
@@ -119,6 +121,9 @@ class Args:
     """bootstrap resamples of the held-out episodes for the 95% intervals"""
     controls: bool = True
     """also decode the encoder's output and the raw observation at step t (no memory)"""
+    counterfactual: bool = True
+    """MiniGrid-Memory: also run twin episodes with the other cue, and measure the cue's influence on each
+    read-out (its relative change between the twins), at each delay"""
     seed: int = 1
     """seed of the envs, the policy, the folds and the bootstrap"""
     cuda: bool = True
@@ -161,6 +166,23 @@ class MiniGridMemory:
     def in_view(self, u):
         return bool(u.agent_sees(*self.cue_pos(u)))
 
+    def make_twin(self, env):
+        """Make env the twin of an env of the same seed: every episode the same but for the cue, the other
+        object (drawn after everything else, so the layout and the agent's start are the same). The end
+        objects, walls and dynamics do not depend on the cue, so the same actions give the same trajectory;
+        the frames differ only where the cue is in view."""
+        from minigrid.core.world_object import Ball, Key
+
+        u = env.unwrapped
+        generate = u._gen_grid
+
+        def gen_grid(width, height):
+            generate(width, height)
+            cue = u.grid.get(*self.cue_pos(u))
+            u.grid.set(*self.cue_pos(u), (Ball if cue.type == "key" else Key)(cue.color))
+
+        u._gen_grid = gen_grid  # MiniGridEnv.reset calls self._gen_grid
+
     def script(self, u, rng, wait):
         """Actions of one episode (a generator that reads the env's state): turn round to face the start room,
         walk towards the cue until it is in view, look at it for 0-2 more steps, turn round, walk east to the
@@ -196,16 +218,51 @@ class MiniGridMemory:
 
 class MiniWorldMaze:
     """MiniWorld-TMaze and YMaze: the cue is the red box, the label the arm it is in (the sign of its z: the two
-    arms lie on either side of the stem's axis). In view: MiniWorld's occlusion query (get_visible_ents)."""
+    arms lie on either side of the stem's axis, x). In view: MiniWorld's occlusion query (get_visible_ents)."""
 
     classes = ("arm z<0", "arm z>0")
-    has_script = False
+    has_script = True
+    JUNCTION_X = {"TMaze": 9.5, "YMaze": 0.0}  # where the stem meets the arms
+    LEFT, RIGHT, FORWARD = 0, 1, 2  # turn_left adds turn_step (15 degrees) to dir; dir 0 faces +x
 
     def label(self, u):
         return int(u.box.pos[2] > 0)
 
     def in_view(self, u):
         return u.box in u.get_visible_ents()
+
+    def script(self, u, rng, wait):
+        """Actions of one episode: face the junction (+x), walk to it, look left and right (90 degrees each way:
+        the box is in one arm), turn round and walk back down the stem, then turn to and fro by one step
+        facing away from the arms until the episode's time limit. Nothing depends on the label."""
+        junction_x = self.JUNCTION_X[type(u).__name__]
+
+        def heading():  # degrees in [-180, 180)
+            return (math.degrees(u.agent.dir) + 180) % 360 - 180
+
+        def face(target):
+            while abs((heading() - target + 180) % 360 - 180) > 7.5:
+                yield self.LEFT if (target - heading()) % 360 < 180 else self.RIGHT
+
+        def walk(done):
+            for _ in range(200):
+                if done():
+                    return
+                before = u.agent.pos.copy()
+                yield self.FORWARD
+                if np.allclose(before, u.agent.pos):  # a wall
+                    return
+
+        yield from face(0)
+        yield from walk(lambda: u.agent.pos[0] >= junction_x)
+        first = 90 if rng.random() < 0.5 else -90
+        yield from face(first)
+        yield from face(-first)
+        yield from face(180 if first > 0 else -180)
+        yield from walk(lambda: u.agent.pos[0] <= junction_x - 6)
+        while True:
+            yield self.LEFT
+            yield self.RIGHT
 
 
 class MortarMayhem:
@@ -221,6 +278,7 @@ class MortarMayhem:
         self.classes = tuple(Command.COMMANDS)
 
     def label(self, u):
+        self.classes = tuple(self.classes[: u.reset_params["allowed_commands"]])  # the commands this env draws
         return self.classes.index(u._commands[0])
 
     def in_view(self, u):
@@ -248,7 +306,8 @@ class Lanes:
     """What the envs showed, step by step. obs (T, N, H, W, 3) uint8; starts (T, N): the frame is the first of
     an episode; episode (T, N): the index of the frame's episode in labels, -1 for episodes still running
     when the collection stopped; since_cue (T, N): steps since the cue was last in view, -1 before it was
-    first seen in the episode. labels, lengths, cue_seen: one per complete episode."""
+    first seen in the episode. labels, lengths, cue_seen: one per complete episode. twin_obs: the frames of
+    the twin envs (--counterfactual), each episode with the other cue and the same actions."""
 
     obs: np.ndarray
     starts: np.ndarray
@@ -258,6 +317,7 @@ class Lanes:
     lengths: np.ndarray
     cue_seen: np.ndarray
     classes: tuple
+    twin_obs: np.ndarray | None = None  # the frames of the twin episodes (the other cue), where there are twins
 
 
 @dataclass
@@ -275,6 +335,11 @@ def collect(module, task, args):
     first), as the training's vector env does, so each env is a lane of back-to-back episodes."""
     n = args.num_envs
     envs = [module.make_env(args.env_id, i, False, "probe")() for i in range(n)]
+    twins = None
+    if args.counterfactual and getattr(task, "make_twin", None) is not None:
+        twins = [module.make_env(args.env_id, i, False, "probe")() for i in range(n)]
+        for twin in twins:
+            task.make_twin(twin)
     rng = np.random.default_rng(args.seed)
     scripted = args.policy == "scripted" or (args.policy == "auto" and task.has_script)
     if scripted and not task.has_script:
@@ -284,13 +349,15 @@ def collect(module, task, args):
         u = env.unwrapped
         return Episode(task.label(u), task.script(u, rng, args.wait) if scripted else None)
 
-    frames, current = [], []
+    frames, current, twin_frames = [], [], []
     for i, env in enumerate(envs):
         env.action_space.seed(args.seed * 1000 + i)
         frame, _ = env.reset(seed=args.seed * 1000 + i)
         frames.append(frame)
         current.append(begin(env))
-    obs, starts, since, owners, done = [], [], [], [], []
+        if twins:
+            twin_frames.append(twins[i].reset(seed=args.seed * 1000 + i)[0])
+    obs, starts, since, owners, done, twin_obs = [], [], [], [], [], []
     start_row = np.ones(n, bool)
     t = 0
     while len(done) < args.episodes:
@@ -301,6 +368,8 @@ def collect(module, task, args):
             if ep.last_seen is not None:
                 row[i] = ep.length - ep.last_seen
         obs.append(np.stack(frames))
+        if twins:
+            twin_obs.append(np.stack(twin_frames))
         starts.append(start_row)
         since.append(row)
         owners.append(list(current))
@@ -311,12 +380,19 @@ def collect(module, task, args):
                 action = env.action_space.sample()
             frames[i], _, terminated, truncated, _ = env.step(action)
             ep.length += 1
+            if twins:
+                twin_frames[i], _, twin_terminated, twin_truncated, _ = twins[i].step(action)
+                same = np.array_equal(env.unwrapped.agent_pos, twins[i].unwrapped.agent_pos)
+                if not same or (terminated, truncated) != (twin_terminated, twin_truncated):
+                    raise RuntimeError(f"the twin of env {i} left its trajectory at step {t}")
             if terminated or truncated:
                 ep.index = len(done)
                 done.append(ep)
                 frames[i], _ = env.reset()
                 current[i] = begin(env)
                 start_row[i] = True
+                if twins:
+                    twin_frames[i], _ = twins[i].reset()
         t += 1
     return Lanes(
         obs=np.stack(obs),
@@ -327,6 +403,7 @@ def collect(module, task, args):
         lengths=np.array([ep.length for ep in done]),
         cue_seen=np.array([ep.last_seen is not None for ep in done]),
         classes=task.classes,
+        twin_obs=np.stack(twin_obs) if twins else None,
     )
 
 
@@ -503,6 +580,27 @@ def decode(features, lanes, args):
     return results
 
 
+def influence(features, twin_features, lanes, delays):
+    """{delay: the cue's influence}: the relative change of the features between twin episodes (the same
+    episode with the other cue), ||f - f'|| / ||f||, over the steps of complete episodes at that delay: its
+    median and maximum, and the share of steps where the twins' features are identical (no trace at all)."""
+    complete = lanes.episode >= 0
+    out = {}
+    for d in delays:
+        rows = complete & (lanes.since_cue == d)
+        f, g = features[rows].astype(np.float64), twin_features[rows].astype(np.float64)
+        if not len(f):
+            out[d] = None
+            continue
+        change = np.linalg.norm(f - g, axis=-1) / np.maximum(np.linalg.norm(f, axis=-1), 1e-30)
+        out[d] = {
+            "median": float(np.median(change)),
+            "max": float(change.max()),
+            "identical": float(np.mean(np.all(f == g, axis=-1))),
+        }
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # What the encoders give the memory: distinct tokens per episode
 # ---------------------------------------------------------------------------------------------
@@ -555,8 +653,18 @@ def fmt(entry):
     return f"{entry['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def fmt_influence(entry):
+    if not entry:
+        return "n/a"
+    if entry["identical"] == 1:
+        return "0 (all)"
+    same = f" ({entry['identical']:.0%})" if entry["identical"] > 0 else ""
+    return f"{entry['median']:.1e}{same}"
+
+
 def summary_line(row):
-    return ", ".join(f"d={d} {fmt(v)}" for d, v in row["delays"].items())
+    twins = {d: f" ({fmt_influence(v.get('influence'))})" if "influence" in v else "" for d, v in row["delays"].items()}
+    return ", ".join(f"d={d} {fmt(v)}{twins[d]}" for d, v in row["delays"].items())
 
 
 def markdown(report):
@@ -577,6 +685,19 @@ def markdown(report):
     lines.append("| chance | majority class | | " + " | ".join(cells) + " |")
     samples = [str(chance[str(d)]["episodes"]) for d in delays]
     lines.append("| episodes | | | " + " | ".join(samples) + " |")
+    if any(v.get("influence") for r in report["results"] for v in r["delays"].values()):
+        lines += [
+            "",
+            "The cue's influence: the median relative change of the features between twin episodes (the same "
+            "actions, the other cue), |f - f'| / |f|; 0 (all) where the twins' features are identical at every "
+            "step, and the share of identical steps in brackets where some are:",
+            "",
+            "| script | variant | features | " + " | ".join(f"d={d}" for d in delays) + " |",
+            "|---|---|---|" + "---|" * len(delays),
+        ]
+        for row in report["results"]:
+            cells = [fmt_influence(row["delays"][str(d)].get("influence")) for d in delays]
+            lines.append(f"| {row['script']} | {row['variant']} | {row['features']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "What each encoder gives the Transformer-XL (complete episodes; HELMv2 names env 0's word only):",
@@ -596,6 +717,9 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
+INFLUENCE_FLOOR = 1e-9  # where the twins' features are identical, the influence is drawn at this level
+
+
 def figure(report, path):
     import matplotlib
 
@@ -604,31 +728,49 @@ def figure(report, path):
 
     scripts = list(dict.fromkeys(row["script"] for row in report["results"] if row["script"] != "-"))
     panels = scripts or ["-"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), sharey=True, squeeze=False)
-    for ax, script in zip(axes[0], panels):
+    twins = any(v.get("influence") for r in report["results"] for v in r["delays"].values())
+    fig, axes = plt.subplots(
+        2 if twins else 1, len(panels), figsize=(4.6 * len(panels), 7.2 if twins else 3.8), squeeze=False
+    )
+    styles = {"memory": "-", "input": "--", "observation": ":"}
+    colors = {"input": "black", "observation": "grey"}
+    for column, script in enumerate(panels):
+        ax = axes[0][column]
         rows = [r for r in report["results"] if r["script"] in (script, "-")]
         for r in rows:
             d = [int(k) for k, v in r["delays"].items() if v.get("accuracy") is not None]
             acc = [r["delays"][str(k)]["accuracy"] for k in d]
             low = [r["delays"][str(k)]["interval"][0] for k in d]
             high = [r["delays"][str(k)]["interval"][1] for k in d]
-            style = {"memory": "-", "input": "--", "observation": ":"}[r["kind"]]
-            color = {"input": "black", "observation": "grey"}.get(r["kind"])
             label = r["variant"] if r["kind"] == "memory" else r["features"]
-            (line,) = ax.plot(d, acc, style, marker="o", markersize=3, color=color, label=label, linewidth=1.3)
+            (line,) = ax.plot(
+                d, acc, styles[r["kind"]], marker="o", markersize=3, color=colors.get(r["kind"]), label=label, lw=1.3
+            )
             ax.fill_between(d, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
+            if twins:
+                d = [int(k) for k, v in r["delays"].items() if v.get("influence")]
+                change = [max(r["delays"][str(k)]["influence"]["median"], INFLUENCE_FLOOR) for k in d]
+                axes[1][column].plot(
+                    d, change, styles[r["kind"]], marker="o", markersize=3, color=line.get_color(), lw=1.3
+                )
         chance = [(int(k), v["chance"]) for k, v in rows[0]["delays"].items() if v.get("chance") is not None]
         if chance:
             ax.plot(*zip(*chance), color="red", linewidth=0.8, alpha=0.6, label="chance")
         ax.set_title(script)
-        ax.set_xlabel("steps since the cue was last in view")
+        ax.set_ylim(0.0, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
-    axes[0][0].set_ylabel("held-out decoding accuracy")
-    axes[0][0].set_ylim(0.0, 1.05)
+        ax.legend(fontsize=7, loc="lower left")
+        axes[-1][column].set_xlabel("steps since the cue was last in view")
+        if twins:
+            axes[1][column].set_yscale("log")
+            axes[1][column].set_ylim(INFLUENCE_FLOOR / 2, 10)
+            axes[1][column].grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out decoding accuracy (95% CI)")
+    if twins:
+        axes[1][0].set_ylabel(f"cue's influence: median |f - f'| / |f|\n(identical twins drawn at {INFLUENCE_FLOOR:g})")
     fig.suptitle(f"Memory probe, {report['args']['env_id']}, {report['episodes']['complete']} episodes", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 
@@ -733,11 +875,15 @@ def main(args):
 
     results, tokens, timing = [], {}, {"collect_s": collected - started}
 
-    def add(script, variant, flags, kind, features):
+    def add(script, variant, flags, kind, features, twin_features=None):
         t0 = time.time()
         names = {"memory": "memory read-out", "input": "encoder output at t", "observation": "observation at t"}
         row = {"script": script, "variant": variant, "flags": flags, "kind": kind, "features": names[kind]}
-        results.append(row | {"delays": decode(features, lanes, args)})
+        delays = decode(features, lanes, args)
+        if twin_features is not None:
+            for d, entry in influence(features, twin_features, lanes, args.delays).items():
+                delays[d]["influence"] = entry
+        results.append(row | {"delays": delays})
         timing[f"decode {script} {variant if kind == 'memory' else names[kind]}"] = time.time() - t0
         print(f"{script} {variant if kind == 'memory' else names[kind]}: {summary_line(results[-1])}", flush=True)
 
@@ -749,16 +895,25 @@ def main(args):
             readouts, inputs, step_tokens = memory_readouts(
                 module, trxl, encoder, lanes.obs, lanes.starts, settings, device
             )
+            twin_readouts, twin_inputs = [None] * len(group), None
+            if lanes.twin_obs is not None:  # a fresh build: HELMv2's encoder starts its statistics anew
+                del trxl, encoder
+                trxl, _, encoder = module.build_memory(group[0][2], device, verbose=False)
+                twin_readouts, twin_inputs, _ = memory_readouts(
+                    module, trxl, encoder, lanes.twin_obs, lanes.starts, settings, device
+                )
             timing[f"pipeline {script} {'+'.join(name for name, _, _ in group)}"] = time.time() - t0
-            for (name, flags, _), features in zip(group, readouts):
-                add(script, name, shlex.join(flags), "memory", features)
+            for (name, flags, _), features, twin in zip(group, readouts, twin_readouts):
+                add(script, name, shlex.join(flags), "memory", features, twin)
             if script not in tokens:  # the encoder is the same in every variant (unless a variant changes it)
                 tokens[script] = token_statistics(step_tokens, inputs, lanes, vocab)
                 if args.controls:
-                    add(script, "control", shlex.join(group[0][1]), "input", inputs)
-            del trxl, encoder, readouts
+                    add(script, "control", shlex.join(group[0][1]), "input", inputs, twin_inputs)
+            del trxl, encoder, readouts, twin_readouts
     if args.controls:
-        add("-", "control", "", "observation", lanes.obs.reshape(*lanes.starts.shape, -1))
+        pixels = lanes.obs.reshape(*lanes.starts.shape, -1)
+        twin_pixels = None if lanes.twin_obs is None else lanes.twin_obs.reshape(*lanes.starts.shape, -1)
+        add("-", "control", "", "observation", pixels, twin_pixels)
 
     for row in results:  # JSON keys are strings
         row["delays"] = {str(d): v for d, v in row["delays"].items()}

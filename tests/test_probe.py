@@ -80,7 +80,9 @@ def test_constant_features_give_exactly_chance():
 
 def test_scripted_policy_sees_the_cue_then_looks_away():
     """MiniGrid-Memory: every episode sees the cue, then waits out of its sight for at least --wait steps,
-    and ends at one of the two objects (terminated, not truncated at max_steps)."""
+    and ends at one of the two objects (terminated, not truncated at max_steps). The twin episodes (the
+    other cue, the same actions) show the same frames except where the cue is in view: "in view" is what
+    the observation shows."""
     args = probe.Args(env_id="MiniGrid-MemoryS7-v0", episodes=8, num_envs=2, wait=(12, 14))
     lanes = probe.collect(shelm_ppo, probe.cue_task(args.env_id), args)
     assert len(lanes.labels) >= 8 and lanes.cue_seen.all()
@@ -91,6 +93,8 @@ def test_scripted_policy_sees_the_cue_then_looks_away():
         assert since.max() >= 12
         first_seen = np.argmax(since == 0)
         assert (since[first_seen:] >= 0).all()
+    differ = np.any(lanes.obs != lanes.twin_obs, axis=(2, 3, 4))
+    assert np.array_equal(differ, lanes.since_cue == 0)
     # frames of a lane follow each other; each episode's first frame is marked
     assert lanes.starts[0].all()
     for lane in range(lanes.starts.shape[1]):
@@ -159,13 +163,17 @@ def test_ablated_memory_reports_chance_end_to_end(tmp_path):
     """The whole probe on the tiny models: --ablate-memory sits exactly at chance (the majority class of the
     training episodes) at every delay; the controls run; the figure, the table and the JSON are written."""
     argv = ["--scripts", "helm_ppo.py", "--trxl-model", "tiny-random", "--episodes", "24", "--num-envs", "4"]
-    argv += ["--wait", "6", "8", "--delays", "0", "6", "--folds", "3", "--bootstrap", "200"]
+    argv += ["--wait", "6", "8", "--delays", "0", "6", "--folds", "3", "--bootstrap", "200", "--c-grid", "1.0"]
     argv += ["--variants", "n1:--n-layer 1 --mem-len 8", "ablated:--n-layer 1 --mem-len 8 --ablate-memory"]
     argv += ["--out", str(tmp_path / "out"), "--no-cuda"]
     report = probe.main(tyro.cli(probe.Args, args=argv))
     rows = {(r["variant"], r["kind"]): r["delays"] for r in report["results"]}
     for entry in rows["ablated", "memory"].values():
         assert entry["episodes"] >= 24 and entry["accuracy"] == entry["chance"]
+        assert entry["influence"]["identical"] == 1  # zeros, whatever the cue
+    # the twins (the other cue) differ in the observation only while the cue is in view, and in the memory after
+    assert rows["control", "observation"]["6"]["influence"]["identical"] == 1
+    assert rows["n1", "memory"]["0"]["influence"]["median"] > 0
     assert rows["control", "observation"]["0"]["episodes"] >= 24  # the controls ran (too few episodes to learn)
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"probe.png", "probe.md", "probe.json"}
     table = (tmp_path / "out" / "probe.md").read_text()
@@ -220,17 +228,17 @@ def train_one_update(script, argv, cwd, monkeypatch):
     [("shelm_ppo.py", "mask"), ("helm_ppo.py", "zero"), ("helmv2_ppo.py", "mask")],
 )
 def test_readouts_equal_the_training_loops(script, memory_reset, tmp_path, monkeypatch):
-    """One update of the script's own training loop on MiniGrid-MemoryS7-v0 (episodes cut at 20 steps, so that
+    """One update of the script's own training loop on MiniGrid-MemoryS7-v0 (episodes cut at 12 steps, so that
     the rollout crosses episode ends): the probe, given the same frames and episode starts, computes the
     same read-outs, bit for bit, with the memory reset where the training loop resets it."""
     module = MODULES[script]
-    steps, n_envs = 48, 2
+    steps, n_envs = 32, 2
     argv = ["--env-id", "MiniGrid-MemoryS7-v0", "--num-envs", n_envs, "--num-steps", steps]
     argv += ["--total-timesteps", steps * n_envs, "--num-minibatches", "2", "--update-epochs", "1"]
     argv += ["--n-layer", "2", "--mem-len", "8", "--memory-reset", memory_reset, "--frozen-dtype", "float32"]
     argv += ["--no-progress-bar", "--no-cuda", *tiny_args(script, tmp_path)]
     argv = [str(a) for a in argv]
-    monkeypatch.setitem(gym.registry["MiniGrid-MemoryS7-v0"].kwargs, "max_steps", 20)
+    monkeypatch.setitem(gym.registry["MiniGrid-MemoryS7-v0"].kwargs, "max_steps", 12)
     handed, dones = train_one_update(script, argv, tmp_path, monkeypatch)
     assert len(handed) == steps
     trained = torch.stack([out for out, _ in handed]).numpy()
