@@ -132,6 +132,8 @@ class Args:
     """torch threads (0: torch's default)"""
     out: str = "runs/probe"
     """folder of probe.png, probe.md and probe.json"""
+    replot: str | None = None
+    """only write probe.png and probe.md again from this probe.json (into --out)"""
 
 
 def fail(message):
@@ -568,7 +570,9 @@ def decode(features, lanes, args):
             results[d] = entry | {"accuracy": None}
             continue
         X = features[rows].astype(np.float64)
-        pred, chance, chosen = held_out_predictions(X, y, groups, args.folds, args.c_grid, args.seed, args.inner_folds)
+        pred, chance, chosen = held_out_predictions(
+            X, y, groups, args.folds, args.c_grid, args.seed, args.inner_folds, args.standardize
+        )
         correct, chance_correct = (pred == y).astype(float), (chance == y).astype(float)
         results[d] = entry | {
             "accuracy": float(correct.mean()),
@@ -721,57 +725,62 @@ INFLUENCE_FLOOR = 1e-9  # where the twins' features are identical, the influence
 
 
 def figure(report, path):
+    """Accuracy against delay (and, with twins, the cue's influence), a column per script, a line per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from PIL import Image
 
     scripts = list(dict.fromkeys(row["script"] for row in report["results"] if row["script"] != "-"))
     panels = scripts or ["-"]
     twins = any(v.get("influence") for r in report["results"] for v in r["delays"].values())
     fig, axes = plt.subplots(
-        2 if twins else 1, len(panels), figsize=(4.6 * len(panels), 7.2 if twins else 3.8), squeeze=False
+        2 if twins else 1, len(panels), figsize=(4.4 * len(panels), 7.0 if twins else 4.0), squeeze=False
     )
     styles = {"memory": "-", "input": "--", "observation": ":"}
-    colors = {"input": "black", "observation": "grey"}
+    variants = list(dict.fromkeys(r["variant"] for r in report["results"] if r["kind"] == "memory"))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {"input": "black", "observation": "grey"} | {v: cycle[i % len(cycle)] for i, v in enumerate(variants)}
+    handles = {}
     for column, script in enumerate(panels):
         ax = axes[0][column]
         rows = [r for r in report["results"] if r["script"] in (script, "-")]
+        chance = [(int(k), v["chance"]) for k, v in rows[0]["delays"].items() if v.get("chance") is not None]
+        if chance:
+            handles["chance (majority class)"] = ax.plot(*zip(*chance), "-.", color="black", lw=0.8, alpha=0.7)[0]
         for r in rows:
+            label = r["variant"] if r["kind"] == "memory" else r["features"]
+            color = colors[r["variant"] if r["kind"] == "memory" else r["kind"]]
             d = [int(k) for k, v in r["delays"].items() if v.get("accuracy") is not None]
             acc = [r["delays"][str(k)]["accuracy"] for k in d]
             low = [r["delays"][str(k)]["interval"][0] for k in d]
             high = [r["delays"][str(k)]["interval"][1] for k in d]
-            label = r["variant"] if r["kind"] == "memory" else r["features"]
-            (line,) = ax.plot(
-                d, acc, styles[r["kind"]], marker="o", markersize=3, color=colors.get(r["kind"]), label=label, lw=1.3
-            )
-            ax.fill_between(d, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
+            handles[label] = ax.plot(d, acc, styles[r["kind"]], marker="o", ms=3, color=color, lw=1.3)[0]
+            ax.fill_between(d, low, high, color=color, alpha=0.1, linewidth=0)
             if twins:
                 d = [int(k) for k, v in r["delays"].items() if v.get("influence")]
                 change = [max(r["delays"][str(k)]["influence"]["median"], INFLUENCE_FLOOR) for k in d]
-                axes[1][column].plot(
-                    d, change, styles[r["kind"]], marker="o", markersize=3, color=line.get_color(), lw=1.3
-                )
-        chance = [(int(k), v["chance"]) for k, v in rows[0]["delays"].items() if v.get("chance") is not None]
-        if chance:
-            ax.plot(*zip(*chance), color="red", linewidth=0.8, alpha=0.6, label="chance")
+                axes[1][column].plot(d, change, styles[r["kind"]], marker="o", ms=3, color=color, lw=1.3)
         ax.set_title(script)
         ax.set_ylim(0.0, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
         axes[-1][column].set_xlabel("steps since the cue was last in view")
         if twins:
             axes[1][column].set_yscale("log")
-            axes[1][column].set_ylim(INFLUENCE_FLOOR / 2, 10)
+            axes[1][column].set_ylim(INFLUENCE_FLOOR / 3, 3)
             axes[1][column].grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out decoding accuracy (95% CI)")
     if twins:
         axes[1][0].set_ylabel(f"cue's influence: median |f - f'| / |f|\n(identical twins drawn at {INFLUENCE_FLOOR:g})")
     fig.suptitle(f"Memory probe, {report['args']['env_id']}, {report['episodes']['complete']} episodes", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.03 * (1 + len(handles) // 6), 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=72)
     plt.close(fig)
+    # a palette of 256 colours: a third of the size, the same to the eye
+    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -853,7 +862,24 @@ def build_groups(parsed):
     return list(groups.values())
 
 
+def write_report(report, out):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "probe.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "probe.md").write_text(markdown(report))
+        figure(report, out / "probe.png")
+    except OSError as e:
+        fail(f"cannot write the results to {out}: {e.strerror or e}")
+
+
 def main(args):
+    if args.replot:
+        try:
+            report = json.loads(Path(args.replot).read_text())
+        except (OSError, ValueError) as e:
+            fail(f"--replot {args.replot}: not a probe.json ({e})")
+        write_report(report, Path(args.out))
+        return report
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -937,13 +963,7 @@ def main(args):
         "tokens": tokens,
         "timing_s": timing | {"total_s": time.time() - started},
     }
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "probe.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / "probe.md").write_text(markdown(report))
-        figure(report, out / "probe.png")
-    except OSError as e:
-        fail(f"cannot write the results to {out}: {e.strerror or e}")
+    write_report(report, out)
     print(markdown(report))
     print(f"written to {out}/probe.png, probe.md, probe.json ({time.time() - started:.0f} s)")
     return report

@@ -1,6 +1,7 @@
 """benchmark/probe.py: the memory probe finds a planted cue, reports chance without a memory, and reads the
 same memory as the training loop."""
 
+import dataclasses
 import runpy
 import signal
 import sys
@@ -69,6 +70,19 @@ def test_probe_finds_a_cue_planted_in_the_readout():
         assert results[d]["accuracy"] <= 0.75, (d, results[d])
         assert results[d]["interval"][0] <= max(results[d]["chance"], 0.5) <= results[d]["interval"][1]
     assert all(results[d]["episodes"] == 60 for d in args.delays)
+
+
+def test_standardized_features_reveal_a_cue_of_small_scale():
+    """A cue carried by a feature of tiny scale among features of scale 1: under the L2 penalty of C = 1 the raw
+    features hide it (its weight would have to be huge), standardized ones do not (--no-standardize)."""
+    lanes = synthetic_lanes(episodes=40, seed=5)
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(*lanes.starts.shape, 8))
+    features[..., 0] = 1e-3 * (2 * lanes.labels[lanes.episode] - 1) + 1e-4 * rng.normal(size=lanes.starts.shape)
+    args = probe.Args(delays=(5,), bootstrap=100, c_grid=(1.0,))
+    assert probe.decode(features, lanes, args)[5]["accuracy"] >= 0.9
+    raw = probe.decode(features, lanes, dataclasses.replace(args, standardize=False))[5]
+    assert raw["accuracy"] <= 0.75 and raw["C"] == [1.0] * 5
 
 
 def test_constant_features_give_exactly_chance():
