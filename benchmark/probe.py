@@ -41,6 +41,7 @@ probe.md (the table and the encoders' token statistics) and probe.json (everythi
 """
 
 import contextlib
+import copy
 import dataclasses
 import importlib
 import io
@@ -917,14 +918,17 @@ def main(args):
         for group in build_groups(parsed):
             t0 = time.time()
             trxl, vocab, encoder = module.build_memory(group[0][2], device, verbose=False)
+            # the twins go through a copy of the frozen models as they are now, unused (HELMv2's encoder keeps
+            # statistics and every encoder a cache): as fresh as a second build, without loading the weights again
+            fresh = copy.deepcopy((trxl, encoder)) if lanes.twin_obs is not None else None
             settings = [(sargs.memory_reset, sargs.ablate_memory) for _, _, sargs in group]
             readouts, inputs, step_tokens = memory_readouts(
                 module, trxl, encoder, lanes.obs, lanes.starts, settings, device
             )
             twin_readouts, twin_inputs = [None] * len(group), None
-            if lanes.twin_obs is not None:  # a fresh build: HELMv2's encoder starts its statistics anew
+            if fresh is not None:
                 del trxl, encoder
-                trxl, _, encoder = module.build_memory(group[0][2], device, verbose=False)
+                trxl, encoder = fresh
                 twin_readouts, twin_inputs, _ = memory_readouts(
                     module, trxl, encoder, lanes.twin_obs, lanes.starts, settings, device
                 )
