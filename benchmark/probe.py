@@ -35,9 +35,13 @@ No RL, nothing trained but linear classifiers (docs/probe.md):
    step t (what the Transformer-XL is given at that step: the cue is in it only while in view), the raw
    observation at step t (pixels: what is decodable without any memory), and chance: the held-out
    accuracy of always predicting the training episodes' majority class.
+6. The cue's influence (MiniGrid-Memory, --counterfactual): a twin of every env shows the other cue and
+   takes the same actions (the trajectory is the same); the relative change of every feature between the
+   twins, at each delay, says whether the read-out keeps any trace of the cue, decodable or not.
 
-Written to --out: probe.png (accuracy against delay, one line per variant, a panel per script),
-probe.md (the table and the encoders' token statistics) and probe.json (everything, with the arguments).
+Written to --out: probe.png (accuracy and influence against delay, a line per variant, a column per
+script), probe.md (the tables and the encoders' token statistics) and probe.json (everything, with the
+arguments and the time of each phase). --replot rewrites the figure and the table from a probe.json.
 """
 
 import contextlib
@@ -47,6 +51,7 @@ import importlib
 import io
 import json
 import math
+import os
 import platform
 import re
 import shlex
@@ -125,6 +130,8 @@ class Args:
     counterfactual: bool = True
     """MiniGrid-Memory: also run twin episodes with the other cue, and measure the cue's influence on each
     read-out (its relative change between the twins), at each delay"""
+    jobs: int = 0
+    """processes that decode the delays side by side (0: one per CPU core, at most one per delay)"""
     seed: int = 1
     """seed of the envs, the policy, the folds and the bootstrap"""
     cuda: bool = True
@@ -558,30 +565,44 @@ def bootstrap_interval(correct, groups, resamples, seed):
     return float(low), float(high)
 
 
+def decode_delay(X, y, groups, args):
+    """Accuracy, interval, chance and the chosen C of one delay's rows (a process of its own with --jobs)."""
+    pred, chance, chosen = held_out_predictions(
+        X, y, groups, args.folds, args.c_grid, args.seed, args.inner_folds, args.standardize
+    )
+    correct, chance_correct = (pred == y).astype(float), (chance == y).astype(float)
+    return {
+        "accuracy": float(correct.mean()),
+        "interval": bootstrap_interval(correct, groups, args.bootstrap, args.seed),
+        "chance": float(chance_correct.mean()),
+        "chance_interval": bootstrap_interval(chance_correct, groups, args.bootstrap, args.seed),
+        "C": chosen,
+    }
+
+
 def decode(features, lanes, args):
-    """{delay: accuracy, interval, chance, ...} of the label from features (T, N, F) at each delay."""
+    """{delay: accuracy, interval, chance, ...} of the label from features (T, N, F) at each delay; the delays
+    are decoded in --jobs processes (the same numbers whatever their number)."""
     complete = lanes.episode >= 0
-    results = {}
+    results, work = {}, []
     for d in args.delays:
         rows = complete & (lanes.since_cue == d)
         groups = lanes.episode[rows]
         y = lanes.labels[groups]
-        entry = {"samples": int(rows.sum()), "episodes": len(np.unique(groups))}
+        results[d] = {"samples": int(rows.sum()), "episodes": len(np.unique(groups))}
         if len(np.unique(y)) < 2 or min_groups_per_class(y, groups) < 2:
-            results[d] = entry | {"accuracy": None}
-            continue
-        X = features[rows].astype(np.float64)
-        pred, chance, chosen = held_out_predictions(
-            X, y, groups, args.folds, args.c_grid, args.seed, args.inner_folds, args.standardize
-        )
-        correct, chance_correct = (pred == y).astype(float), (chance == y).astype(float)
-        results[d] = entry | {
-            "accuracy": float(correct.mean()),
-            "interval": bootstrap_interval(correct, groups, args.bootstrap, args.seed),
-            "chance": float(chance_correct.mean()),
-            "chance_interval": bootstrap_interval(chance_correct, groups, args.bootstrap, args.seed),
-            "C": chosen,
-        }
+            results[d]["accuracy"] = None
+        else:
+            work.append((d, (features[rows].astype(np.float64), y, groups, args)))
+    jobs = min(len(work), args.jobs or os.cpu_count() or 1)
+    if jobs > 1:
+        from joblib import Parallel, delayed
+
+        decoded = Parallel(n_jobs=jobs)(delayed(decode_delay)(*task) for _, task in work)
+    else:
+        decoded = [decode_delay(*task) for _, task in work]
+    for (d, _), entry in zip(work, decoded):
+        results[d] |= entry
     return results
 
 
@@ -825,8 +846,8 @@ def check_args(args):
         fail("--c-grid must be positive finite numbers")
     if args.bootstrap < 1:
         fail(f"--bootstrap must be >= 1, got {args.bootstrap}")
-    if args.threads < 0:
-        fail(f"--threads must be >= 0, got {args.threads}")
+    if args.threads < 0 or args.jobs < 0:
+        fail(f"--threads and --jobs must be >= 0, got {args.threads} and {args.jobs}")
     if not args.variants:
         fail("--variants: give at least one")
     try:

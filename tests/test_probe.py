@@ -60,7 +60,7 @@ def test_probe_finds_a_cue_planted_in_the_readout():
     label = lanes.labels[lanes.episode]
     planted = (lanes.since_cue >= 0) & (lanes.since_cue <= 20)
     features[..., 5] += np.where(planted, 3.0 * (2 * label - 1), 0.0)
-    args = probe.Args(delays=(0, 20, 30), bootstrap=500, c_grid=(0.01, 1.0, 100.0))
+    args = probe.Args(delays=(0, 20, 30), bootstrap=500, c_grid=(0.01, 1.0, 100.0), jobs=1)
     results = probe.decode(features, lanes, args)
     for d in (0, 20):
         assert results[d]["accuracy"] >= 0.9, (d, results[d])
@@ -79,7 +79,7 @@ def test_standardized_features_reveal_a_cue_of_small_scale():
     rng = np.random.default_rng(2)
     features = rng.normal(size=(*lanes.starts.shape, 8))
     features[..., 0] = 1e-3 * (2 * lanes.labels[lanes.episode] - 1) + 1e-4 * rng.normal(size=lanes.starts.shape)
-    args = probe.Args(delays=(5,), bootstrap=100, c_grid=(1.0,))
+    args = probe.Args(delays=(5,), bootstrap=100, c_grid=(1.0,), jobs=1)
     assert probe.decode(features, lanes, args)[5]["accuracy"] >= 0.9
     raw = probe.decode(features, lanes, dataclasses.replace(args, standardize=False))[5]
     assert raw["accuracy"] <= 0.75 and raw["C"] == [1.0] * 5
@@ -88,7 +88,7 @@ def test_standardized_features_reveal_a_cue_of_small_scale():
 def test_constant_features_give_exactly_chance():
     lanes = synthetic_lanes(episodes=40, seed=3)
     zeros = np.zeros((*lanes.starts.shape, 8), np.float32)
-    for entry in probe.decode(zeros, lanes, probe.Args(delays=(0, 5), bootstrap=100)).values():
+    for entry in probe.decode(zeros, lanes, probe.Args(delays=(0, 5), bootstrap=100, jobs=1)).values():
         assert entry["accuracy"] == entry["chance"] and entry["interval"] == entry["chance_interval"]
 
 
@@ -177,7 +177,22 @@ def test_ablated_memory_reports_chance_end_to_end(tmp_path):
     """The whole probe on the tiny models: --ablate-memory sits exactly at chance (the majority class of the
     training episodes) at every delay; the controls run; the figure, the table and the JSON are written."""
     argv = ["--scripts", "helm_ppo.py", "--trxl-model", "tiny-random", "--episodes", "24", "--num-envs", "4"]
-    argv += ["--wait", "6", "8", "--delays", "0", "6", "--folds", "3", "--bootstrap", "200", "--c-grid", "1.0"]
+    argv += [
+        "--wait",
+        "6",
+        "8",
+        "--delays",
+        "0",
+        "6",
+        "--folds",
+        "3",
+        "--bootstrap",
+        "200",
+        "--c-grid",
+        "1.0",
+        "--jobs",
+        "1",
+    ]
     argv += ["--variants", "n1:--n-layer 1 --mem-len 8", "ablated:--n-layer 1 --mem-len 8 --ablate-memory"]
     argv += ["--out", str(tmp_path / "out"), "--no-cuda"]
     report = probe.main(tyro.cli(probe.Args, args=argv))
