@@ -7,7 +7,9 @@
 #   bash benchmark/baselines.sh --cluster slurm --slurm-partition gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
-"${PYTHON:-python}" benchmark/launch.py --scripts lstm_ppo.py cnn_ppo.py --published --seeds 1 2 3 4 5 \
+# the project's Python: $PYTHON if set, else the repository's .venv (README's install), else python3
+if [ -z "${PYTHON:-}" ]; then if [ -x .venv/bin/python ]; then PYTHON="$PWD/.venv/bin/python"; else PYTHON=python3; fi; fi
+"$PYTHON" benchmark/launch.py --scripts lstm_ppo.py cnn_ppo.py --published --seeds 1 2 3 4 5 \
     --env-ids MiniGrid-DoorKey-5x5-v0 MiniGrid-DoorKey-6x6-v0 MiniGrid-Dynamic-Obstacles-5x5-v0 \
     MiniGrid-KeyCorridorS3R1-v0 MiniGrid-MemoryS11-v0 MiniGrid-RedBlueDoors-6x6-v0 MiniGrid-Unlock-v0 \
     MiniWorld-CollectHealth-v0 MiniWorld-FourRooms-v0 MiniWorld-MazeS3Fast-v0 MiniWorld-PickupObjects-v0 \

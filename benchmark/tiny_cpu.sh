@@ -8,9 +8,11 @@
 # Extra arguments go to benchmark/launch.py (both grids), e.g. bash benchmark/tiny_cpu.sh --dry-run
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the project's Python: $PYTHON if set, else the repository's .venv (README's install), else python3
+if [ -z "${PYTHON:-}" ]; then if [ -x .venv/bin/python ]; then PYTHON="$PWD/.venv/bin/python"; else PYTHON=python3; fi; fi
 common=(--tiny --scripts shelm_ppo.py helm_ppo.py helmv2_ppo.py --seeds 1 2 3 --workers 2 --threads-per-run 1
     --n-layer 2)
-"${PYTHON:-python}" benchmark/launch.py "${common[@]}" --env-ids MiniGrid-DoorKey-5x5-v0 --published \
+"$PYTHON" benchmark/launch.py "${common[@]}" --env-ids MiniGrid-DoorKey-5x5-v0 --published \
     --total-timesteps 20480 "$@"
-"${PYTHON:-python}" benchmark/launch.py "${common[@]}" --env-ids MiniGrid-MemoryS7-v0 --total-timesteps 12288 \
+"$PYTHON" benchmark/launch.py "${common[@]}" --env-ids MiniGrid-MemoryS7-v0 --total-timesteps 12288 \
     --variants "memory:--mem-len 256" "ablated:--mem-len 256 --ablate-memory" "$@"
