@@ -4,16 +4,19 @@
     python benchmark/plot.py --out docs/results/tiny_cpu --env-ids MiniGrid-DoorKey-5x5-v0 MiniGrid-MemoryS7-v0
 
 Runs are grouped by script (the baselines as lstm_ppo and cnn_ppo: benchmark/baselines/lstm_ppo.py with and
-without --lstm), env and the arguments that differ between runs of the same script and env (seed, exp_name and
-bookkeeping arguments aside); the seeds of a group make its curve: the mean and a 95%
-bootstrap confidence band over seeds, against env steps and against wall-clock time. A run's final return
+without --lstm), env and variant: runs made by benchmark/launch.py are labelled by the launcher's variant names
+(their --exp-name is {script}-{variant}-{hash}), if each variant of a script and env is one cell of the launcher;
+other runs by the arguments that differ between runs of the same script and env (seed, exp_name and bookkeeping
+arguments aside). The seeds of a group make its curve: the mean and a 95%
+bootstrap confidence band over seeds, against env steps and against wall-clock time; the baselines' curves are
+drawn (dashed) in every memory script's panel too. A run's final return
 is the mean return of its episodes in the last 10% of its steps (--final-fraction), or where none ended
 there, of its last num_envs episodes. Writes, into --out:
 
     steps__<env>.png/.svg, time__<env>.png/.svg   learning curves
     aggregate.png/.svg                            IQM of final returns across envs, stratified bootstrap (rliable)
     pruning.png/.svg                              final return and SPS against --n-layer, where n_layer differs
-    final_returns.md                              final returns: mean +- std over seeds
+    final_returns.md                              final returns: mean +- std and 95% t-interval over seeds
 
 MiniGrid and MiniWorld returns lie in [0, 1], so the aggregate uses raw returns (no normalisation).
 """
@@ -58,6 +61,9 @@ BOOKKEEPING = {
 # an argument only one of the scripts has tells which script wrote the run
 SCRIPT_BY_ARG = {"topk": "shelm_ppo", "beta": "helm_ppo", "rescale": "helmv2_ppo", "lstm": "lstm_ppo"}
 PAUSE_S = 300  # a longer gap between two logged events is a pause (an interrupted, later resumed run)
+# the run name benchmark/launch.py gives each cell (cell_name): {script}-{variant}-{hash of its flags}
+CELL_NAME = re.compile(r"(?P<script>[a-z0-9_]+)-(?P<variant>[A-Za-z0-9_]+)-[0-9a-f]{8}")
+BASELINE_SCRIPTS = ("lstm_ppo", "cnn_ppo")  # drawn in the memory scripts' panels too
 
 
 @dataclass
@@ -161,9 +167,25 @@ def load_runs(args):
     return runs
 
 
+def launcher_variant(run):
+    """The variant name of a run benchmark/launch.py made (from its --exp-name), or None."""
+    match = CELL_NAME.fullmatch(run.args.get("exp_name", ""))
+    return match["variant"] if match else None
+
+
 def group_runs(runs):
-    """{(script, env, label): [runs]}: the label names the arguments that differ between runs of one script
-    and env (the same keys for every env, so that a variant keeps its label across envs)."""
+    """{(script, env, label): [runs]}: the label is the launcher's variant name where every run is a launcher's
+    cell and each variant of a script and env is one cell (one set of flags); otherwise it names the arguments
+    that differ between runs of one script and env (the same keys for every env, so that a variant keeps its
+    label across envs)."""
+    cells = {}
+    for run in runs:
+        cells.setdefault((run.script, run.args["env_id"], launcher_variant(run)), set()).add(run.args["exp_name"])
+    if all(variant is not None and len(names) == 1 for (_, _, variant), names in cells.items()):
+        groups = {}
+        for run in runs:
+            groups.setdefault((run.script, run.args["env_id"], launcher_variant(run)), []).append(run)
+        return groups, ["variant"]
     by_cell = {}
     for run in runs:
         by_cell.setdefault((run.script, run.args["env_id"]), []).append(run)
@@ -188,6 +210,18 @@ def bootstrap_ci(samples, reps, rng):
     return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
 
 
+def t_interval(samples):
+    """95% t-interval of the mean of samples (the seeds): mean -+ t(0.975, n - 1) std / sqrt(n); NaN for one."""
+    from scipy import stats
+
+    samples = np.asarray(samples, dtype=float)
+    n = len(samples)
+    if n < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf(0.975, n - 1) * samples.std(ddof=1) / math.sqrt(n)
+    return samples.mean() - half, samples.mean() + half
+
+
 def binned(x, y, grid):
     """Mean of y over the points with x in each (grid[i-1], grid[i]]; carried forward where a bin is empty."""
     out = np.full(len(grid), np.nan)
@@ -204,22 +238,28 @@ def curve_label(script, label):
 
 
 def plot_curves(groups, env_id, axis, args, rng, out):
-    """One panel per script, one curve per label (variant) in it."""
+    """One panel per script, one curve per label (variant) in it; where there are memory scripts, the baselines
+    are drawn (dashed) in each memory script's panel instead of panels of their own."""
     in_env = {key: group for key, group in sorted(groups.items()) if key[1] == env_id}
     scripts = sorted({script for script, _, _ in in_env})
-    fig, axes = plt.subplots(1, len(scripts), figsize=(4.2 * len(scripts), 3.8), sharey=True, squeeze=False)
+    panels = [s for s in scripts if s not in BASELINE_SCRIPTS] or scripts
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True, squeeze=False)
     for (script, _, label), group in in_env.items():
-        ax = axes[0, scripts.index(script)]
         xs = [r.steps if axis == "steps" else r.times for r in group]
         end = min(x[-1] for x in xs if len(x))
         grid = np.linspace(end / args.points, end, args.points)
         ys = np.stack([binned(x, r.returns, grid) for x, r in zip(xs, group)])
         lo, hi = bootstrap_ci(ys, args.reps, rng)
         scale = 1 / 60 if axis == "time" else 1
-        # a point where every seed has finished an episode: before, the mean would be of the lucky seeds only
-        line = ax.plot(grid * scale, ys.mean(axis=0), label=f"{label or 'all'} ({len(group)} seeds)")
-        ax.fill_between(grid * scale, lo, hi, alpha=0.2, color=line[0].get_color(), linewidth=0)
-    for ax, script in zip(axes[0], scripts):
+        baseline = script in BASELINE_SCRIPTS and script not in panels
+        for ax in axes[0] if baseline else [axes[0, panels.index(script)]]:
+            # a point where every seed has finished an episode: before, the mean would be of the lucky seeds only
+            name = f"{script} {label}" if baseline else label or "all"
+            line = ax.plot(
+                grid * scale, ys.mean(axis=0), "--" if baseline else "-", label=f"{name} ({len(group)} seeds)"
+            )
+            ax.fill_between(grid * scale, lo, hi, alpha=0.2, color=line[0].get_color(), linewidth=0)
+    for ax, script in zip(axes[0], panels):
         ax.set_xlabel("env steps" if axis == "steps" else "training time (minutes)")
         ax.set_title(f"{script}, {env_id}", fontsize=9)
         ax.grid(alpha=0.3)
@@ -287,16 +327,17 @@ def plot_pruning(groups, out, rng, reps):
 
 def final_table(groups):
     lines = [
-        "| script | env | arguments that differ | final return (mean ± std) | seeds | steps |",
-        "|---|---|---|---|---|---|",
+        "| script | env | variant or arguments that differ | final return (mean ± std) | 95% CI (t) | seeds | steps |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (script, env, label), group in sorted(groups.items()):
         finals = np.array([r.final_return for r in group])
         std = finals.std(ddof=1) if len(finals) > 1 else 0.0
         steps = sorted({r.last_step for r in group})
+        lo, hi = t_interval(finals)
         lines.append(
-            f"| {script} | {env} | {label or '-'} | {finals.mean():.3f} ± {std:.3f} | {len(group)} "
-            f"| {', '.join(f'{s:,}' for s in steps)} |"
+            f"| {script} | {env} | {label or '-'} | {finals.mean():.3f} ± {std:.3f} | [{lo:.3f}, {hi:.3f}] "
+            f"| {len(group)} | {', '.join(f'{s:,}' for s in steps)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -291,7 +291,7 @@ def test_plot_writes_figures_and_the_table(launched, tmp_path):
     std = (sum((f - mean) ** 2 for f in finals) / 2) ** 0.5
     table = (out / "final_returns.md").read_text()
     (row,) = [line for line in table.splitlines() if "total_timesteps=1024" in line]
-    assert f"| {mean:.3f} ± {std:.3f} | 3 |" in row
+    assert f"| {mean:.3f} ± {std:.3f} | [" in row and "] | 3 |" in row
     (row,) = [line for line in table.splitlines() if "total_timesteps=2048" in line]
     assert "| 1 |" in row
 
