@@ -93,10 +93,18 @@ CASES = {
     "exp-name-control-character": (["--exp-name", "a\nb"], ["control characters"]),
     "env-id-escapes": (["--env-id", "../../MiniGrid-DoorKey-5x5-v0"], ["leaves runs/"]),
     "env-id-unknown-module": (["--env-id", "nosuchmodule:Foo-v0"], ["nosuchmodule:Foo-v0", "No module"]),
+    # sizes: what the run would allocate, estimated from the arguments, against this machine's memory
+    "mem-len-beyond-memory": (["--mem-len", "1000000000"], ["--mem-len 1000000000", "memories", "more than"]),
+    "observation-cache-beyond-memory": (["--observation-cache-size", str(10**15)], ["cache", "more than"]),
+    "total-timesteps-beyond-int64": (["--total-timesteps", str(2**70)], ["--total-timesteps", "2**63"]),
+    # numbers checked in the precision they are used in: float32
+    "learning-rate-zero-in-float32": (["--learning-rate", "1e-50"], ["--learning-rate", "float32", "1e-50"]),
+    "target-kl-inf-in-float32": (["--target-kl", "1e39"], ["--target-kl", "float32", "1e+39"]),
 }
 # per script: the flags of its own algorithm (the cases above test the shared code, once, through SCRIPT)
 HELM_CASES = {
     "beta-zero": (["--beta", "0"], ["--beta", "got 0"]),
+    "beta-inf-in-float32": (["--beta", "1e39"], ["--beta", "float32", "1e+39"]),
     "hopfield-chunk-negative": (["--hopfield-chunk", "-1"], ["--hopfield-chunk", "got -1"]),
 }
 HELMV2_CASES = {
