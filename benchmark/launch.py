@@ -3,12 +3,14 @@
     python benchmark/launch.py --scripts shelm_ppo.py helm_ppo.py --env-ids MiniGrid-DoorKey-5x5-v0 \
         --seeds 1 2 3 --published --workers 2 --total-timesteps 100000 --n-layer 2
     python benchmark/launch.py ... --variants memory: ablated:--ablate-memory      # a baseline beside
+    python benchmark/launch.py ... --scripts shelm_ppo.py lstm_ppo.py cnn_ppo.py      # the papers' baselines
     python benchmark/launch.py ... --cluster slurm --slurm-partition gpu --slurm-gpus-per-task 1
     python benchmark/launch.py ... --dry-run                                          # print the commands
 
-Arguments the launcher does not know go to every run (here --total-timesteps and --n-layer). With
---published each (script, env) cell starts from the original code's configuration in
-benchmark/configs.json; the common arguments, then the variant's, override it.
+Arguments the launcher does not know go to every run (here --total-timesteps and --n-layer) whose script has
+them (the baselines have no --n-layer). With --published each (script, env) cell starts from the original
+code's configuration in benchmark/configs.json; the common arguments, then the variant's, override it. A
+variant with a flag a script lacks (--ablate-memory for a baseline) has no cell of that script.
 
 Each cell has a fixed name, `--exp-name {script}-{variant}-{hash of its flags}`, so running the same grid
 again finds its runs under runs/: finished ones are skipped, interrupted ones continue with the script's
@@ -25,11 +27,12 @@ Local runs use a thread pool of --workers threads, each waiting on one run's pro
 docs/benchmarks.md says why (and why not submitit's LocalExecutor for local work).
 """
 
+import ast
 import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
-import importlib
+import importlib.util
 import io
 import itertools
 import json
@@ -51,12 +54,20 @@ sys.path.insert(0, str(ROOT))
 from helm_utils import fail  # noqa: E402 - the repository root is not on the path when run as a script
 
 CONFIGS = Path(__file__).resolve().parent / "configs.json"
-SCRIPTS = ("shelm_ppo.py", "helm_ppo.py", "helmv2_ppo.py")
+# the papers' baselines by name (docs/benchmarks.md): the file that runs each and the flags that make it that baseline
+BASELINES = {
+    "lstm_ppo.py": ("benchmark/baselines/lstm_ppo.py", []),
+    "cnn_ppo.py": ("benchmark/baselines/lstm_ppo.py", ["--no-lstm"]),  # CNN-PPO: LSTM-PPO without its LSTM
+}
+SCRIPTS = ("shelm_ppo.py", "helm_ppo.py", "helmv2_ppo.py", *BASELINES)
 # the launcher sets these flags itself: one per cell, or never inside a grid
 TINY = {
     "shelm_ppo.py": ["--trxl-model", "tiny-random", "--clip-model", "tiny-random"],
     "helm_ppo.py": ["--trxl-model", "tiny-random"],
     "helmv2_ppo.py": ["--trxl-model", "tiny-random", "--clip-model", "tiny-random"],
+    # no frozen models: their CNN as wide as the memory agents' with the tiny Transformer-XL (d_model 64)
+    "lstm_ppo.py": ["--d-model", "64"],
+    "cnn_ppo.py": ["--d-model", "64"],
 }
 RESERVED = {"--exp-name", "--seed", "--env-id", "--resume"}
 
@@ -64,7 +75,7 @@ RESERVED = {"--exp-name", "--seed", "--env-id", "--resume"}
 @dataclass
 class Args:
     scripts: tuple[str, ...] = ("shelm_ppo.py",)
-    """training scripts, among shelm_ppo.py helm_ppo.py helmv2_ppo.py"""
+    """training scripts, among shelm_ppo.py helm_ppo.py helmv2_ppo.py and the baselines lstm_ppo.py cnn_ppo.py"""
     env_ids: tuple[str, ...] = ("MiniGrid-DoorKey-5x5-v0",)
     """environment ids"""
     seeds: tuple[int, ...] = (1, 2, 3)
@@ -116,8 +127,9 @@ class Cell:
 
 
 def read_configs(path=None):
-    """benchmark/configs.json (or `path`), checked: {"configs": {env_id: {script: {"flags": {"--flag": value}}}}}, each value
-    a string, a number or true (a flag without a value; "--no-x": true turns x off), no flag the launcher sets."""
+    """benchmark/configs.json (or `path`), checked: {"configs": {env_id: {script: {"flags": {"--flag": value}}}}},
+    each value a string, a number or true (a flag without a value; "--no-x": true turns x off), no flag the launcher
+    sets. Other keys of an entry ("source", "not_flags", ...) are notes for people."""
     path = path or CONFIGS
     try:
         data = json.loads(Path(path).read_text())
@@ -150,10 +162,22 @@ def tyro_message(text):
     return " ".join(lines[1:] or lines).split(" Argument helptext:")[0][:300]
 
 
+def script_module(script, modules={}):  # noqa: B006 - a cache: each script is imported once
+    """The module of `script` (a baseline's file for its name), imported from its file, its __main__ not run."""
+    if script not in modules:
+        path = ROOT / script_file(script)
+        spec = importlib.util.spec_from_file_location(f"launched_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # tyro reads the help texts from the module's source
+        spec.loader.exec_module(module)
+        modules[script] = module
+    return modules[script]
+
+
 def check_cell_flags(cell):
     """The cell's command line as its script parses and checks it (tyro, then check_args), in this process, before
     any run starts: one line naming the cell for the first flag that would stop its run."""
-    module = importlib.import_module(Path(cell.script).stem)  # the scripts lie in the repository's root
+    module = script_module(cell.script)
     argv = ["--env-id", cell.env_id, "--seed", str(cell.seed), "--exp-name", cell.exp_name, *cell.flags]
     out = io.StringIO()
     try:
@@ -204,6 +228,18 @@ def published_flags(script, env_id, configs):
     return tokens
 
 
+def script_file(script):
+    """The file that runs `script` (a baseline's name, or the script itself), relative to the repository."""
+    return BASELINES.get(script, (script,))[0]
+
+
+def script_flags(script):
+    """The flags `script` takes, keyed as parse_flags keys them: one per field of its Args, read from its source."""
+    tree = ast.parse((ROOT / script_file(script)).read_text())
+    (args,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args"]
+    return {"--" + node.target.id.replace("_", "-") for node in args.body if isinstance(node, ast.AnnAssign)}
+
+
 def cell_name(script, env_id, variant, flags):
     """`{script}-{variant}-{hash}`: the same for the same flags, different as soon as one differs."""
     digest = hashlib.sha1(json.dumps([script, env_id, list(flags)]).encode()).hexdigest()[:8]
@@ -229,13 +265,28 @@ def make_grid(args, configs):
         for key in parse_flags(tokens):
             if key in RESERVED:
                 fail(f"{key} is set by the launcher for each run; give the grid with --env-ids/--seeds instead")
+    # a flag goes to the scripts that have it (the memory scripts' --n-layer is no flag of the baselines)
+    known = {script: script_flags(script) for script in args.scripts}
+    for tokens in [args.extra] + [flags for _, flags in variants]:
+        for key in parse_flags(tokens):
+            if not any(key in flags for flags in known.values()):
+                fail(f"{key} is not a flag of {' or '.join(args.scripts)}")
+    for script in args.scripts:
+        skipped = [key for key in parse_flags(args.extra) if key not in known[script]]
+        if skipped:
+            print(f"# {script} has no {' '.join(skipped)}: its runs go without")
     cells = []
     for script, env_id, (variant, variant_flags) in itertools.product(args.scripts, args.env_ids, variants):
+        lacking = [key for key in parse_flags(variant_flags) if key not in known[script]]
+        if lacking:
+            if env_id == args.env_ids[0]:
+                print(f"# {script} has no {' '.join(lacking)}: no variant {variant} of it")
+            continue
         base = published_flags(script, env_id, configs) if args.published else []
-        flags = parse_flags(base or [])
+        flags = parse_flags(BASELINES.get(script, (script, []))[1] + (base or []))
         if args.tiny:
             flags.update(parse_flags(TINY[script]))
-        flags.update(parse_flags(args.extra))
+        flags.update({key: values for key, values in parse_flags(args.extra).items() if key in known[script]})
         for key, values in parse_flags(variant_flags).items():
             flags.pop(key, None)
             flags[key] = values
@@ -338,7 +389,7 @@ def cell_state(runs, cell, tidy=True):
 
 
 def command(args, cell, checkpoint=None):
-    script = str(ROOT / cell.script)
+    script = str(ROOT / script_file(cell.script))
     if checkpoint is not None:  # the checkpoint holds the run's own arguments
         return [args.python, script, "--resume", str(checkpoint), "--no-progress-bar"]
     cell_flags = ["--env-id", cell.env_id, "--seed", str(cell.seed), "--exp-name", cell.exp_name]

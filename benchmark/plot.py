@@ -3,8 +3,9 @@
     python benchmark/plot.py                                   # every run under runs/, figures in runs/plots/
     python benchmark/plot.py --out docs/results/tiny_cpu --env-ids MiniGrid-DoorKey-5x5-v0 MiniGrid-MemoryS7-v0
 
-Runs are grouped by script, env and the arguments that differ between runs of the same script and env
-(seed, exp_name and bookkeeping arguments aside); the seeds of a group make its curve: the mean and a 95%
+Runs are grouped by script (the baselines as lstm_ppo and cnn_ppo: benchmark/baselines/lstm_ppo.py with and
+without --lstm), env and the arguments that differ between runs of the same script and env (seed, exp_name and
+bookkeeping arguments aside); the seeds of a group make its curve: the mean and a 95%
 bootstrap confidence band over seeds, against env steps and against wall-clock time. A run's final return
 is the mean return of its episodes in the last 10% of its steps (--final-fraction), or where none ended
 there, of its last num_envs episodes. Writes, into --out:
@@ -61,7 +62,7 @@ BOOKKEEPING = {
     "num_iterations",
 }
 # an argument only one of the scripts has tells which script wrote the run
-SCRIPT_BY_ARG = {"topk": "shelm_ppo", "beta": "helm_ppo", "rescale": "helmv2_ppo"}
+SCRIPT_BY_ARG = {"topk": "shelm_ppo", "beta": "helm_ppo", "rescale": "helmv2_ppo", "lstm": "lstm_ppo"}
 PAUSE_S = 300  # a longer gap between two logged events is a pause (an interrupted, later resumed run)
 
 
@@ -149,6 +150,11 @@ def corrupt_event_files(path):
 
 
 def load_run(path, final_fraction):
+    """The run logged in `path`, or None (read_run says why)."""
+    return read_run(path, final_fraction)[0]
+
+
+def read_run(path, final_fraction):
     """(Run, None), or (None, why the run is left out)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -169,6 +175,8 @@ def load_run(path, final_fraction):
     if not args.get("env_id"):
         return None, "its hyperparameters name no env_id"
     script = next((name for arg, name in SCRIPT_BY_ARG.items() if arg in args), "unknown")
+    if script == "lstm_ppo" and args.get("lstm") == "False":
+        script = "cnn_ppo"  # the baselines' CNN-PPO: lstm_ppo.py --no-lstm
     episodes = acc.Scalars("charts/episodic_return")
     sps = acc.Scalars("charts/SPS") if "charts/SPS" in tags["scalars"] else []
     wall = np.array([e.wall_time for e in episodes])
@@ -194,7 +202,7 @@ def load_runs(args):
             continue
         for events, n, what in corrupt_event_files(path):
             notes.append((path, f"{events}: {what} after {n} records; the events after it are missing"))
-        run, why = load_run(path, args.final_fraction)
+        run, why = read_run(path, args.final_fraction)
         if run is None:
             notes.append((path, f"left out: {why}"))
             continue
@@ -221,7 +229,8 @@ def group_runs(runs):
         varying |= {k for k in keys if len({r.args[k] for r in cell_runs}) > 1}
     groups = {}
     for run in runs:
-        label = " ".join(f"{k}={run.args.get(k)}" for k in sorted(varying))
+        # of the arguments the run has: a baseline has no ablate_memory
+        label = " ".join(f"{k}={run.args[k]}" for k in sorted(varying) if k in run.args)
         groups.setdefault((run.script, run.args["env_id"], label), []).append(run)
     return groups, sorted(varying)
 
@@ -306,7 +315,7 @@ def plot_pruning(groups, out, rng, reps):
     by_cell = {}
     for (script, env, _), group in groups.items():
         for run in group:
-            if str(run.args.get("n_layer", "")).isdigit():
+            if str(run.args.get("n_layer", "")).isdigit():  # the baselines have no Transformer-XL
                 by_cell.setdefault((script, env), {}).setdefault(int(run.args["n_layer"]), []).append(run)
     cells = {k: v for k, v in by_cell.items() if len(v) > 1}
     if not cells:

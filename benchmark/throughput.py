@@ -12,8 +12,9 @@ The first --warmup-updates updates are left out (SHELM's token cache fills there
 
 Baselines, in the same run and the same way (own process, same envs, same steps):
 - env: the 16 envs stepped with random actions, nothing else;
-- cnn-ppo: a PPO loop with the same Agent (CNN query, actor, critic) and the same PPO settings, but no
-  memory: the Transformer-XL output the agent reads is zeros.
+- cnn-ppo: the papers' memoryless CNN-PPO baseline, benchmark/baselines/lstm_ppo.py --no-lstm: the scripts'
+  CNN (as wide as the wt103 Transformer-XL, 1024), actor, critic and PPO loop, without memory; it times its
+  own loop the same way.
 
 The machine is shared and noisy: the variants are interleaved (each repeat runs every variant once, in
 a rotated order) and each is reported as the median over repeats, ratios as ratios of medians. Peak
@@ -72,20 +73,31 @@ class Args:
     report: bool = False
     """measure nothing: rewrite the docs table from throughput.json"""
     baseline: str | None = None
-    """internal: run one baseline (env or cnn-ppo) in this process and print its phase times"""
+    """internal: run the env baseline in this process and print its phase times"""
 
 
 def steps_per_update(args):
     return args.num_envs * args.num_steps
 
 
-def script_command(args, script, n_layer, data_dir):
+def loop_flags(args):
+    """What every measured training loop runs: the same envs, steps, minibatches and updates."""
     batch = steps_per_update(args)
-    cmd = [sys.executable, str(ROOT / script), "--trxl-model", "random-wt103", "--n-layer", str(n_layer)]
-    cmd += ["--env-id", args.env_id, "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps)]
+    cmd = ["--env-id", args.env_id, "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps)]
     cmd += ["--num-minibatches", str(max(1, batch // MINIBATCH)), "--no-progress-bar", "--checkpoint-every", "0"]
     cmd += ["--total-timesteps", str(batch * (args.warmup_updates + args.measured_updates))]
-    cmd += ["--cuda" if args.cuda else "--no-cuda"]
+    return cmd + ["--cuda" if args.cuda else "--no-cuda"]
+
+
+def cnn_ppo_command(args):
+    """The CNN-PPO baseline, as wide as the memory scripts' CNN with transfo-xl-wt103 (d_model 1024)."""
+    cmd = [sys.executable, str(ROOT / "benchmark" / "baselines" / "lstm_ppo.py"), "--no-lstm", "--d-model", "1024"]
+    return cmd + loop_flags(args)
+
+
+def script_command(args, script, n_layer, data_dir):
+    cmd = [sys.executable, str(ROOT / script), "--trxl-model", "random-wt103", "--n-layer", str(n_layer)]
+    cmd += loop_flags(args)
     if script in ("shelm_ppo.py", "helmv2_ppo.py"):
         cmd += ["--clip-pretrained", "random"]
     if script == "shelm_ppo.py":
@@ -130,13 +142,13 @@ def summarise(phases_per_update, cpu_per_update, args, extra=None):
     return result | (extra or {})
 
 
-def run_script(args, script, n_layer, data_dir):
+def run_script(args, cmd):
+    """A training loop's numbers, from the timers it logged (a phase it does not have is left out)."""
     with tempfile.TemporaryDirectory(prefix="throughput-") as cwd:
-        _, rss = run_process(script_command(args, script, n_layer, data_dir), cwd, args.threads)
+        _, rss = run_process(cmd, cwd, args.threads)
         (run_dir,) = (Path(cwd) / "runs").iterdir()
         perf = read_perf(run_dir)
-    n = args.warmup_updates + args.measured_updates
-    phases = {p: perf.get(f"perf/{p}_s", [0.0] * n) for p in PHASES}
+    phases = {p: perf[f"perf/{p}_s"] for p in PHASES if f"perf/{p}_s" in perf}
     extra = {"peak_rss_gb": rss}
     if "perf/cuda_max_memory_gb" in perf:
         extra["cuda_max_memory_gb"] = max(perf["perf/cuda_max_memory_gb"])
@@ -158,7 +170,7 @@ def run_baseline(args, name):
 
 
 # ---------------------------------------------------------------------------------------------
-# The baselines, run in their own process (--baseline)
+# The env baseline, run in its own process (--baseline env)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -177,81 +189,6 @@ def baseline_env(args):
             envs.step(np.asarray(envs.action_space.sample()))
         phases["env"].append(time.perf_counter() - t)
         phases["cpu"].append(time.process_time() - cpu)
-    return phases
-
-
-def baseline_cnn_ppo(args):
-    """The scripts' PPO loop (rollout, GAE, clipped update, AdamW) with their Agent and no memory."""
-    import numpy as np
-    import torch
-
-    import shelm_ppo as S
-    from helm_utils import env_suites, timing
-
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    a = S.Args(env_id=args.env_id, num_envs=args.num_envs, num_steps=args.num_steps)
-    batch = args.num_envs * args.num_steps
-    minibatch = min(MINIBATCH, batch)
-    torch.manual_seed(1)
-    envs, _ = S.make_envs(a, "throughput")
-    obs_shape = envs.single_observation_space.shape
-    d_model = 1024  # transfo-xl-wt103's: the actor and critic have the memory agents' sizes
-    agent = S.Agent(obs_shape, env_suites.action_dims(envs.single_action_space), d_model).to(device)
-    optimizer = torch.optim.AdamW(agent.parameters(), lr=a.learning_rate, eps=1e-8)
-    no_memory = torch.zeros(args.num_envs, d_model, device=device)
-    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
-    n_dims = len(agent.action_dims)
-    actions = torch.zeros(args.num_steps, args.num_envs, n_dims, dtype=torch.long, device=device)
-    logprobs = torch.zeros(args.num_steps, args.num_envs, n_dims, device=device)
-    rewards, dones, values = (torch.zeros(args.num_steps, args.num_envs, device=device) for _ in range(3))
-    next_obs = torch.from_numpy(envs.reset(seed=1)[0]).to(device)
-    next_done = torch.zeros(args.num_envs, device=device)
-    lap = timing.Laps()
-    phases = {p: [] for p in ("env", "agent", "update", "cpu")}
-    for _ in range(args.warmup_updates + args.measured_updates):
-        for step in range(args.num_steps):
-            obs[step], dones[step] = next_obs, next_done
-            with torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(no_memory, next_obs)
-            values[step], actions[step], logprobs[step] = value.flatten(), action, logprob
-            lap("agent")
-            next_obs_np, reward, term, trunc, _ = envs.step(env_suites.env_actions(action, envs.single_action_space))
-            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-            next_obs = torch.from_numpy(next_obs_np).to(device)
-            next_done = torch.as_tensor(np.logical_or(term, trunc), dtype=torch.float32, device=device)
-            lap("env")
-        with torch.no_grad():
-            next_value = agent.get_value(no_memory, next_obs).flatten()
-            advantages, lastgaelam = torch.zeros_like(rewards), 0
-            for t in reversed(range(args.num_steps)):
-                nextnonterminal = 1.0 - (next_done if t == args.num_steps - 1 else dones[t + 1])
-                nextvalues = next_value if t == args.num_steps - 1 else values[t + 1]
-                delta = rewards[t] + a.gamma * nextvalues * nextnonterminal - values[t]
-                advantages[t] = lastgaelam = delta + a.gamma * a.gae_lambda * nextnonterminal * lastgaelam
-            returns = advantages + values
-        b_obs, b_actions = obs.reshape((-1,) + obs_shape), actions.reshape(-1, n_dims)
-        b_logprobs, b_advantages, b_returns = logprobs.reshape(-1, n_dims), advantages.reshape(-1), returns.reshape(-1)
-        b_memory = torch.zeros(batch, d_model, device=device)
-        for _epoch in range(a.update_epochs):
-            b_inds = torch.randperm(batch, device=device)
-            for start in range(0, batch, minibatch):
-                mb = b_inds[start : start + minibatch]
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_memory[mb], b_obs[mb], b_actions[mb])
-                ratio = (newlogprob - b_logprobs[mb]).exp()
-                mb_adv = ((b_advantages[mb] - b_advantages[mb].mean()) / (b_advantages[mb].std() + 1e-8))[:, None]
-                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - a.clip_coef, 1 + a.clip_coef)).mean()
-                v_loss = ((newvalue.view(-1) - b_returns[mb]) ** 2).mean()
-                loss = pg_loss - a.ent_coef * entropy.mean() + v_loss * a.vf_coef
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(agent.parameters(), a.max_grad_norm)
-                optimizer.step()
-        loss.item()
-        lap("update")
-        totals, cpu = lap.pop()
-        for name, seconds in totals.items():
-            phases[name].append(seconds)
-        phases["cpu"].append(cpu)
     return phases
 
 
@@ -312,7 +249,7 @@ def write_docs(path, table):
 
 def main(args):
     if args.baseline is not None:
-        phases = baseline_env(args) if args.baseline == "env" else baseline_cnn_ppo(args)
+        phases = baseline_env(args)
         print(json.dumps(phases))
         return
     if args.report:
@@ -326,11 +263,13 @@ def main(args):
             order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
             for v in order:
                 t = time.time()
-                if v in ("env", "cnn-ppo"):
+                if v == "env":
                     r = run_baseline(args, v)
+                elif v == "cnn-ppo":
+                    r = run_script(args, cnn_ppo_command(args))
                 else:
                     script, n_layer = v.split(" --n-layer ")
-                    r = run_script(args, script, int(n_layer), data_dir)
+                    r = run_script(args, script_command(args, script, int(n_layer), data_dir))
                 runs[v].append(r)
                 print(f"repeat {repeat} {v}: {r['sps']:.1f} SPS ({time.time() - t:.0f} s, load {load_average()})")
     median = {}

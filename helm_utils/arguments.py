@@ -80,6 +80,8 @@ def check_ppo_args(args):
     if "/" in args.exp_name:
         fail(f"--exp-name {args.exp_name!r} must be a plain name, without '/'")
     validate_run_name(new_run_name(args), "the run name of --env-id and --exp-name")
+    if not hasattr(args, "mem_len"):  # the memory scripts' check_memory_args checks the sizes with their memory
+        check_fits(args)
 
 
 def check_memory_args(args):
@@ -105,30 +107,41 @@ MIN_OBS_BYTES = 8 * 8 * 3  # the smallest observation the agents take (env_suite
 def trxl_config(args):
     """The Transformer-XL's config when it is known without reading a file, else the wt103 model's (the one
     these scripts are made for; a local model of other sizes is bounded by frozen_models.MAX_TRXL_PARAMETERS)."""
-    return frozen_models.TINY_TRXL_CONFIG if args.trxl_model == frozen_models.TINY else frozen_models.WT103_CONFIG
+    tiny = getattr(args, "trxl_model", None) == frozen_models.TINY
+    return frozen_models.TINY_TRXL_CONFIG if tiny else frozen_models.WT103_CONFIG
 
 
 def estimate(args):
-    """[(bytes, what, flags)] of the largest things a run allocates, as lower bounds from its arguments: the
-    Transformer-XL's memories (keys and values of each layer's last --mem-len steps, in bfloat16 at least, twice
-    while a step writes them), one layer's attention scores, the rollout buffers, the observation cache when full
-    and the environments. The real run needs more (models, activations); what is counted here cannot be less."""
+    """[(bytes, what, flags)] of the largest things a run allocates, as lower bounds from its arguments: the rollout
+    buffers, the environments, the agent's widest layers (trained: with gradients and AdamW's two moments), and for
+    the memory scripts the Transformer-XL's memories (keys and values of each layer's last --mem-len steps, in
+    bfloat16 at least, twice while a step writes them), one layer's attention scores and the observation cache when
+    full. The real run needs more (models, activations); what is counted here cannot be less. Arguments a script
+    lacks (the baselines have no Transformer-XL, the memory scripts no --d-model) count nothing."""
     config = trxl_config(args)
-    tokens = getattr(args, "topk", 1)  # tokens per step: SHELM's retrieved words, one for HELM and HELMv2
-    mem_width = 2 * config["n_head"] * config["d_head"]
-    d_model = config["d_model"]
-    memories = 2 * args.n_layer * args.mem_len * args.num_envs * mem_width * 2
-    attention = 3 * tokens * (args.mem_len + tokens) * args.num_envs * config["n_head"] * 4
-    buffers = args.num_steps * args.num_envs * (MIN_OBS_BYTES + 4 * d_model + 8 * 5)
-    cache = args.observation_cache_size * (CACHE_ENTRY_BYTES + 4 * tokens)
-    envs = args.num_envs * ENV_BYTES
-    return [
-        (memories, "the Transformer-XL memories", ["mem_len", "num_envs", "n_layer"]),
-        (attention, "the attention scores of a step", ["mem_len", "num_envs"]),
-        (buffers, "the rollout buffers", ["num_steps", "num_envs"]),
-        (cache, "the observation cache when full", ["observation_cache_size"]),
-        (envs, "the environments", ["num_envs"]),
+    width = getattr(args, "d_model", config["d_model"])  # the CNN's output: the Transformer-XL's width, or a flag
+    hidden = getattr(args, "lstm_hidden_size", 0) if getattr(args, "lstm", False) else 0
+    parts = [
+        (
+            args.num_steps * args.num_envs * (MIN_OBS_BYTES + 4 * width + 8 * 5),
+            "the rollout buffers",
+            ["num_steps", "num_envs"],
+        ),
+        (args.num_envs * ENV_BYTES, "the environments", ["num_envs"]),
+        (4 * 4 * (128 * width + 4 * hidden * (width + hidden)), "the agent's weights", ["d_model", "lstm_hidden_size"]),
     ]
+    if hasattr(args, "mem_len"):
+        tokens = getattr(args, "topk", 1)  # tokens per step: SHELM's retrieved words, one for HELM and HELMv2
+        mem_width = 2 * config["n_head"] * config["d_head"]
+        memories = 2 * args.n_layer * args.mem_len * args.num_envs * mem_width * 2
+        attention = 3 * tokens * (args.mem_len + tokens) * args.num_envs * config["n_head"] * 4
+        cache = args.observation_cache_size * (CACHE_ENTRY_BYTES + 4 * tokens)
+        parts += [
+            (memories, "the Transformer-XL memories", ["mem_len", "num_envs", "n_layer"]),
+            (attention, "the attention scores of a step", ["mem_len", "num_envs"]),
+            (cache, "the observation cache when full", ["observation_cache_size"]),
+        ]
+    return parts
 
 
 def memory_limit():
@@ -164,7 +177,7 @@ def check_fits(args):
         total = sum(nbytes for nbytes, _, _ in counted)
         if total > limit:
             nbytes, what, names = max(counted, key=lambda p: p[0])
-            given = ", ".join(f"{flag(name)} {getattr(args, name)}" for name in names)
+            given = ", ".join(f"{flag(name)} {getattr(args, name)}" for name in names if hasattr(args, name))
             fail(
                 f"{given}: {what} alone take at least {size(nbytes)}, the run at least {size(total)}, more than "
                 f"the {size(limit)} of {where} here; choose smaller values"

@@ -6,6 +6,7 @@ by raising SystemExit("error: ..."), which the interpreter prints as the last st
 status 1. Subprocesses, which cost an import of torch and open_clip each, are kept for what only a
 real process shows: that it does end that way, and the offline hub lookup."""
 
+import importlib
 import json
 import os
 import pickle
@@ -380,6 +381,23 @@ def test_total_timesteps_rounded_down_with_a_line(tmp_path, monkeypatch, capsys)
     proc = run_in_process("shelm_ppo.py", args, tmp_path, monkeypatch, capsys)
     assert "--total-timesteps 130 is not a multiple of the batch size 64: 2 updates, 128 steps" in proc.stdout
     assert_clean_failure(proc, tmp_path, [], "CartPole-v1")
+
+
+def test_the_default_step_count_is_not_warned_about(monkeypatch, capsys):
+    # the papers' 2,000,000 steps are no multiple of the default batch (16 x 128): the default run does
+    # 976 updates without a word about it (README says so); --total-timesteps of one's own gets the line above
+    from helm_utils import runs
+
+    module = importlib.import_module("helm_ppo")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["helm_ppo.py"])
+    try:
+        args, ckpt = runs.parse(module)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert (args.total_timesteps, args.batch_size, args.num_iterations, ckpt) == (2_000_000, 2048, 976, None)
+    assert capsys.readouterr().out == ""
 
 
 def test_runs_is_a_file(tmp_path, monkeypatch, capsys):

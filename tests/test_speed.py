@@ -238,16 +238,30 @@ def test_throughput_benchmark_reads_the_scripts_timers(tmp_path):
     assert perf["perf/update_sps"] == pytest.approx([64 / t for t in per_update], rel=1e-4)
 
 
-def test_cnn_ppo_baseline_runs_the_scripts_agent(tmp_path):
+def test_cnn_ppo_baseline_is_the_baseline_script():
+    """throughput.py's cnn-ppo runs the CNN-PPO baseline, benchmark/baselines/lstm_ppo.py --no-lstm, with the
+    memory scripts' loop flags; it logs the same perf/* timers (tests/test_baselines.py)."""
     import sys
 
+    import tyro
+
     sys.path.insert(0, str(ROOT / "benchmark"))
+    sys.path.insert(0, str(ROOT / "benchmark" / "baselines"))
+    import lstm_ppo
     import throughput
 
     args = throughput.Args(env_id="MiniGrid-DoorKey-5x5-v0", num_envs=2, num_steps=4, warmup_updates=1)
-    args.measured_updates = 1
-    phases = throughput.baseline_cnn_ppo(args)
-    assert set(phases) == {"env", "agent", "update", "cpu"}
-    assert all(len(v) == 2 and min(v) > 0 for v in phases.values())
-    result = throughput.summarise({k: v for k, v in phases.items() if k != "cpu"}, phases["cpu"], args)
-    assert result["sps"] == pytest.approx(8 / sum(phases[k][1] for k in ("env", "agent", "update")))
+    cmd = throughput.cnn_ppo_command(args)
+    assert cmd[1] == str(ROOT / "benchmark" / "baselines" / "lstm_ppo.py")
+    loop = throughput.loop_flags(args)
+    assert cmd[-len(loop) :] == loop == throughput.script_command(args, "helm_ppo.py", 2, "data")[-len(loop) :]
+    parsed = tyro.cli(lstm_ppo.Args, args=cmd[2:])
+    lstm_ppo.check_args(parsed)
+    assert (parsed.lstm, parsed.d_model, parsed.env_id, parsed.num_envs, parsed.num_steps) == (
+        False,
+        1024,
+        "MiniGrid-DoorKey-5x5-v0",
+        2,
+        4,
+    )
+    assert parsed.total_timesteps == 2 * 4 * (args.warmup_updates + args.measured_updates)
