@@ -115,6 +115,8 @@ class Run:
         self.name = self.dir.relative_to(RUNS).as_posix()
         if not self.new and not_in_place(self.dir, args.resume, ckpt, self.script.OUTPUT_DIRS):
             fail(f"{self.dir / 'checkpoint.pt'} was written by another process meanwhile; resume it instead")
+        if ckpt and not self.new and args.capture_video:
+            keep_earlier_videos(Path("videos") / self.name, global_step)
         self.writer, self.videos, wandb_id = open_logs(args, self.dir, self.name, wandb_id, global_step, resumed=ckpt)
         meta = {"algorithm": self.script.ALGORITHM, "env_id": args.env_id, "versions": versions()}
         self.info = {
@@ -408,6 +410,26 @@ class VideoLog:
             if self.logged.get(path) != mtime:
                 wandb.log({"videos": wandb.Video(str(path), format="mp4")})
         self.logged = on_disk
+
+
+def keep_earlier_videos(video_dir, global_step):
+    """A resumed run's video recorder numbers its episodes from 0 again, in the same folder: the videos of the
+    earlier processes go to a folder of their own first (videos/<run>/before-step-<S>/), where nothing replaces them."""
+    earlier = sorted(p for p in video_dir.glob("*.mp4") if p.is_file()) if not video_dir.is_symlink() else []
+    if not earlier:
+        return
+    for n in itertools.count(1):
+        kept = video_dir / (f"before-step-{global_step}" + (f"-{n}" if n > 1 else ""))
+        try:
+            kept.mkdir()
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            fail(f"cannot keep the earlier videos of {video_dir}: {e.strerror or e}")
+    for path in earlier:
+        os.rename(path, kept / path.name)
+    print(f"the videos of the run before step {global_step} are kept in {kept}")
 
 
 def versions():

@@ -981,3 +981,17 @@ def test_a_checkpoint_of_another_run_does_not_continue_in_place(script, referenc
         (tmp_path / "runs" / reference.name / name).unlink(missing_ok=True)
     assert run_of(own, tmp_path / "copy.pt").new
     assert not (tmp_path / "runs" / own["run_name"] / "checkpoint.pt").exists()
+
+
+def test_a_resumed_run_keeps_its_earlier_videos(tmp_path, monkeypatch, capsys):
+    """gymnasium's RecordVideo numbers a resumed run's episodes from 0 again, in the run's video folder: the videos
+    of the earlier processes move to a folder of their own first, so that none is replaced."""
+    monkeypatch.chdir(tmp_path)
+    video_dir = Path("videos") / "env__exp__1__100"
+    video_dir.mkdir(parents=True)
+    (video_dir / "rl-video-episode-0.mp4").write_bytes(b"first process")
+    (video_dir / "before-step-64").mkdir()  # resumed at this step before
+    runs.keep_earlier_videos(video_dir, 64)
+    assert (video_dir / "before-step-64-2" / "rl-video-episode-0.mp4").read_bytes() == b"first process"
+    assert not list(video_dir.glob("*.mp4"))
+    assert f"kept in {video_dir / 'before-step-64-2'}" in capsys.readouterr().out
