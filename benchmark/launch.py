@@ -408,9 +408,12 @@ def cell_lock(runs, cell, create=True):
     """runs/.launch/locks/<cell>.lock, held by the launch that has the cell queued or running: None if another
     holds it ("missing" without create, if no launch ever made it)."""
     path = runs / ".launch" / "locks" / f"{cell_id(cell)}.lock"
-    if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return try_lock(path, create)
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return try_lock(path, create)
+    except OSError as e:  # a file where the folder belongs, a link at the lock's name, a read-only file system
+        fail(f"cannot lock {path}: {e.strerror or e}")
 
 
 def open_log(log):
