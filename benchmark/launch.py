@@ -133,7 +133,7 @@ def read_configs(path=None):
     path = path or CONFIGS
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         fail(f"{path} is not a readable JSON file ({' '.join(str(e).split())[:200]})")
     configs = data.get("configs") if isinstance(data, dict) else None
     if not isinstance(configs, dict):

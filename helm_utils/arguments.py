@@ -77,6 +77,8 @@ def check_ppo_args(args):
             f"--num-minibatches {args.num_minibatches} cuts the batch of {batch} into minibatches of as few as 1 "
             f"sample, whose advantages cannot be normalized: choose one that leaves >= 2 per minibatch"
         )
+    if not args.env_id:
+        fail("--env-id must name an environment, got ''")
     if "/" in args.exp_name:
         fail(f"--exp-name {args.exp_name!r} must be a plain name, without '/'")
     validate_run_name(new_run_name(args), "the run name of --env-id and --exp-name")
