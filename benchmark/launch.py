@@ -390,8 +390,9 @@ def cell_state(runs, cell, tidy=True):
 
 def command(args, cell, checkpoint=None):
     script = str(ROOT / script_file(cell.script))
-    if checkpoint is not None:  # the checkpoint holds the run's own arguments
-        return [args.python, script, "--resume", str(checkpoint), "--no-progress-bar"]
+    if checkpoint is not None:  # the checkpoint holds the run's own arguments; the env id is repeated, as the
+        # command line's own: one that names a module to import (module:Env-v0) is honoured only from there
+        return [args.python, script, "--resume", str(checkpoint), "--env-id", cell.env_id, "--no-progress-bar"]
     cell_flags = ["--env-id", cell.env_id, "--seed", str(cell.seed), "--exp-name", cell.exp_name]
     return [args.python, script, *cell_flags, *cell.flags]
 

@@ -51,6 +51,8 @@ def load(path, script=None, num_envs=None, cuda=True, frames=False, from_hub=Fal
     script = script or script_of(ckpt, path)
     ckpt = checkpoints.check(ckpt, path, script, env_id)
     args = script.Args(**ckpt["args"])
+    if env_id is not None and env_id != args.env_id:
+        fail(f"--env-id {env_id} is not the env id of {path} ({args.env_id}): an agent plays the env it was trained on")
     args.num_envs = num_envs or (2 if getattr(args, "rescale", None) == "batch" else 1)
     args.capture_video, args.cuda = False, cuda
     if from_hub and hasattr(args, "embeddings_dir"):
