@@ -418,17 +418,18 @@ def keep_earlier_videos(video_dir, global_step):
     earlier = sorted(p for p in video_dir.glob("*.mp4") if p.is_file()) if not video_dir.is_symlink() else []
     if not earlier:
         return
-    for n in itertools.count(1):
-        kept = video_dir / (f"before-step-{global_step}" + (f"-{n}" if n > 1 else ""))
-        try:
-            kept.mkdir()
-            break
-        except FileExistsError:
-            continue
-        except OSError as e:
-            fail(f"cannot keep the earlier videos of {video_dir}: {e.strerror or e}")
-    for path in earlier:
-        os.rename(path, kept / path.name)
+    try:
+        for n in itertools.count(1):
+            kept = video_dir / (f"before-step-{global_step}" + (f"-{n}" if n > 1 else ""))
+            try:
+                kept.mkdir()
+                break
+            except FileExistsError:
+                continue
+        for path in earlier:
+            os.rename(path, kept / path.name)
+    except OSError as e:
+        fail(f"cannot keep the earlier videos of {video_dir} apart: {e.strerror or e}")
     print(f"the videos of the run before step {global_step} are kept in {kept}")
 
 
