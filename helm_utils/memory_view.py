@@ -100,6 +100,19 @@ class Picture:
         return out + [current]
 
 
+def check_video(name, frames):
+    """OSError unless the mp4 `name` holds `frames` frames: ffmpeg cut short (a full disk, a file size limit) exits
+    without an error that moviepy reports, leaving a truncated file."""
+    import imageio_ffmpeg
+
+    try:
+        found, _ = imageio_ffmpeg.count_frames_and_secs(name)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise OSError(f"ffmpeg wrote an unreadable video ({' '.join(str(e).split())[:120]})") from None
+    if found != frames:
+        raise OSError(f"ffmpeg wrote {found} of {frames} frames")
+
+
 class Video(Output):
     """One mp4 per episode of env 0: each frame with its memory strip (moviepy, as gymnasium's RecordVideo),
     written by files.write_new: atomically, through no link, never over an existing file (an existing
@@ -118,12 +131,13 @@ class Video(Output):
         if self.frames:
             from moviepy import ImageSequenceClip
 
-            clip = ImageSequenceClip(self.frames, fps=self.fps)
-            path = files.write_new(
-                self.out_dir / f"episode-{episode:03d}.mp4",
-                lambda name: clip.write_videofile(name, logger=None, audio=False),
-                by_name=True,
-            )
+            clip, frames = ImageSequenceClip(self.frames, fps=self.fps), len(self.frames)
+
+            def write(name):
+                clip.write_videofile(name, logger=None, audio=False)
+                check_video(name, frames)
+
+            path = files.write_new(self.out_dir / f"episode-{episode:03d}.mp4", write, by_name=True)
             self.written.append(path)
             print(f"video: {path}")
         self.frames = []

@@ -90,6 +90,13 @@ class Run:
             name = new_run_name(args)
             print(f"{why}: going on in a new run, {RUNS / name}, so that nothing of {ckpt['run_name']} is overwritten")
         self.name = name
+        if args.capture_video:  # gymnasium's recorder makes videos/<name> when the envs are built: checked before
+            video_dir = Path("videos") / name
+            blocked = next(
+                (p for p in [*reversed(video_dir.parents[:-1]), video_dir] if p.exists() and not p.is_dir()), None
+            )
+            if blocked is not None:
+                fail(f"--capture-video writes into {video_dir}, but {blocked} is a file")
         # a checkpoint from elsewhere cannot choose where files are written (SHELM's embeddings_dir)
         self.may_write_output_dirs = not ckpt or checkpoints.may_write_output_dirs(
             args, ckpt["args"], script.OUTPUT_DIRS
@@ -113,7 +120,9 @@ class Run:
         self.stop = StopRequest()  # from here on a signal is saved for: the run directory is about to exist
         self.dir, self.lock = claim_run_dir(self.name, self.new)
         self.name = self.dir.relative_to(RUNS).as_posix()
-        if not self.new and not_in_place(self.dir, args.resume, ckpt, self.script.OUTPUT_DIRS):
+        # another process may have written the run's checkpoints between __init__ and the claim
+        written = any((self.dir / name).exists() for name in CHECKPOINT_FILES)
+        if not self.new and written and not_in_place(self.dir, args.resume, ckpt, self.script.OUTPUT_DIRS):
             fail(f"{self.dir / 'checkpoint.pt'} was written by another process meanwhile; resume it instead")
         if ckpt and not self.new and args.capture_video:
             keep_earlier_videos(Path("videos") / self.name, global_step)

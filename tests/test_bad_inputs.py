@@ -407,3 +407,14 @@ def test_runs_is_a_file(tmp_path, monkeypatch, capsys):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert error_line(proc).startswith("error: cannot create the run directory runs/MiniGrid-DoorKey-5x5-v0__")
     assert (tmp_path / "runs").read_text() == "not a directory"
+
+
+def test_videos_is_a_file(tmp_path, monkeypatch, capsys):
+    # --capture-video: gymnasium's recorder would make videos/<run> inside the envs (a traceback): checked first
+    (tmp_path / "videos").write_text("not a directory")
+    args = [*base_args(SCRIPT, tmp_path), "--capture-video"]
+    proc = run_in_process(SCRIPT, args, tmp_path, monkeypatch, capsys)
+    assert_clean_failure(
+        proc, tmp_path, sorted(os.listdir(tmp_path)), "--capture-video writes into videos/", "is a file"
+    )
+    assert (tmp_path / "videos").read_text() == "not a directory"

@@ -554,3 +554,21 @@ def test_output_folder_problems_are_one_line(tmp_path, monkeypatch):
         == f"error: could not write {tmp_path / 'out' / 'trace.csv'}: No space left on device; nothing was written"
     )
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_video_cut_short_is_one_line(tmp_path, monkeypatch):
+    """ffmpeg stopped by a full disk or a file size limit exits without an error that moviepy reports: the video is
+    counted after it is written, and a short one is one line, nothing left in the folder."""
+    from moviepy import ImageSequenceClip
+
+    def cut_short(self, name, **kwargs):
+        Path(name).write_bytes(b"\x00\x00\x00 ftypisom" + bytes(100))  # what a killed ffmpeg leaves
+
+    monkeypatch.setattr(ImageSequenceClip, "write_videofile", cut_short)
+    video = evaluation.Video(tmp_path / "out", lambda record: record.frame, fps=4)
+    for t in range(2):
+        video.step(a_step(t))
+    with pytest.raises(SystemExit) as stop:
+        video.end_episode(1)
+    assert stop.value.code.startswith(f"error: could not write {tmp_path / 'out' / 'episode-001.mp4'}: ffmpeg wrote")
+    assert list((tmp_path / "out").iterdir()) == []

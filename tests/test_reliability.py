@@ -995,3 +995,18 @@ def test_a_resumed_run_keeps_its_earlier_videos(tmp_path, monkeypatch, capsys):
     assert (video_dir / "before-step-64-2" / "rl-video-episode-0.mp4").read_bytes() == b"first process"
     assert not list(video_dir.glob("*.mp4"))
     assert f"kept in {video_dir / 'before-step-64-2'}" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_elsewhere_continues_under_its_name(script, reference, tmp_path, monkeypatch):
+    """A checkpoint whose run directory does not exist here goes on in runs/<its run_name>, created for it."""
+    shutil.copy(reference / "checkpoint.pt", tmp_path / "downloaded.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), "--resume", "downloaded.pt", "--no-progress-bar"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            runpy.run_path(str(ROOT / script), run_name="__main__")  # a finished run: saved again, exit 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert load(tmp_path / "runs" / reference.name / "checkpoint.pt")["run_name"] == reference.name
