@@ -83,6 +83,8 @@ class Args:
     # [end algorithm-specific]
     num_envs: int = 16
     """the number of parallel game environments"""
+    async_envs: bool = False
+    """step the envs in worker processes (gymnasium's AsyncVectorEnv): the same run, faster where cores are many"""
     num_steps: int = 128
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = False
@@ -187,8 +189,10 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
 
 def make_envs(args, run_name):
     """Vector env that resets a finished episode within the same step, so the observation after a
-    done is already the new episode's first one: no transition across a reset enters the buffer."""
-    envs = gym.vector.SyncVectorEnv(
+    done is already the new episode's first one: no transition across a reset enters the buffer.
+    With --async-envs each env steps in a process of its own (docs/benchmarks.md: the GPU's bound)."""
+    vector_env = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
+    envs = vector_env(
         [make_env(args.env_id, i, args.capture_video, run_name) for i in range(args.num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )

@@ -2,6 +2,7 @@
 
     python benchmark/throughput.py --label after            # all scripts, --n-layer 2 and 18, CPU
     python benchmark/throughput.py --scripts shelm_ppo.py --n-layers 2 --repeats 1
+    python benchmark/throughput.py --cuda --repeats 1 --out gpu.json --docs ""   # on a GPU, docs untouched
 
 What runs: the scripts themselves, each in its own process, with the real-size architectures and random
 weights built offline (`--trxl-model random-wt103`: transfo-xl-wt103's shapes; `--clip-pretrained
@@ -65,11 +66,16 @@ class Args:
     threads: int = 1
     """torch threads per run (OMP_NUM_THREADS): 1 keeps runs comparable on a shared machine"""
     cuda: bool = False
-    """run on the GPU"""
+    """run on the GPU (the scripts report their peak CUDA memory, cuda_max_memory_gb; without it they ran on the CPU)"""
+    tiny: bool = False
+    """the tiny random models instead of the real-size ones: a dry run of the machinery that measures nothing"""
     extra: str = ""
     """further arguments for every script, e.g. "--frozen-dtype float32" """
+    async_envs: bool = False
+    """every training loop steps its envs in worker processes (--async-envs): for machines with many cores"""
     out: str = str(ROOT / "docs" / "results" / "throughput.json")
     docs: str = str(ROOT / "docs" / "benchmarks.md")
+    """markdown file whose throughput section gets the table ("": print the table only)"""
     report: bool = False
     """measure nothing: rewrite the docs table from throughput.json"""
     baseline: str | None = None
@@ -86,7 +92,7 @@ def loop_flags(args):
     cmd = ["--env-id", args.env_id, "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps)]
     cmd += ["--num-minibatches", str(max(1, batch // MINIBATCH)), "--no-progress-bar", "--checkpoint-every", "0"]
     cmd += ["--total-timesteps", str(batch * (args.warmup_updates + args.measured_updates))]
-    return cmd + ["--cuda" if args.cuda else "--no-cuda"]
+    return cmd + ["--cuda" if args.cuda else "--no-cuda"] + (["--async-envs"] if args.async_envs else [])
 
 
 def cnn_ppo_command(args):
@@ -96,10 +102,11 @@ def cnn_ppo_command(args):
 
 
 def script_command(args, script, n_layer, data_dir):
-    cmd = [sys.executable, str(ROOT / script), "--trxl-model", "random-wt103", "--n-layer", str(n_layer)]
+    trxl = "tiny-random" if args.tiny else "random-wt103"
+    cmd = [sys.executable, str(ROOT / script), "--trxl-model", trxl, "--n-layer", str(n_layer)]
     cmd += loop_flags(args)
     if script in ("shelm_ppo.py", "helmv2_ppo.py"):
-        cmd += ["--clip-pretrained", "random"]
+        cmd += ["--clip-model", "tiny-random"] if args.tiny else ["--clip-pretrained", "random"]
     if script == "shelm_ppo.py":
         cmd += ["--embeddings-dir", str(data_dir)]
     return cmd + args.extra.split()
@@ -237,6 +244,9 @@ def markdown(results):
 
 
 def write_docs(path, table):
+    if not path:
+        print(table)
+        return
     path = Path(path)
     text = path.read_text() if path.is_file() else ""
     if DOCS_BEGIN in text and DOCS_END in text:
@@ -304,7 +314,8 @@ def main(args):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)
-    print(table)
+    if args.docs:
+        print(table)
     write_docs(args.docs, table)
 
 

@@ -15,7 +15,16 @@ from helm_utils import fail, frozen_models
 from helm_utils.files import validate_run_name
 
 # What --resume takes from the command line when given there; every other argument comes from the checkpoint.
-RESUME_OVERRIDES = ("cuda", "track", "progress_bar", "checkpoint_every", "upload_model", "hf_entity", "eval_episodes")
+RESUME_OVERRIDES = (
+    "cuda",
+    "async_envs",
+    "track",
+    "progress_bar",
+    "checkpoint_every",
+    "upload_model",
+    "hf_entity",
+    "eval_episodes",
+)
 # Arguments a run computes from the others (filled in by runs.parse): never compared, never given.
 COMPUTED = ("batch_size", "minibatch_size", "num_iterations")
 FLOAT32_MAX = torch.finfo(torch.float32).max  # the numbers below become float32 tensors or scale them

@@ -263,6 +263,7 @@ class Run:
 
             wandb.finish()  # the last tensorboard events synced before the process ends
         ignore_signals()
+        os.close(self.lock)  # the run is saved for good: its directory is free for the next process (--resume)
 
     # ---- checkpoints --------------------------------------------------------------------------------
 

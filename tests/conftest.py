@@ -116,3 +116,41 @@ def shelm_run(tmp_path_factory):
     runs = list((cwd / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith(f"{SHELM_RUN_ENV}__shelm_ppo__1__")
     return runs[0]
+
+
+# The device of the tests that take the `device` fixture: each runs on the CPU and, marked `cuda`, on the GPU.
+# HELM_TEST_DEVICE decides what the `cuda` cases do: unset, they run where there is a GPU and are skipped
+# elsewhere; "cuda", they must have one (fail without: benchmark/gpu_check.sh on the GPU machine); "cpu",
+# they run on the CPU (gpu_check.sh --cpu-dry-run: the same selection, `-m cuda`, the same code, here).
+CUDA_TEST_DEVICES = ("", "cuda", "cpu")
+
+
+def cuda_test_device():
+    value = os.environ.get("HELM_TEST_DEVICE", "")
+    if value not in CUDA_TEST_DEVICES:
+        raise pytest.UsageError(f"HELM_TEST_DEVICE must be cuda, cpu or unset, got {value!r}")
+    return value
+
+
+def pytest_configure(config):
+    cuda_test_device()  # a wrong value stops the run at once
+
+
+def device_of_case(case):
+    """The device a test case of the `device` fixture runs on, or a skip (or a failure) where it cannot run."""
+    if case == "cpu":
+        return "cpu"
+    forced = cuda_test_device()
+    if forced == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        if forced == "cuda":
+            pytest.fail("HELM_TEST_DEVICE=cuda but torch.cuda.is_available() is False")
+        pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
+    return "cuda"
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """The device name: cpu, or for the `cuda` case cuda (cpu in a dry run, HELM_TEST_DEVICE=cpu)."""
+    return device_of_case(request.param)

@@ -5,6 +5,7 @@ scripts' query encoder; runs resume exactly and train; the launcher and plot.py 
 published configurations parse. The runs are made in this process (runpy: no interpreter start), each a few
 updates of a small agent."""
 
+import contextlib
 import json
 import os
 import random
@@ -227,8 +228,10 @@ def train(cwd, *argv, stop_after=None):
         return e.code
     finally:
         runs.Run.update_done, runs.claim_run_dir = update_done, claim_run_dir
-        for lock in locks:
-            os.close(lock)
+        for lock in locks:  # a finished run has closed its own already (and the number may be another file's now)
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{lock}").endswith("/.lock"):
+                    os.close(lock)
         os.chdir(saved[0])
         sys.argv = saved[1]
         np.random.set_state(saved[2])

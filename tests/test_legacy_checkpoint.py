@@ -10,11 +10,13 @@ bitwise, every other value equal) and the same logged scalars, and play it to th
 The expected results hold for the library versions recorded in the fixtures (`meta.versions`): with
 other versions of torch & co. the numbers may legitimately differ (see the README)."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import subprocess
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -27,6 +29,8 @@ RESUMED = LEGACY / "helmv2_resumed.json"
 TRACE = LEGACY / "helmv2_enjoy_trace.jsonl"
 ENJOY_ARGS = ["--episodes", "2", "--seed", "7", "--no-cuda", "--trace", "jsonl"]
 TIMEOUT = 300
+# the arguments the checkpoint was written with
+ARGS = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)["args"]
 
 
 def digest(value):
@@ -122,6 +126,10 @@ def test_legacy_checkpoint_resumes_bit_identically(tmp_path):
         f"{expected['checkpoint']['meta']['versions']}: see tests/fixtures/legacy/README.md"
     )
     assert_equal_json(got["scalars"], expected["scalars"], "scalars")
+    # arguments added since that commit are written with their defaults, which leave the run as it was
+    added = {name: got["checkpoint"]["args"].pop(name) for name in set(got["checkpoint"]["args"]) - set(ARGS)}
+    defaults = dataclasses.asdict(import_module("helmv2_ppo").Args())
+    assert added == {name: defaults[name] for name in added}
     assert_equal_json(got["checkpoint"], expected["checkpoint"], "checkpoint")
 
 

@@ -265,3 +265,26 @@ def test_cnn_ppo_baseline_is_the_baseline_script():
         4,
     )
     assert parsed.total_timesteps == 2 * 4 * (args.warmup_updates + args.measured_updates)
+
+
+def test_async_envs_train_the_same_run(tmp_path):
+    """--async-envs steps each env in a worker process: the same observations, rewards and episode ends, so the
+    same run, bitwise (the same checkpoint and the same logged losses and returns)."""
+    from test_reliability import assert_same, scalars
+
+    from conftest import QUICK, run_script, tiny_args
+
+    final = {}
+    for mode in ["sync", "async"]:
+        args = [*QUICK, *tiny_args("helm_ppo.py", tmp_path), "--env-id", "MiniGrid-Dynamic-Obstacles-5x5-v0"]
+        (tmp_path / mode).mkdir()
+        proc = run_script("helm_ppo.py", [*args, *(["--async-envs"] if mode == "async" else [])], tmp_path / mode)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (run_dir,) = (tmp_path / mode / "runs").iterdir()
+        final[mode] = torch.load(run_dir / "checkpoint.pt", weights_only=True), scalars(run_dir)
+    (sync, sync_logged), (asynchronous, async_logged) = final["sync"], final["async"]
+    assert asynchronous["args"].pop("async_envs") and not sync["args"].pop("async_envs")
+    for part in ["agent", "optimizer", "reward_rms", "recent_returns", "rng", "args"]:
+        assert_same(asynchronous[part], sync[part], part)
+    sync_logged.pop("charts/SPS"), async_logged.pop("charts/SPS")
+    assert async_logged == sync_logged and "charts/episodic_return" in sync_logged

@@ -1,5 +1,7 @@
 """Our Transformer-XL against Hugging Face's (transformers 4.37.2, stored reference outputs), and the
-ways its weights and vocabulary are read."""
+ways its weights and vocabulary are read. The comparisons with the reference run on the CPU and, marked
+`cuda` (the `device` fixture of conftest.py), on the GPU: float32 to the same tolerance, bfloat16 to that
+of the bfloat16 tests (tests/test_speed.py)."""
 
 import json
 import os
@@ -18,6 +20,9 @@ from helm_utils import frozen_models
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_trxl"
 REFERENCE = ROOT / "tests" / "fixtures" / "tiny_trxl_reference.safetensors"
 TOL = 1e-5
+# bfloat16 frozen weights (--frozen-dtype): outputs (layer-normed, about unit scale) within 0.1 absolute and
+# 2% of their norm, as tests/test_speed.py states for bfloat16 against float32
+BF16_ABS, BF16_REL = 0.1, 0.02
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +43,40 @@ def trxl4(reference):
     return trxl, vocab
 
 
+def model_device(trxl):
+    return trxl.word_emb.emb_projs[0].device
+
+
+def fixture_trxl(reference, device, n_layer=None):
+    """The fixture's Transformer-XL (all its layers, or the first n_layer) on `device`."""
+    config = reference[2]
+    return shelm_ppo.build_trxl(str(FIXTURE), n_layer or config["n_layer"], config["mem_len"], device)[0]
+
+
 def rollout(trxl, inputs, memory_reset):
-    """Feed (batch, seq, ...) inputs step by step as HF did, from an empty memory; yield (out, mems)
-    back in HF's (batch, seq, d) layout; mems hold keys and values (compare with hf_mems(trxl, ...))."""
+    """Feed (batch, seq, ...) inputs step by step as HF did, from an empty memory, on the model's device;
+    yield (out, mems) on the CPU, back in HF's (batch, seq, d) layout; mems hold keys and values (compare
+    with hf_mems(trxl, ...))."""
+    device = model_device(trxl)
     batch = inputs[0].shape[0]
-    mems, memory_mask = shelm_ppo.init_memory(trxl, batch, memory_reset or "zero", "cpu")
+    mems, memory_mask = shelm_ppo.init_memory(trxl, batch, memory_reset or "zero", device)
     if memory_reset is None:
         memory_mask = None  # HF's model has no memory mask at all
-    with torch.no_grad():
-        for x in inputs:
+    for x in inputs:
+        # no_grad around each step, not around the yields: a generator left suspended (zip of two rollouts)
+        # would leave gradients off for the tests that run after it
+        with torch.no_grad():
+            x = x.to(device)
             x = trxl.word_emb(x.T) if x.dtype == torch.long else x.transpose(0, 1)
             out, mems, memory_mask = trxl(x, mems, memory_mask)
-            yield out.transpose(0, 1), mems
+        yield out.transpose(0, 1).cpu(), mems.cpu()
 
 
 def hf_mems(trxl, hidden):
-    """HF's mems (each layer's past inputs) as our model keeps them: their attention keys and values."""
+    """HF's mems (each layer's past inputs) as our model keeps them: their attention keys and values (on the
+    CPU, in the model's dtype)."""
     with torch.no_grad():
-        return trxl.keys_values(hidden)
+        return trxl.keys_values(hidden.to(model_device(trxl), trxl.dtype)).cpu()
 
 
 def max_diff(a, b):
@@ -66,9 +87,9 @@ def max_diff(a, b):
 # HF starts from mems=None, i.e. zero memories every slot of which is visible: our "zero" reset with
 # its all-visible mask must be exactly that, as must running without any mask.
 @pytest.mark.parametrize("memory_reset", [None, "zero"])
-def test_inputs_embeds_rollout_matches_hf(reference, trxl4, memory_reset):
+def test_inputs_embeds_rollout_matches_hf(reference, device, memory_reset):
     tensors, qlens, _ = reference
-    trxl, _ = trxl4
+    trxl = fixture_trxl(reference, device)
     inputs = [tensors[f"embeds_in_{t}"] for t in range(len(qlens))]
     for t, (out, mems) in enumerate(rollout(trxl, inputs, memory_reset)):
         assert out.shape[1] == qlens[t]
@@ -76,18 +97,18 @@ def test_inputs_embeds_rollout_matches_hf(reference, trxl4, memory_reset):
         assert max_diff(mems, hf_mems(trxl, tensors[f"embeds_mems_{t}"])) <= TOL, f"step {t} mems"
 
 
-def test_input_ids_rollout_matches_hf(reference, trxl4):
+def test_input_ids_rollout_matches_hf(reference, device):
     tensors, qlens, _ = reference
-    trxl, _ = trxl4
+    trxl = fixture_trxl(reference, device)
     inputs = [tensors[f"ids_in_{t}"] for t in range(len(qlens))]
     for t, (out, mems) in enumerate(rollout(trxl, inputs, "zero")):
         assert max_diff(out, tensors[f"ids_out_{t}"]) <= TOL, f"step {t} output"
         assert max_diff(mems, hf_mems(trxl, tensors[f"ids_mems_{t}"])) <= TOL, f"step {t} mems"
 
 
-def test_pruned_model_matches_hf_n_layer_2(reference):
-    tensors, qlens, config = reference
-    trxl, _ = shelm_ppo.build_trxl(str(FIXTURE), 2, config["mem_len"], "cpu")
+def test_pruned_model_matches_hf_n_layer_2(reference, device):
+    tensors, qlens, _ = reference
+    trxl = fixture_trxl(reference, device, n_layer=2)
     assert len(trxl.layers) == trxl.n_layer == 2
     inputs = [tensors[f"ids_in_{t}"] for t in range(len(qlens))]
     for t, (out, mems) in enumerate(rollout(trxl, inputs, "zero")):
@@ -97,17 +118,32 @@ def test_pruned_model_matches_hf_n_layer_2(reference):
     assert max_diff(tensors["ids_nlayer2_out_6"], tensors["ids_out_6"]) > 1e-3
 
 
-def test_word_embedding_of_whole_vocabulary(reference, trxl4):
+def test_word_embedding_of_whole_vocabulary(reference, trxl4, device):
     tensors, _, config = reference
-    trxl, vocab = trxl4
+    trxl, vocab = fixture_trxl(reference, device), trxl4[1]
     with torch.no_grad():
-        emb = trxl.word_emb(torch.arange(config["vocab_size"]))
+        emb = trxl.word_emb(torch.arange(config["vocab_size"], device=device)).cpu()
     assert len(vocab) == config["vocab_size"]
     assert max_diff(emb, tensors["word_emb_all"]) <= TOL
     # ids of every adaptive cluster at once, in an order that interleaves them, in (seq, batch) shape
     ids = torch.tensor([[299, 0, 59], [20, 150, 60]])
     with torch.no_grad():
-        assert max_diff(trxl.word_emb(ids), tensors["word_emb_all"][ids]) <= TOL
+        assert max_diff(trxl.word_emb(ids.to(device)).cpu(), tensors["word_emb_all"][ids]) <= TOL
+
+
+def test_bfloat16_rollout_close_to_hf(reference, device):
+    # --frozen-dtype bfloat16 (auto's choice on a GPU): the float32 reference within the bfloat16 tolerance;
+    # the agent reads float32, the memory slots are bfloat16
+    tensors, qlens, _ = reference
+    f32 = fixture_trxl(reference, "cpu")
+    trxl = fixture_trxl(reference, device).to(torch.bfloat16)
+    inputs = [tensors[f"ids_in_{t}"] for t in range(len(qlens))]
+    for t, (out, mems) in enumerate(rollout(trxl, inputs, "zero")):
+        expected, expected_mems = tensors[f"ids_out_{t}"], hf_mems(f32, tensors[f"ids_mems_{t}"])
+        assert out.dtype == torch.float32 and mems.dtype == torch.bfloat16
+        assert max_diff(out, expected) < BF16_ABS, f"step {t} output"
+        assert (out - expected).norm() < BF16_REL * expected.norm(), f"step {t} output"
+        assert (mems.float() - expected_mems).norm() < BF16_REL * expected_mems.norm(), f"step {t} mems"
 
 
 def test_frozen_and_in_eval_mode(trxl4):

@@ -78,6 +78,8 @@ class Args:
     """the learning rate of the optimizer (AdamW, eps 1e-8)"""
     num_envs: int = 16
     """the number of parallel game environments"""
+    async_envs: bool = False
+    """step the envs in worker processes (gymnasium's AsyncVectorEnv): the same run, faster where cores are many"""
     num_steps: int = 128
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = False

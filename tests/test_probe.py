@@ -1,0 +1,290 @@
+"""benchmark/probe.py: the memory probe finds a planted cue, reports chance without a memory, and reads the
+same memory as the training loop."""
+
+import dataclasses
+import runpy
+import signal
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import tyro
+
+import helm_ppo
+import helmv2_ppo
+import shelm_ppo
+from conftest import ROOT, tiny_args
+
+sys.path.insert(0, str(ROOT / "benchmark"))
+import probe  # noqa: E402
+
+MODULES = {"shelm_ppo.py": shelm_ppo, "helm_ppo.py": helm_ppo, "helmv2_ppo.py": helmv2_ppo}
+CPU = torch.device("cpu")
+
+
+def synthetic_lanes(episodes=60, length=40, cue_step=3, lanes=4, seed=0):
+    """Lanes of back-to-back episodes of equal length whose cue is in view at cue_step only."""
+    rng = np.random.default_rng(seed)
+    per_lane = episodes // lanes
+    steps = per_lane * length
+    episode = np.zeros((steps, lanes), int)
+    since = np.zeros((steps, lanes), int)
+    starts = np.zeros((steps, lanes), bool)
+    for lane in range(lanes):
+        for k in range(per_lane):
+            rows = slice(k * length, (k + 1) * length)
+            episode[rows, lane] = lane * per_lane + k
+            t = np.arange(length)
+            since[rows, lane] = np.where(t >= cue_step, t - cue_step, -1)
+            starts[k * length, lane] = True
+    return probe.Lanes(
+        obs=np.zeros((steps, lanes, 1, 1, 3), np.uint8),
+        starts=starts,
+        episode=episode,
+        since_cue=since,
+        labels=rng.integers(0, 2, episodes),
+        lengths=np.full(episodes, length),
+        cue_seen=np.ones(episodes, bool),
+        classes=("key", "ball"),
+    )
+
+
+def test_probe_finds_a_cue_planted_in_the_readout():
+    """Features of noise, with the label planted in one of 16 dimensions up to 20 steps after the cue: the
+    probe decodes it there, and is at chance beyond, where nothing was planted."""
+    lanes = synthetic_lanes()
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(*lanes.starts.shape, 16)).astype(np.float32)
+    label = lanes.labels[lanes.episode]
+    planted = (lanes.since_cue >= 0) & (lanes.since_cue <= 20)
+    features[..., 5] += np.where(planted, 3.0 * (2 * label - 1), 0.0)
+    args = probe.Args(delays=(0, 20, 30), bootstrap=500, c_grid=(0.01, 1.0, 100.0), jobs=1)
+    results = probe.decode(features, lanes, args)
+    for d in (0, 20):
+        assert results[d]["accuracy"] >= 0.9, (d, results[d])
+        low, high = results[d]["interval"]
+        assert low <= results[d]["accuracy"] <= high and high > results[d]["chance"]
+    for d in (30,):
+        assert results[d]["accuracy"] <= 0.75, (d, results[d])
+        assert results[d]["interval"][0] <= max(results[d]["chance"], 0.5) <= results[d]["interval"][1]
+    assert all(results[d]["episodes"] == 60 for d in args.delays)
+
+
+def test_standardized_features_reveal_a_cue_of_small_scale():
+    """A cue carried by a feature of tiny scale among features of scale 1: under the L2 penalty of C = 1 the raw
+    features hide it (its weight would have to be huge), standardized ones do not (--no-standardize)."""
+    lanes = synthetic_lanes(episodes=40, seed=5)
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(*lanes.starts.shape, 8))
+    features[..., 0] = 1e-3 * (2 * lanes.labels[lanes.episode] - 1) + 1e-4 * rng.normal(size=lanes.starts.shape)
+    args = probe.Args(delays=(5,), bootstrap=100, c_grid=(1.0,), jobs=1)
+    assert probe.decode(features, lanes, args)[5]["accuracy"] >= 0.9
+    raw = probe.decode(features, lanes, dataclasses.replace(args, standardize=False))[5]
+    assert raw["accuracy"] <= 0.75 and raw["C"] == [1.0] * 5
+
+
+def test_constant_features_give_exactly_chance():
+    lanes = synthetic_lanes(episodes=40, seed=3)
+    zeros = np.zeros((*lanes.starts.shape, 8), np.float32)
+    for entry in probe.decode(zeros, lanes, probe.Args(delays=(0, 5), bootstrap=100, jobs=1)).values():
+        assert entry["accuracy"] == entry["chance"] and entry["interval"] == entry["chance_interval"]
+
+
+def test_scripted_policy_sees_the_cue_then_looks_away():
+    """MiniGrid-Memory: every episode sees the cue, then waits out of its sight for at least --wait steps,
+    and ends at one of the two objects (terminated, not truncated at max_steps). The twin episodes (the
+    other cue, the same actions) show the same frames except where the cue is in view: "in view" is what
+    the observation shows."""
+    args = probe.Args(env_id="MiniGrid-MemoryS7-v0", episodes=8, num_envs=2, wait=(12, 14))
+    lanes = probe.collect(shelm_ppo, probe.cue_task(args.env_id), args)
+    assert len(lanes.labels) >= 8 and lanes.cue_seen.all()
+    max_steps = 5 * 7**2
+    assert (lanes.lengths < max_steps).all()
+    for e in range(len(lanes.labels)):
+        since = lanes.since_cue[lanes.episode == e]
+        assert since.max() >= 12
+        first_seen = np.argmax(since == 0)
+        assert (since[first_seen:] >= 0).all()
+    differ = np.any(lanes.obs != lanes.twin_obs, axis=(2, 3, 4))
+    assert np.array_equal(differ, lanes.since_cue == 0)
+    # frames of a lane follow each other; each episode's first frame is marked
+    assert lanes.starts[0].all()
+    for lane in range(lanes.starts.shape[1]):
+        ids = lanes.episode[:, lane]
+        changes = np.nonzero(np.diff(ids))[0] + 1
+        assert all(lanes.starts[t, lane] for t in changes)
+
+
+def test_memory_pathway_carries_a_planted_token_within_its_reach():
+    """The probe's read-out loop through a script's Transformer-XL: a word planted at step 0, the same filler
+    words after it. The read-outs differ between two planted words only while the word is within reach,
+    n_layer x (mem_len - 1) steps: each layer's memory holds the last mem_len outputs of the layer below, of
+    which it attends to mem_len - 1 besides the step itself (the wt103 model's same_length: every query
+    sees mem_len keys). Within reach they need not differ at every step: the tiny random model's attention
+    gives some relative positions a weight too small to change a float32 read-out. An episode start
+    forgets the word at once."""
+    for n_layer, mem_len in [(1, 4), (1, 16), (2, 16)]:
+        argv = ["--trxl-model", "tiny-random", "--n-layer", str(n_layer), "--mem-len", str(mem_len)]
+        args = tyro.cli(helm_ppo.Args, args=[*argv, "--frozen-dtype", "float32", "--env-id", "MiniGrid-MemoryS7-v0"])
+        trxl, _, _ = helm_ppo.build_memory(args, CPU, verbose=False)
+        steps = n_layer * mem_len + 8
+        ids = np.tile(np.random.default_rng(0).integers(10, 256, steps)[:, None], (1, 3))
+        ids[0] = [3, 4, 3]  # the planted word: lanes 0 and 2 alike, lane 1 another
+        starts = np.zeros((steps, 3), bool)
+        starts[0] = True
+        starts[5, 2] = True  # lane 2 begins a new episode at step 5
+
+        def encoder(obs, trxl=trxl):
+            tokens = torch.as_tensor(obs[:, 0, 0, 0], dtype=torch.long)  # one "pixel" per lane: a word id
+            return trxl.word_emb(tokens[None]), tokens[:, None]
+
+        obs = np.ascontiguousarray(np.broadcast_to(ids[:, :, None, None, None], (steps, 3, 1, 1, 3)), np.uint8)
+        (readouts,), _, _ = probe.memory_readouts(helm_ppo, trxl, encoder, obs, starts, [("mask", False)], CPU)
+        reach = n_layer * (mem_len - 1)
+        differ = [not np.array_equal(readouts[t, 0], readouts[t, 1]) for t in range(steps)]
+        assert not any(differ[reach + 1 :]), (n_layer, mem_len)
+        assert differ[1] and differ[reach], (n_layer, mem_len)
+        assert all(differ[: reach + 1]) or mem_len > 4
+        # lane 2 is lane 0 until its reset, and forgets the word there: lane 1, with the other word, then
+        # reads the same as lane 2 once the words before the reset are out of reach for both
+        assert np.array_equal(readouts[:5, 0], readouts[:5, 2]) and not np.array_equal(readouts[5, 0], readouts[5, 2])
+        assert np.array_equal(readouts[5 + reach :, 1], readouts[5 + reach :, 2])
+
+
+def test_bad_input_is_one_error_line(tmp_path):
+    cases = [
+        (["--scripts", "nope.py"], "--scripts: 'nope.py' is not one of"),
+        (["--env-id", "MiniGrid-DoorKey-5x5-v0"], "MiniGrid-DoorKey-5x5-v0: the probe knows the cue of"),
+        (["--variants", "no-colon"], "each variant is NAME:FLAGS"),
+        (["--variants", "a:--n-layer 1", "a:--n-layer 2"], "the names must differ"),
+        (["--variants", "bad:--no-such-flag 3"], "helm_ppo.py variant bad: "),
+        (["--variants", "bad:--n-layer 0"], "helm_ppo.py variant bad: --n-layer must be >= 1, got 0"),
+        (["--episodes", "3"], "--episodes must be at least 2 x --folds"),
+        (["--delays", "-1"], "--delays must be steps >= 0"),
+    ]
+    for argv, phrase in cases:
+        args = tyro.cli(probe.Args, args=["--scripts", "helm_ppo.py", "--out", str(tmp_path / "out"), *argv])
+        with pytest.raises(SystemExit) as stop:
+            probe.main(args)
+        message = str(stop.value.code)
+        assert message.startswith("error: ") and phrase in message and "\n" not in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_ablated_memory_reports_chance_end_to_end(tmp_path):
+    """The whole probe on the tiny models: --ablate-memory sits exactly at chance (the majority class of the
+    training episodes) at every delay; the controls run; the figure, the table and the JSON are written."""
+    argv = ["--scripts", "helm_ppo.py", "--trxl-model", "tiny-random", "--episodes", "24", "--num-envs", "4"]
+    argv += [
+        "--wait",
+        "6",
+        "8",
+        "--delays",
+        "0",
+        "6",
+        "--folds",
+        "3",
+        "--bootstrap",
+        "200",
+        "--c-grid",
+        "1.0",
+        "--jobs",
+        "1",
+    ]
+    argv += ["--variants", "n1:--n-layer 1 --mem-len 8", "ablated:--n-layer 1 --mem-len 8 --ablate-memory"]
+    argv += ["--out", str(tmp_path / "out"), "--no-cuda"]
+    report = probe.main(tyro.cli(probe.Args, args=argv))
+    rows = {(r["variant"], r["kind"]): r["delays"] for r in report["results"]}
+    for entry in rows["ablated", "memory"].values():
+        assert entry["episodes"] >= 24 and entry["accuracy"] == entry["chance"]
+        assert entry["influence"]["identical"] == 1  # zeros, whatever the cue
+    # the twins (the other cue) differ in the observation only while the cue is in view, and in the memory after
+    assert rows["control", "observation"]["6"]["influence"]["identical"] == 1
+    assert rows["n1", "memory"]["0"]["influence"]["median"] > 0
+    assert rows["control", "observation"]["0"]["episodes"] >= 24  # the controls ran (too few episodes to learn)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"probe.png", "probe.md", "probe.json"}
+    table = (tmp_path / "out" / "probe.md").read_text()
+    assert "| helm_ppo.py | ablated | memory read-out |" in table and "| chance | majority class |" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# The read-outs the probe computes are those the training loop gives the agent
+# ---------------------------------------------------------------------------------------------
+
+
+def train_one_update(script, argv, cwd, monkeypatch):
+    """Run `python script argv` in this process for one update; returns what the rollout handed the agent,
+    (trxl_out, obs) of each step, and the vector env's done flags of each step."""
+    handed, dones = [], []
+
+    def hook(cls, **kwargs):  # the script's classes are made anew by runpy: wrap its Agent as it is defined
+        super(torch.nn.Module, cls).__init_subclass__(**kwargs)
+        if cls.__name__ == "Agent":
+            original = cls.get_action_and_value
+
+            def get_action_and_value(self, trxl_out, obs, action=None):
+                if action is None:  # the rollout; the update passes the buffer's actions
+                    handed.append((trxl_out.clone(), obs.clone()))
+                return original(self, trxl_out, obs, action)
+
+            cls.get_action_and_value = get_action_and_value
+
+    step = gym.vector.SyncVectorEnv.step
+
+    def recording_step(self, actions):
+        result = step(self, actions)
+        dones.append(np.logical_or(result[2], result[3]))
+        return result
+
+    monkeypatch.setattr(torch.nn.Module, "__init_subclass__", classmethod(hook))
+    monkeypatch.setattr(gym.vector.SyncVectorEnv, "step", recording_step)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *argv])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:  # the script installs its own
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return handed, dones
+
+
+@pytest.mark.parametrize(
+    "script,memory_reset",
+    [("shelm_ppo.py", "mask"), ("helm_ppo.py", "zero"), ("helmv2_ppo.py", "mask")],
+)
+def test_readouts_equal_the_training_loops(script, memory_reset, tmp_path, monkeypatch):
+    """One update of the script's own training loop on MiniGrid-MemoryS7-v0 (episodes cut at 12 steps, so that
+    the rollout crosses episode ends): the probe, given the same frames and episode starts, computes the
+    same read-outs, bit for bit, with the memory reset where the training loop resets it."""
+    module = MODULES[script]
+    steps, n_envs = 32, 2
+    argv = ["--env-id", "MiniGrid-MemoryS7-v0", "--num-envs", n_envs, "--num-steps", steps]
+    argv += ["--total-timesteps", steps * n_envs, "--num-minibatches", "2", "--update-epochs", "1"]
+    argv += ["--n-layer", "2", "--mem-len", "8", "--memory-reset", memory_reset, "--frozen-dtype", "float32"]
+    argv += ["--no-progress-bar", "--no-cuda", *tiny_args(script, tmp_path)]
+    argv = [str(a) for a in argv]
+    monkeypatch.setitem(gym.registry["MiniGrid-MemoryS7-v0"].kwargs, "max_steps", 12)
+    handed, dones = train_one_update(script, argv, tmp_path, monkeypatch)
+    assert len(handed) == steps
+    trained = torch.stack([out for out, _ in handed]).numpy()
+    obs = torch.stack([o for _, o in handed]).numpy()
+    starts = np.ones((steps, n_envs), bool)
+    starts[1:] = np.stack(dones[: steps - 1])  # a step's done: the next frame is a new episode's first
+    assert starts[1:].sum(0).min() >= 2  # every env crossed episode ends
+
+    args = tyro.cli(module.Args, args=argv)
+    trxl, _, encoder = module.build_memory(args, CPU, verbose=False)
+    settings = [(args.memory_reset, args.ablate_memory)]
+    (readouts,), _, _ = probe.memory_readouts(module, trxl, encoder, obs, starts, settings, CPU)
+    assert readouts.dtype == trained.dtype and np.array_equal(readouts, trained)
+    # not trivially: the read-outs change along the rollout, and without the resets they would differ
+    assert not np.array_equal(readouts[1:], readouts[:-1])
+    _, _, encoder = module.build_memory(args, CPU, verbose=False)
+    no_resets = np.zeros_like(starts)
+    no_resets[0] = True
+    (unreset,), _, _ = probe.memory_readouts(module, trxl, encoder, obs, no_resets, settings, CPU)
+    assert not np.array_equal(unreset, trained)
