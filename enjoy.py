@@ -14,8 +14,10 @@ nothing imports this file. Docs: docs/enjoy.md.
 """
 
 import csv
+import io
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from typing import Literal
 import numpy as np
 import tyro
 
-from helm_utils import fail
+from helm_utils import fail, files
 from helm_utils.evaluation import evaluate, load, play, safe_name
 from helm_utils.hub import HUB_FILE, download_checkpoint, push_to_hub
 from helm_utils.memory_view import Output, Picture, Video
@@ -62,7 +64,9 @@ class Args:
     fps: int = 4
     """frames per second of the videos and the window"""
     out_dir: str | None = None
-    """directory of the videos, heatmaps and trace (default: videos/<run_name>-enjoy)"""
+    """directory of the videos, heatmaps and trace (default: videos/<run_name>-enjoy); existing files are kept"""
+    env_id: str | None = None
+    """the checkpoint's env id, given to run it when it names a module to import (module:Env-v0)"""
     upload: str | None = None
     """evaluate the checkpoint and upload it, a model card and a video to this Hugging Face hub repository"""
     seed: int | None = None
@@ -119,6 +123,7 @@ class AttentionMaps(Output):
 
     def __init__(self, out_dir, layer, per_head):
         self.out_dir, self.layer, self.per_head = Path(out_dir), layer, per_head
+        files.output_dir(self.out_dir, "--out-dir")
         self.rows, self.labels, self.written = [], [], []
 
     def step(self, record):
@@ -174,9 +179,8 @@ class AttentionMaps(Output):
             ax.set_title(f"layer {self.layer}, head {h}" if self.per_head else f"layer {self.layer}, mean over heads")
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention")
         fig.suptitle(f"episode {episode}: attention of each step to the steps it could see", fontsize=10)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"attention-episode-{episode:03d}.png"
-        fig.savefig(path, dpi=100)
+        path = files.write_new(path, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         self.written.append(path)
         print(f"attention: {path}")
@@ -187,18 +191,26 @@ class AttentionMaps(Output):
 
 
 class Trace(Output):
-    """Every step of env 0 as one CSV row or JSON line, written as it happens."""
+    """Every step of env 0 as one CSV row or JSON line, written as it happens into a file of its own that takes
+    its name when enjoy.py ends (files.NewFile: no link followed, an existing trace kept: trace-2.csv)."""
 
     FIELDS = ["episode", "step", "action", "reward", "value", "words", "window"]
     FIELDS += ["attended_slot", "attended_step", "attended_word"]
 
     def __init__(self, path, kind):
         self.path, self.kind = Path(path), kind
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "w", newline="")  # noqa: SIM115 - open for the whole run, closed in close()
-        self.csv = csv.DictWriter(self.file, self.FIELDS) if kind == "csv" else None
+        files.output_dir(self.path.parent, "--out-dir")
+        self.file = files.NewFile(self.path)
+        self.row = io.StringIO()
+        self.csv = csv.DictWriter(self.row, self.FIELDS) if kind == "csv" else None
         if self.csv:
             self.csv.writeheader()
+            self.flush()
+
+    def flush(self):
+        self.file.write(self.row.getvalue())
+        self.row.seek(0)
+        self.row.truncate()
 
     def step(self, record):
         row = {
@@ -216,35 +228,44 @@ class Trace(Output):
         if self.csv:
             self.csv.writerow(dict(row, words=" ".join(row["words"]), window=" ".join(row["window"])))
         else:
-            self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+            self.row.write(json.dumps(row) + "\n")
+        self.flush()
 
     def close(self):
-        if not self.file.closed:
-            self.file.close()
-            print(f"trace: {self.path}")
+        if self.file.written is None:
+            path = self.file.close()
+            print(f"trace: {path}" + (f" ({self.path} exists: kept)" if path != self.path else ""))
 
 
 # ---------------------------------------------------------------------------------------------
 
 
+def stop_on_sigterm(signum, frame):
+    """SIGTERM as Ctrl-C: the outputs are closed (what was written keeps its name), then enjoy.py ends."""
+    raise KeyboardInterrupt
+
+
+MAX_FPS = 1000  # what a video or a window can show; ffmpeg refuses absurd rates
+
+
 def main(cli):
-    if cli.episodes < 1 or cli.num_envs < 1 or cli.fps < 1:
-        fail("--episodes, --num-envs and --fps must be >= 1")
+    if cli.episodes < 1 or cli.num_envs < 1 or not 1 <= cli.fps <= MAX_FPS:
+        fail(f"--episodes and --num-envs must be >= 1 and --fps in [1, {MAX_FPS}]")
     if cli.seed is not None and not 0 <= cli.seed < 2**32:
         fail(f"--seed must be >= 0 and < 2**32, got {cli.seed}")
     if (cli.checkpoint is None) == (cli.hub is None):
         fail("give a checkpoint file or --hub REPO_ID (one of them)")
     path = cli.checkpoint if cli.hub is None else download_checkpoint(cli.hub, cli.hub_file)
     if cli.upload:
-        returns, video = evaluate(path, None, cli.episodes, cli.cuda, cli.out_dir, from_hub=cli.hub is not None)
+        hub = cli.hub is not None
+        returns, video = evaluate(path, None, cli.episodes, cli.cuda, cli.out_dir, from_hub=hub, env_id=cli.env_id)
         push_to_hub(path, cli.upload, returns, video)
         return
     window = cli.render and has_display()
     if cli.render and not window:
         print("no display: --render shows no window; the video with the memory strip is written instead")
     video = cli.capture_video or (cli.render and not window)
-    loaded = load(path, None, cli.num_envs, cli.cuda, frames=video or window, from_hub=cli.hub is not None)
+    loaded = load(path, None, cli.num_envs, cli.cuda, video or window, from_hub=cli.hub is not None, env_id=cli.env_id)
     n_layer = loaded.trxl.n_layer
     if not -n_layer <= cli.attention_layer < n_layer:
         fail(f"--attention-layer must be in [{-n_layer}, {n_layer - 1}] (the model keeps {n_layer} layers)")
@@ -271,5 +292,6 @@ def main(cli):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     main(tyro.cli(Args))
     sys.exit(0)

@@ -166,8 +166,7 @@ def check_args(args):
     # [algorithm-specific]
     if args.hopfield_chunk < 0:
         fail(f"--hopfield-chunk must be >= 0, got {args.hopfield_chunk}")
-    if not (math.isfinite(args.beta) and args.beta > 0):
-        fail(f"--beta must be a positive finite number, got {args.beta}")
+    arguments.check_float32(args.beta, "--beta", positive=True)  # beta * cosine is a float32 tensor
     # [end algorithm-specific]
 
 

@@ -17,6 +17,11 @@ again finds its runs under runs/: finished ones are skipped, interrupted ones co
 `--resume` from their checkpoint.pt. Changing any flag of a cell makes it a new cell. Ctrl-C (or SIGTERM)
 stops the workers' runs cleanly: each saves a checkpoint first. Logs: runs/.launch/<cell>.log.
 
+Every cell's flags are parsed and checked by its script's own Args and check_args before any run starts. A cell
+is run by one launch at a time: a launch holds runs/.launch/locks/<cell>.lock while it has the cell queued or
+running, and a run (here or as a Slurm job) decides at its start, under that lock, whether to start, resume or
+skip its cell. A run directory whose script is alive (it holds the directory's .lock) is never touched.
+
 Local runs use a thread pool of --workers threads, each waiting on one run's process, with
 --threads-per-run BLAS/OpenMP threads per run (default: the cores divided among the workers).
 docs/benchmarks.md says why (and why not submitit's LocalExecutor for local work).
@@ -24,13 +29,16 @@ docs/benchmarks.md says why (and why not submitit's LocalExecutor for local work
 
 import ast
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
+import importlib.util
+import io
 import itertools
 import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +126,72 @@ class Cell:
     exp_name: str
 
 
+def read_configs(path=None):
+    """benchmark/configs.json (or `path`), checked: {"configs": {env_id: {script: {"flags": {"--flag": value}}}}},
+    each value a string, a number or true (a flag without a value; "--no-x": true turns x off), no flag the launcher
+    sets. Other keys of an entry ("source", "not_flags", ...) are notes for people."""
+    path = path or CONFIGS
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        fail(f"{path} is not a readable JSON file ({' '.join(str(e).split())[:200]})")
+    configs = data.get("configs") if isinstance(data, dict) else None
+    if not isinstance(configs, dict):
+        fail(f'{path} has no "configs" object')
+    for env_id, by_script in configs.items():
+        if not isinstance(by_script, dict):
+            fail(f"{path}: configs[{env_id!r}] is not an object of scripts")
+        for script, entry in by_script.items():
+            flags = entry.get("flags") if isinstance(entry, dict) else None
+            where = f"{path}: configs[{env_id!r}][{script!r}]"
+            if not isinstance(flags, dict):
+                fail(f'{where} has no "flags" object')
+            for key, value in flags.items():
+                number = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+                if not re.fullmatch(r"--[a-z0-9][a-z0-9-]*", key) or not (value is True or number):
+                    fail(f"{where}: {key!r}: {value!r} is not a flag with a string, a number or true")
+                if key in RESERVED:
+                    fail(f"{where}: {key} is set by the launcher for each run")
+    return configs
+
+
+def tyro_message(text):
+    """tyro's boxed error message as one line."""
+    lines = [line.strip(" │╭╮╰╯─-") for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("For full helptext")]
+    return " ".join(lines[1:] or lines).split(" Argument helptext:")[0][:300]
+
+
+def script_module(script, modules={}):  # noqa: B006 - a cache: each script is imported once
+    """The module of `script` (a baseline's file for its name), imported from its file, its __main__ not run."""
+    if script not in modules:
+        path = ROOT / script_file(script)
+        spec = importlib.util.spec_from_file_location(f"launched_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # tyro reads the help texts from the module's source
+        spec.loader.exec_module(module)
+        modules[script] = module
+    return modules[script]
+
+
+def check_cell_flags(cell):
+    """The cell's command line as its script parses and checks it (tyro, then check_args), in this process, before
+    any run starts: one line naming the cell for the first flag that would stop its run."""
+    module = script_module(cell.script)
+    argv = ["--env-id", cell.env_id, "--seed", str(cell.seed), "--exp-name", cell.exp_name, *cell.flags]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+            args = tyro.cli(module.Args, args=argv)
+    except SystemExit:
+        fail(f"{cell.script} {cell.env_id} seed {cell.seed} ({cell.variant}): {tyro_message(out.getvalue())}")
+    try:
+        module.check_args(args)
+    except SystemExit as e:
+        message = str(e.code).removeprefix("error: ")
+        fail(f"{cell.script} {cell.env_id} seed {cell.seed} ({cell.variant}): {message}")
+
+
 def parse_flags(tokens):
     """["--a", "1", "--no-b", "--c=2"] -> {"--a": ["1"], "--b": ["--no-b"], "--c": ["--c=2"]}: keyed by flag, so
     that a later source of the same flag replaces an earlier one (a --no-x replaces an --x)."""
@@ -178,7 +252,10 @@ def make_grid(args, configs):
         name, sep, flag_text = spec.partition(":")
         if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", name):
             fail(f"--variants takes NAME:FLAGS with a NAME of letters, digits and _, got {spec!r}")
-        variants.append((name, shlex.split(flag_text)))
+        try:
+            variants.append((name, shlex.split(flag_text)))
+        except ValueError as e:  # an unclosed quote
+            fail(f"--variants {spec!r}: {e}")
     if len({name for name, _ in variants}) != len(variants):
         fail(f"--variants names must differ, got {' '.join(args.variants)}")
     for script in args.scripts:
@@ -221,49 +298,149 @@ def make_grid(args, configs):
 
 def run_dirs(runs, cell):
     """The run directories of this cell: the scripts name them {env}__{exp_name}__{seed}__{suffix}."""
-    return sorted(p for p in runs.glob(f"*__{cell.exp_name}__{cell.seed}__*") if p.is_dir())
+    return sorted(p for p in runs.glob(f"*__{cell.exp_name}__{cell.seed}__*") if p.is_dir() and not p.is_symlink())
+
+
+def try_lock(path, create=True):
+    """An exclusive flock on `path` (a descriptor to close to release it), or None if another process holds it;
+    "missing" if the file does not exist and create is off."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | (os.O_CREAT if create else 0), 0o644)
+    except FileNotFoundError:
+        if not create:
+            return "missing"
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def release(lock):
+    if isinstance(lock, int):
+        os.close(lock)
+
+
+def furthest_state(run_dir):
+    """(iteration, updates of the run, checkpoint file) of the furthest readable state of a run directory: its
+    checkpoint.pt, or model_final.pt (written at the end, with the same content) when that is unreadable. None if
+    neither can be read."""
+    import torch  # only here: a dry run of a new grid does not wait for it
+
+    best = None
+    for name in ("checkpoint.pt", "model_final.pt"):
+        try:
+            ckpt = torch.load(run_dir / name, map_location="cpu", weights_only=True)
+            iteration = int(ckpt["iteration"])
+            a = ckpt["args"]
+            total = int(a["total_timesteps"]) // (int(a["num_envs"]) * int(a["num_steps"]))
+        except Exception:  # noqa: BLE001 - missing, or unreadable
+            continue
+        if best is None or iteration > best[0]:
+            best = (iteration, total, run_dir / name)
+    return best
+
+
+def move_aside(runs, run_dir, why):
+    """Move a dead run directory to runs/.launch/incomplete/ (under a name of its own: nothing there is replaced)."""
+    aside = runs / ".launch" / "incomplete"
+    aside.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        target = aside / (run_dir.name if n == 1 else f"{run_dir.name}-{n}")
+        try:
+            target.mkdir()  # claimed; the rename replaces this empty directory
+        except FileExistsError:
+            continue
+        os.rename(run_dir, target)
+        print(f"moved {run_dir} ({why}) to {target}")
+        return
 
 
 def cell_state(runs, cell, tidy=True):
-    """("new", None), ("resume", checkpoint) or ("finished", checkpoint), from the cell's checkpoints.
+    """("new", None), ("resume", checkpoint), ("finished", checkpoint) or ("running", run directory), from the
+    cell's run directories.
 
-    A run directory without a checkpoint (stopped before its first one) holds nothing to continue: it
-    is moved to runs/.launch/incomplete/ (unless not tidy) so that the plots do not count it twice."""
-    best, best_iteration, finished = None, -1, False
+    A run directory whose .lock a process holds is alive (a run starting or under way): the cell is "running" and
+    the directory is not touched. A directory without a lock file (a run in its first instant, or an old one) is
+    left as it is. Any other without a readable checkpoint (stopped before its first one, or a checkpoint.pt that
+    cannot be read and no model_final.pt) holds nothing to continue: it is moved to runs/.launch/incomplete/ (if
+    tidy), holding its lock meanwhile, so that the plots do not count it twice."""
+    best = None
     for run_dir in run_dirs(runs, cell):
-        path = run_dir / "checkpoint.pt"
+        lock = try_lock(run_dir / ".lock", create=False)
+        if lock is None:
+            return "running", run_dir
         try:
-            import torch  # only here: a dry run of a new grid does not wait for it
-
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            iteration = int(ckpt["iteration"])
-            a = ckpt["args"]
-            total = a["total_timesteps"] // (a["num_envs"] * a["num_steps"])
-        except Exception:  # noqa: BLE001 - missing, or unreadable
-            if not tidy:
-                continue
-            aside = runs / ".launch" / "incomplete" / run_dir.name
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(run_dir), str(aside))
-            print(f"moved {run_dir} (no checkpoint to continue from) to {aside}")
-            continue
-        if iteration > best_iteration:
-            best, best_iteration, finished = path, iteration, iteration >= total
+            state = furthest_state(run_dir)
+            if state is None and lock == "missing":
+                print(f"# left as it is: {run_dir} has no checkpoint and no lock file (is a run starting there?)")
+            elif state is None and tidy:
+                move_aside(runs, run_dir, "no checkpoint to continue from")
+            elif state is not None and (best is None or state[0] > best[0]):
+                best = state
+        finally:
+            release(lock)
     if best is None:
         return "new", None
-    return ("finished" if finished else "resume"), best
+    iteration, total, path = best
+    return ("finished" if iteration >= total else "resume"), path
 
 
 def command(args, cell, checkpoint=None):
     script = str(ROOT / script_file(cell.script))
-    if checkpoint is not None:  # the checkpoint holds the run's own arguments
-        return [args.python, script, "--resume", str(checkpoint), "--no-progress-bar"]
+    if checkpoint is not None:  # the checkpoint holds the run's own arguments; the env id is repeated, as the
+        # command line's own: one that names a module to import (module:Env-v0) is honoured only from there
+        return [args.python, script, "--resume", str(checkpoint), "--env-id", cell.env_id, "--no-progress-bar"]
     cell_flags = ["--env-id", cell.env_id, "--seed", str(cell.seed), "--exp-name", cell.exp_name]
     return [args.python, script, *cell_flags, *cell.flags]
 
 
 def log_path(runs, cell):
-    return runs / ".launch" / f"{cell.env_id}__{cell.exp_name}__{cell.seed}.log"
+    return runs / ".launch" / f"{cell_id(cell)}.log"
+
+
+def cell_id(cell):
+    return f"{cell.env_id}__{cell.exp_name}__{cell.seed}".replace("/", "_")
+
+
+def cell_lock(runs, cell, create=True):
+    """runs/.launch/locks/<cell>.lock, held by the launch that has the cell queued or running: None if another
+    holds it ("missing" without create, if no launch ever made it)."""
+    path = runs / ".launch" / "locks" / f"{cell_id(cell)}.lock"
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return try_lock(path, create)
+    except OSError as e:  # a file where the folder belongs, a link at the lock's name, a read-only file system
+        fail(f"cannot lock {path}: {e.strerror or e}")
+
+
+def open_log(log):
+    """The cell's log, appended to; a link at its name is not followed."""
+    return os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+
+
+def run_cell(args, cell, runs, workdir, env, locked=False):
+    """One cell's run: under the cell's lock (already held by this launch if locked), decide anew whether it is new,
+    to resume or finished, then run it, its output appended to its log. Returns the run's exit status, or
+    "finished" / "running" (another launch has it) when there was nothing to run."""
+    lock = None if locked else cell_lock(runs, cell)
+    if lock is None and not locked:
+        return "running"
+    try:
+        state, checkpoint = cell_state(runs, cell)
+        if state in ("finished", "running"):
+            return state
+        log = log_path(runs, cell)
+        fd = open_log(log)
+        with os.fdopen(fd, "a") as out:
+            return subprocess.run(
+                command(args, cell, checkpoint), cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
+            ).returncode
+    finally:
+        release(lock)
 
 
 def run_environment(threads):
@@ -273,19 +450,24 @@ def run_environment(threads):
 
 
 class LocalPool:
-    """Runs the commands with at most `workers` at a time; stop() ends the running ones cleanly (SIGINT:
-    each script saves a checkpoint, then exits) and keeps the queued ones from starting."""
+    """Runs the cells with at most `workers` at a time; stop() ends the running ones cleanly (SIGINT: each script
+    saves a checkpoint, then exits) and keeps the queued ones from starting."""
 
     def __init__(self, workers):
         self.workers, self.lock, self.running, self.stopping = workers, threading.Lock(), set(), False
 
-    def run_one(self, cmd, cwd, env, log):
+    def run_one(self, args, cell, runs, workdir, env):
+        """run_cell, the process registered so that stop() reaches it. None: stopped before it started."""
         with self.lock:
             if self.stopping:
                 return None
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "a") as out:
-                proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            state, checkpoint = cell_state(runs, cell)
+            if state in ("finished", "running"):
+                return state
+            with os.fdopen(open_log(log_path(runs, cell)), "a") as out:
+                proc = subprocess.Popen(
+                    command(args, cell, checkpoint), cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
             self.running.add(proc)
         returncode = proc.wait()
         with self.lock:
@@ -301,16 +483,9 @@ class LocalPool:
                 proc.send_signal(signal.SIGINT)
 
     def map(self, jobs):
-        """jobs: [(cmd, cwd, env, log)] -> return codes (None: stopped before it started)."""
+        """jobs: [(args, cell, runs, workdir, env)] -> return codes (None: stopped before it started)."""
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(lambda job: self.run_one(*job), jobs))
-
-
-def run_logged(cmd, cwd, env, log):
-    """One run, as a submitit job: its output appended to its log, its exit status returned."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as out:
-        return subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
 
 
 def submit(args, jobs, runs):
@@ -327,21 +502,35 @@ def submit(args, jobs, runs):
             mem_gb=args.slurm_mem_gb,
             slurm_array_parallelism=args.slurm_array_parallelism,
         )
-    with executor.batch():  # one array job
-        handles = [executor.submit(run_logged, *job) for job in jobs]
+    with executor.batch():  # one array job; each takes its cell's lock when it starts
+        handles = [executor.submit(run_cell, *job) for job in jobs]
     print(f"submitted {len(handles)} runs: job {handles[0].job_id.split('_')[0] if handles else '-'}")
     if cluster == "slurm" and not args.slurm_wait:
         return None
     return [h.result() for h in handles]
 
 
-def main(args):
+def check_setup(args, workdir, runs):
+    """What the launch itself needs, before any run: the work directory, the interpreter, runs/.launch/."""
     if args.workers < 1 or args.threads_per_run < 0:
         fail("--workers must be >= 1 and --threads-per-run >= 0")
-    configs = json.loads(CONFIGS.read_text())["configs"]
+    if not workdir.is_dir():
+        fail(f"--workdir {args.workdir} is not a directory")
+    if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+        fail(f"--python {args.python} is not an executable file")
+    for folder in (runs, runs / ".launch"):
+        if folder.exists() and not folder.is_dir():
+            fail(f"{folder} is not a directory")
+
+
+def main(args):
     workdir = Path(args.workdir).resolve()
     runs = workdir / "runs"
+    check_setup(args, workdir, runs)
+    configs = read_configs() if args.published else {}
     cells = make_grid(args, configs)
+    for cell in cells:
+        check_cell_flags(cell)
     if args.published:
         for script, env_id in sorted({(c.script, c.env_id) for c in cells}):
             if published_flags(script, env_id, configs) is None:
@@ -350,37 +539,71 @@ def main(args):
         args.slurm_cpus_per_task if args.cluster == "slurm" else max(1, (os.cpu_count() or 1) // args.workers)
     )
     env = run_environment(threads)
-    jobs, counts = [], {"new": 0, "resume": 0, "finished": 0}
-    for cell in cells:
-        state, checkpoint = cell_state(runs, cell, tidy=not args.dry_run)
-        counts[state] += 1
-        cmd = command(args, cell, checkpoint)
-        line = f"OMP_NUM_THREADS={threads} " + shlex.join(cmd)
-        if state == "finished":
-            print(f"# finished: {cell.env_id} {cell.exp_name} seed {cell.seed} ({checkpoint.parent.name})")
-            continue
-        print(("# resume: " if state == "resume" else "") + line if args.dry_run else f"[{state}] {line}")
-        jobs.append((cmd, str(workdir), env, log_path(runs, cell)))
-    print(f"# {len(cells)} runs: {counts['new']} new, {counts['resume']} to resume, {counts['finished']} finished")
-    if args.dry_run or not jobs:
-        return
-    if args.cluster == "local":
-        pool = LocalPool(args.workers)
-        # set, not inherited: a shell starts background jobs with SIGINT ignored
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, frame: pool.stop())
-        codes = pool.map(jobs)
-    else:
-        codes = submit(args, jobs, runs)
-        if codes is None:
+    if not args.dry_run:
+        try:
+            (runs / ".launch").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create {runs / '.launch'}: {e.strerror or e}")
+    jobs, locks, counts = [], [], {"new": 0, "resume": 0, "finished": 0, "running": 0}
+    try:
+        for cell in cells:
+            lock = cell_lock(runs, cell, create=not args.dry_run)
+            state, checkpoint = ("running", None) if lock is None else cell_state(runs, cell, tidy=False)
+            if args.dry_run:
+                release(lock)
+            else:
+                locks.append(lock)
+            counts[state] += 1
+            if state == "running":
+                where = "in another launch" if lock is None else str(checkpoint)
+                print(f"# running {where}: {cell.env_id} {cell.exp_name} seed {cell.seed}")
+                continue
+            if state == "finished":
+                print(f"# finished: {cell.env_id} {cell.exp_name} seed {cell.seed} ({checkpoint.parent.name})")
+                continue
+            line = f"OMP_NUM_THREADS={threads} " + shlex.join(command(args, cell, checkpoint))
+            print(("# resume: " if state == "resume" else "") + line if args.dry_run else f"[{state}] {line}")
+            log = log_path(runs, cell)
+            if log.is_symlink():
+                fail(f"{log} is a link; a launch's log is a file of its own")
+            jobs.append(cell)
+        print(
+            f"# {len(cells)} runs: {counts['new']} new, {counts['resume']} to resume, {counts['finished']} finished"
+            + (f", {counts['running']} running elsewhere" if counts["running"] else "")
+        )
+        if args.dry_run or not jobs:
             return
+        if args.cluster == "local":
+            pool = LocalPool(args.workers)
+            # set, not inherited: a shell starts background jobs with SIGINT ignored
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda signum, frame: pool.stop())
+            codes = pool.map([(args, cell, runs, str(workdir), env) for cell in jobs])
+        else:
+            for lock in locks:  # each job takes its cell's lock itself when it starts
+                release(lock)
+            locks = []
+            codes = submit(args, [(args, cell, runs, str(workdir), env) for cell in jobs], runs)
+            if codes is None:
+                return
+    finally:
+        for lock in locks:
+            release(lock)
     # a run stopped by a signal exits with 128 + the signal's number, after saving its checkpoint
+    skipped = sum(code in ("finished", "running") for code in codes)
     stopped = sum(code is None or code in (128 + signal.SIGINT, 128 + signal.SIGTERM) for code in codes)
-    failed = [(job, code) for job, code in zip(jobs, codes) if code not in (0, None, 130, 143)]
-    for job, code in failed:
-        print(f"exit {code}: {shlex.join(job[0])} (log: {job[3]})", file=sys.stderr)
-    print(f"# done: {len(jobs) - len(failed) - stopped} ran to the end, {len(failed)} failed, {stopped} stopped")
-    if failed or stopped:
+    failed = [(cell, code) for cell, code in zip(jobs, codes) if code not in (0, None, 130, 143, "finished", "running")]
+    for cell, code in failed:
+        print(
+            f"exit {code}: {cell.script} {cell.env_id} seed {cell.seed} (log: {log_path(runs, cell)})", file=sys.stderr
+        )
+    print(
+        f"# done: {len(jobs) - len(failed) - stopped - skipped} ran to the end, {len(failed)} failed, {stopped} stopped"
+        + (f", {skipped} done or running elsewhere meanwhile" if skipped else "")
+    )
+    if failed:
+        fail(f"{len(failed)} of {len(jobs)} runs failed: the last lines of their logs say why")
+    if stopped:
         sys.exit(1)
 
 

@@ -16,13 +16,20 @@ there, of its last num_envs episodes. Writes, into --out:
     steps__<env>.png/.svg, time__<env>.png/.svg   learning curves
     aggregate.png/.svg                            IQM of final returns across envs, stratified bootstrap (rliable)
     pruning.png/.svg                              final return and SPS against --n-layer, where n_layer differs
-    final_returns.md                              final returns: mean +- std and 95% t-interval over seeds
+    final_returns.md                              final returns: mean +- std and 95% t-interval over seeds; the
+                                                  runs left out
+
+Every run directory under --runs is either in the figures and the table or named, with the reason, in a warning
+and at the end of the table: no event file, an event file that fails its checksums (a reader stops there, so the
+events after it are missing: named even when the run is kept), no hyperparameters, no episode. The files in --out
+are replaced atomically (a link at a file's name is replaced, its target never written).
 
 MiniGrid and MiniWorld returns lie in [0, 1], so the aggregate uses raw returns (no normalisation).
 """
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +93,9 @@ class Args:
     """a run's final return is the mean return of its episodes in this last fraction of its steps"""
 
 
+MAX_REPS = MAX_POINTS = 100_000  # more resamples or points change nothing a figure shows, and cost memory
+
+
 @dataclass
 class Run:
     path: Path
@@ -122,18 +132,57 @@ def training_time(wall_times, start):
     return np.cumsum(np.where(gaps > PAUSE_S, 0.0, gaps))
 
 
+def corrupt_event_files(path):
+    """[(event file, records read before it, the failure)] of the event files of a run directory that fail their
+    checksums: every reader (TensorBoard's too) stops at such a record, so what follows it is missing. A record cut
+    short at the end of a file (a process killed while writing) is normal and not reported."""
+    from tensorboard.compat.tensorflow_stub import errors
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+    found = []
+    for events in sorted(path.glob("*tfevents*")):
+        reader, n = PyRecordReader_New(str(events)), 0
+        try:
+            while True:
+                reader.GetNext()
+                n += 1
+        except errors.OutOfRangeError:
+            pass
+        except errors.DataLossError as e:
+            if "truncated" not in str(e):
+                found.append((events.name, n, "a record fails its checksum"))
+        finally:
+            reader.file_handle.close()
+    return found
+
+
 def load_run(path, final_fraction):
+    """The run logged in `path`, or None (read_run says why)."""
+    return read_run(path, final_fraction)[0]
+
+
+def read_run(path, final_fraction):
+    """(Run, None), or (None, why the run is left out)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not list(path.glob("*tfevents*")):
+        return None, "no event file"
     acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
-    if "charts/episodic_return" not in tags["scalars"] or "hyperparameters/text_summary" not in tags["tensors"]:
-        return None
+    if "hyperparameters/text_summary" not in tags["tensors"]:
+        return None, "no hyperparameters logged (not a run of these scripts, or its event file is unreadable)"
+    if "charts/episodic_return" not in tags["scalars"]:
+        return None, "no episode ended"
     text = acc.Tensors("hyperparameters/text_summary")[0]
-    args = parse_hyperparameters(text.tensor_proto.string_val[0].decode())
+    try:
+        args = parse_hyperparameters(text.tensor_proto.string_val[0].decode())
+    except (IndexError, UnicodeDecodeError):
+        return None, "its hyperparameters cannot be read"
+    if not args.get("env_id"):
+        return None, "its hyperparameters name no env_id"
     script = next((name for arg, name in SCRIPT_BY_ARG.items() if arg in args), "unknown")
-    if script == "lstm_ppo" and args["lstm"] == "False":
+    if script == "lstm_ppo" and args.get("lstm") == "False":
         script = "cnn_ppo"  # the baselines' CNN-PPO: lstm_ppo.py --no-lstm
     episodes = acc.Scalars("charts/episodic_return")
     sps = acc.Scalars("charts/SPS") if "charts/SPS" in tags["scalars"] else []
@@ -148,23 +197,30 @@ def load_run(path, final_fraction):
         last_step=max([e.step for e in episodes] + [e.step for e in sps]),
         sps=float(sps[-1].value) if sps else math.nan,
         final_fraction=final_fraction,
-    )
+    ), None
 
 
 def load_runs(args):
-    runs = []
+    """(runs, [(run directory, why it is left out or incomplete)]); each of the latter is also a warning."""
+    runs, notes = [], []
+    out = Path(args.out).resolve()
     for path in sorted(Path(args.runs).iterdir()):
-        if not path.is_dir() or path.name.startswith("."):
+        if not path.is_dir() or path.name.startswith(".") or path.resolve() == out:
             continue
-        run = load_run(path, args.final_fraction)
+        for events, n, what in corrupt_event_files(path):
+            notes.append((path, f"{events}: {what} after {n} records; the events after it are missing"))
+        run, why = read_run(path, args.final_fraction)
         if run is None:
+            notes.append((path, f"left out: {why}"))
             continue
         if (args.env_ids and run.args.get("env_id") not in args.env_ids) or (
             args.scripts and run.script not in args.scripts
         ):
             continue
         runs.append(run)
-    return runs
+    for path, note in notes:
+        print(f"warning: {path}: {note}", file=sys.stderr)
+    return runs, notes
 
 
 def launcher_variant(run):
@@ -180,7 +236,7 @@ def group_runs(runs):
     label across envs)."""
     cells = {}
     for run in runs:
-        cells.setdefault((run.script, run.args["env_id"], launcher_variant(run)), set()).add(run.args["exp_name"])
+        cells.setdefault((run.script, run.args["env_id"], launcher_variant(run)), set()).add(run.args.get("exp_name"))
     if all(variant is not None and len(names) == 1 for (_, _, variant), names in cells.items()):
         groups = {}
         for run in runs:
@@ -300,7 +356,7 @@ def plot_pruning(groups, out, rng, reps):
     by_cell = {}
     for (script, env, _), group in groups.items():
         for run in group:
-            if "n_layer" in run.args:  # the baselines have no Transformer-XL
+            if str(run.args.get("n_layer", "")).isdigit():  # the baselines have no Transformer-XL
                 by_cell.setdefault((script, env), {}).setdefault(int(run.args["n_layer"]), []).append(run)
     cells = {k: v for k, v in by_cell.items() if len(v) > 1}
     if not cells:
@@ -325,7 +381,7 @@ def plot_pruning(groups, out, rng, reps):
     return True
 
 
-def final_table(groups):
+def final_table(groups, notes=()):
     lines = [
         "| script | env | variant or arguments that differ | final return (mean ± std) | 95% CI (t) | seeds | steps |",
         "|---|---|---|---|---|---|---|",
@@ -339,13 +395,18 @@ def final_table(groups):
             f"| {script} | {env} | {label or '-'} | {finals.mean():.3f} ± {std:.3f} | [{lo:.3f}, {hi:.3f}] "
             f"| {len(group)} | {', '.join(f'{s:,}' for s in steps)} |"
         )
+    if notes:
+        lines += ["", "Run directories left out or incomplete:", ""]
+        lines += [f"- {path.name}: {note}" for path, note in notes]
     return "\n".join(lines) + "\n"
 
 
 def save(fig, stem):
+    from helm_utils.files import write_atomically
+
     fig.tight_layout()
     for ext in ("png", "svg"):
-        fig.savefig(f"{stem}.{ext}", dpi=120)
+        write_atomically(Path(f"{stem}.{ext}"), lambda f, ext=ext: fig.savefig(f, format=ext, dpi=120))
     plt.close(fig)
 
 
@@ -353,16 +414,28 @@ def safe_name(env_id):
     return re.sub(r"[^A-Za-z0-9_.-]", "_", env_id)
 
 
-def main(args):
+def check_args(args):
     from helm_utils import fail
 
     if not Path(args.runs).is_dir():
         fail(f"--runs {args.runs} is not a directory")
-    runs = load_runs(args)
+    if not 1 <= args.reps <= MAX_REPS or not 1 <= args.points <= MAX_POINTS:
+        fail(f"--reps and --points must be in [1, {MAX_REPS:,}], got {args.reps} and {args.points}")
+    if not 0 < args.final_fraction <= 1:
+        fail(f"--final-fraction must be in (0, 1], got {args.final_fraction}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be >= 0 and < 2**32, got {args.seed}")
+
+
+def main(args):
+    from helm_utils import fail
+    from helm_utils.files import output_dir, write_atomically
+
+    check_args(args)
+    runs, notes = load_runs(args)
     if not runs:
         fail(f"no runs with logged episodes under {args.runs}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, "--out")
     rng = np.random.default_rng(args.seed)
     groups, varying = group_runs(runs)
     for env_id in sorted({env for _, env, _ in groups}):
@@ -370,8 +443,9 @@ def main(args):
             plot_curves(groups, env_id, axis, args, rng, out)
     plot_aggregate(groups, args, out)
     plot_pruning(groups, out, rng, args.reps)
-    (out / "final_returns.md").write_text(final_table(groups))
-    print(final_table(groups), end="")
+    table = final_table(groups, notes)
+    write_atomically(out / "final_returns.md", lambda f: f.write(table.encode()))
+    print(table, end="")
     print(f"{len(runs)} runs in {len(groups)} groups (differing: {', '.join(varying) or 'nothing'}); figures in {out}")
 
 

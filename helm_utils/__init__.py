@@ -16,6 +16,11 @@ docs/layout.md says what lives where and why.
 """
 
 
+class InputError(SystemExit):
+    """What fail() raises: a SystemExit (Python prints its one line and exits with status 1) that the package
+    can tell apart from other exits, e.g. to ask whether --resume would take a state before writing it."""
+
+
 def fail(message):
     """Stop with one clear line on stderr and exit status 1."""
-    raise SystemExit(f"error: {message}")
+    raise InputError(f"error: {message}")

@@ -55,6 +55,22 @@ def import_env_suite(env_id):
         fail(f"{env_id} needs the module {module}, which cannot be imported ({e}); install it with: {install}")
 
 
+def check_env_id_from_file(env_id, what, command_line=None):
+    """An env id read from a file made elsewhere (a checkpoint) may name a registered environment or one of the
+    suites above, nothing else: gymnasium imports the module of an id `module:Env-v0` before it looks the env
+    up, which runs that module's code. Such an id is honoured only when the command line gives it
+    (`command_line`). Ids of another type are left to the checks of the arguments."""
+    if not isinstance(env_id, str) or env_id == command_line:
+        return
+    if ":" in env_id:
+        fail(
+            f"{what}: env_id {env_id!r} names a module to import, which a file made elsewhere may not; "
+            f"give --env-id {env_id} on the command line to run it"
+        )
+    if env_id not in gym.registry and not any(env_id.startswith(prefix) for prefix in ENV_SUITES):
+        fail(f"{what}: env_id {env_id!r} is neither a registered environment nor of a known suite")
+
+
 def make(env_id, render_mode=None):
     """gym.make(env_id) with its suite registered first, and one line instead of a traceback when it fails."""
     import_env_suite(env_id)

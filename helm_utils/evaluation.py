@@ -42,14 +42,17 @@ def script_of(ckpt, path):
     return importlib.import_module(f"{algorithm}_ppo")
 
 
-def load(path, script=None, num_envs=None, cuda=True, frames=False, from_hub=False):
+def load(path, script=None, num_envs=None, cuda=True, frames=False, from_hub=False, env_id=None):
     """Read a checkpoint once, check it with the training script that wrote it (`script`, the module; None:
     the one its algorithm names), rebuild its models. num_envs None: the fewest the agent plays with (HELMv2's
-    --rescale batch standardises across two)."""
+    --rescale batch standardises across two). env_id: the one the command line gave (or the run's own), the only
+    one that may name a module to import (module:Env-v0)."""
     ckpt = checkpoints.read(path)
     script = script or script_of(ckpt, path)
-    ckpt = checkpoints.check(ckpt, path, script)
+    ckpt = checkpoints.check(ckpt, path, script, env_id)
     args = script.Args(**ckpt["args"])
+    if env_id is not None and env_id != args.env_id:
+        fail(f"--env-id {env_id} is not the env id of {path} ({args.env_id}): an agent plays the env it was trained on")
     args.num_envs = num_envs or (2 if getattr(args, "rescale", None) == "batch" else 1)
     args.capture_video, args.cuda = False, cuda
     if from_hub and hasattr(args, "embeddings_dir"):
@@ -226,13 +229,14 @@ def most_attended(record, keys):
     }
 
 
-def evaluate(checkpoint, script, episodes, cuda=True, video_dir=None, from_hub=False):
+def evaluate(checkpoint, script, episodes, cuda=True, video_dir=None, from_hub=False, env_id=None):
     """Returns of `episodes` episodes of a saved agent (sampled actions, new seeds), and the mp4 of env
     0's first episode with its memory strip (written to video_dir, default videos/<run_name>-eval).
-    script: the training script's module (None: the one the checkpoint's algorithm names)."""
-    loaded = load(checkpoint, script, cuda=cuda, frames=True, from_hub=from_hub)
+    script: the training script's module (None: the one the checkpoint's algorithm names); env_id: see load."""
+    loaded = load(checkpoint, script, cuda=cuda, frames=True, from_hub=from_hub, env_id=env_id)
+    what = "--out-dir" if video_dir else "the evaluation's video folder"
     video_dir = Path(video_dir or Path("videos") / f"{safe_name(loaded.ckpt.get('run_name'))}-eval")
-    video = Video(video_dir, Picture(loaded.algorithm, loaded.trxl.n_layer - 1), fps=4, max_episodes=1)
+    video = Video(video_dir, Picture(loaded.algorithm, loaded.trxl.n_layer - 1), fps=4, max_episodes=1, what=what)
     returns = play(loaded, episodes, [video])
     print(f"evaluation: mean return over {len(returns)} episodes {np.mean(returns):.3f} +- {np.std(returns):.3f}")
     return returns, video.written[0] if video.written else None

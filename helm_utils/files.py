@@ -1,6 +1,12 @@
-"""Files: written atomically, and read from elsewhere without running code or trusting their content."""
+"""Files: written atomically, and read from elsewhere without running code or trusting their content.
+
+Two writers, the same care: write_atomically for a file a run owns and replaces (its checkpoints, the embeddings
+file, plots), write_new for an output beside others (enjoy.py's videos, heatmaps and traces), which never takes
+the place of an existing file. Neither follows a link planted at the file's name."""
 
 import contextlib
+import errno
+import itertools
 import os
 import re
 import secrets
@@ -31,17 +37,139 @@ def write_atomically(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut too
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _fsync_dir(path.parent)
     except OSError as e:
         _remove(tmp)
         fail(f"could not write {path}: {e.strerror or e}; nothing was overwritten")
     except BaseException:
         _remove(tmp)
         raise
+
+
+def output_dir(path, what):
+    """The folder `path` (created if missing) for outputs, or one line naming `what` (the flag that chose it): it
+    is a file, cannot be created (read-only or full file system, /proc) or cannot be written to."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot use {path} as the output folder ({what}): {e.strerror or e}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        fail(f"cannot write into the output folder {path} ({what}): it is read-only")
+    return path
+
+
+def new_file(path):
+    """A temporary file of its own beside `path` (created exclusively under a random name, no link followed):
+    (file descriptor, its path). The suffix is kept, for writers that choose the format by it (ffmpeg)."""
+    name = path.with_name(f".{path.stem}.{secrets.token_hex(8)}.tmp{path.suffix}")
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), name
+
+
+def publish(tmp, path):
+    """Give the finished temporary file `tmp` the name `path`, or if that name is taken (a file, a directory or
+    a link, dangling or not) the first free one of `stem-2.ext`, `stem-3.ext`, ...; never replaces anything.
+    Returns the name given. link() refuses an existing name and follows no link at it; on a file system without
+    hard links the name is claimed with an exclusive create first, then the temporary file renamed over that."""
+    for n in itertools.count(1):
+        target = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            os.link(tmp, target)
+            os.unlink(tmp)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+                raise
+            try:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+            except FileExistsError:
+                continue
+            os.replace(tmp, target)
+            break
+    _fsync_dir(path.parent)
+    return target
+
+
+def write_new(path, write, by_name=False):
+    """Write a new file as write_atomically does (a temporary file of its own, fsynced, then given its name), but
+    never in the place of an existing file: when `path` exists the file gets the next free name (see publish),
+    which is returned. write(f) writes to a binary file; with by_name, write(name) opens the file by its name
+    itself (ffmpeg). A failure (a full disk, a read-only folder) leaves nothing behind and is one line."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, name = new_file(path)
+        tmp = name
+        if by_name:
+            os.close(fd)
+            write(str(name))
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        final = publish(name, path)
+        tmp = None
+        return final
+    except OSError as e:
+        _remove(tmp)
+        fail(f"could not write {path}: {e.strerror or e}; nothing was written")
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+class NewFile:
+    """A file written as it goes (a trace, row by row), published under its name by close() as write_new does:
+    until then it is a temporary file of its own, so its name never points to half a file or to another's."""
+
+    def __init__(self, path, mode="w"):
+        self.path, self.written = Path(path), None
+        try:
+            fd, self.tmp = new_file(self.path)
+        except OSError as e:
+            fail(f"could not write {self.path}: {e.strerror or e}")
+        self.file = os.fdopen(fd, mode, newline="" if "b" not in mode else None)
+
+    def write(self, data):
+        try:
+            self.file.write(data)
+            self.file.flush()
+        except OSError as e:
+            self.discard()
+            fail(f"could not write {self.path}: {e.strerror or e}; nothing was written")
+
+    def close(self):
+        """Publish the file; returns its name (the next free one when `path` exists)."""
+        if self.written is None and not self.file.closed:
+            try:
+                os.fsync(self.file.fileno())
+                self.file.close()
+                self.written = publish(self.tmp, self.path)
+            except OSError as e:
+                self.discard()
+                fail(f"could not write {self.path}: {e.strerror or e}; nothing was written")
+        return self.written
+
+    def discard(self):
+        with contextlib.suppress(OSError):
+            self.file.close()
+        _remove(self.tmp)
+
+
+def _fsync_dir(folder):
+    directory = os.open(folder, os.O_RDONLY)  # the rename itself survives a power cut too
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _remove(path):
@@ -64,18 +192,28 @@ def read_state_dict(path):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
         fail(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    validate_tensors(state, f"weights {path}")
+    validate_tensors(state, f"weights {path}", FLOATS)
     return state
 
 
-def validate_tensors(state, what):
-    """A state dict: a flat dict of named tensors, none of them NaN or infinite."""
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def validate_tensors(state, what, dtypes=None):
+    """A state dict: a flat dict of named dense CPU tensors of real numbers (of `dtypes`, if given), none of
+    them NaN or infinite. Loading casts a tensor to its parameter's dtype without a word (a complex one with
+    a warning, dropping its imaginary part): a dtype other than the one used is refused here instead."""
     if not isinstance(state, dict):
         fail(f"{what} hold a {type(state).__name__}, not a dict of named tensors")
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             fail(f"{what}: entry {key!r} is a {type(value).__name__}, not a named tensor")
-        if (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all():
+        if value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized:
+            fail(f"{what}: tensor {key} is a {value.layout} tensor on {value.device}, not a dense one")
+        if value.is_complex() or (dtypes is not None and value.dtype not in dtypes):
+            wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes or FLOATS)
+            fail(f"{what}: tensor {key} is {str(value.dtype).removeprefix('torch.')}, not {wanted}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
             fail(f"{what}: tensor {key} holds NaN or infinite values")
 
 

@@ -172,6 +172,8 @@ def read_vocab(path):
                 data = _VocabUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         fail(f"vocabulary {path} is not a plain Transformer-XL vocab.pkl ({e})")
+    except (MemoryError, RecursionError, OverflowError) as e:  # a frame or a nesting of absurd size
+        fail(f"vocabulary {path} is not a plain Transformer-XL vocab.pkl ({type(e).__name__})")
     idx2sym = data.get("idx2sym") if isinstance(data, dict) else None
     if not isinstance(idx2sym, list) or not idx2sym or not all(isinstance(s, str) for s in idx2sym):
         fail(f"vocabulary {path} has no idx2sym list of strings")
@@ -240,8 +242,8 @@ def trxl_source(source, weights=True):
         fail(f"{source!r} has no config.json")
     try:
         config = json.loads(Path(config_file).read_text())
-    except (OSError, ValueError) as e:
-        fail(f"{config_file} is not a readable JSON config ({e})")
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested beyond Python's stack
+        fail(f"{config_file} is not a readable JSON config ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
     config = validate_trxl_config(config, config_file)
     weights_file = None
     if weights:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from helm_utils import files
+
 
 class Output:
     def step(self, record):
@@ -98,11 +100,27 @@ class Picture:
         return out + [current]
 
 
-class Video(Output):
-    """One mp4 per episode of env 0: each frame with its memory strip (moviepy, as gymnasium's RecordVideo)."""
+def check_video(name, frames):
+    """OSError unless the mp4 `name` holds `frames` frames: ffmpeg cut short (a full disk, a file size limit) exits
+    without an error that moviepy reports, leaving a truncated file."""
+    import imageio_ffmpeg
 
-    def __init__(self, out_dir, picture, fps, max_episodes=None):
+    try:
+        found, _ = imageio_ffmpeg.count_frames_and_secs(name)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise OSError(f"ffmpeg wrote an unreadable video ({' '.join(str(e).split())[:120]})") from None
+    if found != frames:
+        raise OSError(f"ffmpeg wrote {found} of {frames} frames")
+
+
+class Video(Output):
+    """One mp4 per episode of env 0: each frame with its memory strip (moviepy, as gymnasium's RecordVideo),
+    written by files.write_new: atomically, through no link, never over an existing file (an existing
+    episode-001.mp4 leaves the new one episode-001-2.mp4). The folder is checked when the output is made."""
+
+    def __init__(self, out_dir, picture, fps, max_episodes=None, what="--out-dir"):
         self.out_dir, self.picture, self.fps, self.max_episodes = Path(out_dir), picture, fps, max_episodes
+        files.output_dir(self.out_dir, what)  # a file, /proc, a read-only folder: one line before playing
         self.frames, self.written = [], []
 
     def step(self, record):
@@ -113,9 +131,13 @@ class Video(Output):
         if self.frames:
             from moviepy import ImageSequenceClip
 
-            path = self.out_dir / f"episode-{episode:03d}.mp4"
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            ImageSequenceClip(self.frames, fps=self.fps).write_videofile(str(path), logger=None, audio=False)
+            clip, frames = ImageSequenceClip(self.frames, fps=self.fps), len(self.frames)
+
+            def write(name):
+                clip.write_videofile(name, logger=None, audio=False)
+                check_video(name, frames)
+
+            path = files.write_new(self.out_dir / f"episode-{episode:03d}.mp4", write, by_name=True)
             self.written.append(path)
             print(f"video: {path}")
         self.frames = []

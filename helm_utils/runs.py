@@ -33,7 +33,8 @@ def parse(script):
     args = tyro.cli(script.Args)
     ckpt = None
     if args.resume:
-        ckpt = checkpoints.load(args.resume, script)
+        # the env id of the command line (or the default) is the only one that may name a module to import
+        ckpt = checkpoints.load(args.resume, script, env_id=args.env_id)
         args = resume_args(script.Args, ckpt, args.resume, script.OUTPUT_DIRS)
     script.check_args(args)
     args.batch_size = int(args.num_envs * args.num_steps)
@@ -83,14 +84,19 @@ class Run:
     def __init__(self, args, ckpt, script):
         self.args, self.ckpt, self.script = args, ckpt, script
         name = ckpt["run_name"] if ckpt else new_run_name(args)
-        self.new = ckpt is None or not continues_in_place(RUNS / name, args.resume, ckpt)
+        why = ckpt and not_in_place(RUNS / name, args.resume, ckpt, script.OUTPUT_DIRS)
+        self.new = ckpt is None or bool(why)
         if ckpt and self.new:
             name = new_run_name(args)
-            print(
-                f"{RUNS / ckpt['run_name'] / 'checkpoint.pt'} is further than {args.resume}: going on in a new run, "
-                f"{RUNS / name}, so that nothing of {ckpt['run_name']} is overwritten"
-            )
+            print(f"{why}: going on in a new run, {RUNS / name}, so that nothing of {ckpt['run_name']} is overwritten")
         self.name = name
+        if args.capture_video:  # gymnasium's recorder makes videos/<name> when the envs are built: checked before
+            video_dir = Path("videos") / name
+            blocked = next(
+                (p for p in [*reversed(video_dir.parents[:-1]), video_dir] if p.exists() and not p.is_dir()), None
+            )
+            if blocked is not None:
+                fail(f"--capture-video writes into {video_dir}, but {blocked} is a file")
         # a checkpoint from elsewhere cannot choose where files are written (SHELM's embeddings_dir)
         self.may_write_output_dirs = not ckpt or checkpoints.may_write_output_dirs(
             args, ckpt["args"], script.OUTPUT_DIRS
@@ -114,8 +120,12 @@ class Run:
         self.stop = StopRequest()  # from here on a signal is saved for: the run directory is about to exist
         self.dir, self.lock = claim_run_dir(self.name, self.new)
         self.name = self.dir.relative_to(RUNS).as_posix()
-        if not self.new and not continues_in_place(self.dir, args.resume, ckpt):
+        # another process may have written the run's checkpoints between __init__ and the claim
+        written = any((self.dir / name).exists() for name in CHECKPOINT_FILES)
+        if not self.new and written and not_in_place(self.dir, args.resume, ckpt, self.script.OUTPUT_DIRS):
             fail(f"{self.dir / 'checkpoint.pt'} was written by another process meanwhile; resume it instead")
+        if ckpt and not self.new and args.capture_video:
+            keep_earlier_videos(Path("videos") / self.name, global_step)
         self.writer, self.videos, wandb_id = open_logs(args, self.dir, self.name, wandb_id, global_step, resumed=ckpt)
         meta = {"algorithm": self.script.ALGORITHM, "env_id": args.env_id, "versions": versions()}
         self.info = {
@@ -168,15 +178,27 @@ class Run:
         if self.nonfinite_in_row >= self.args.nonfinite_limit:
             # saved as the end of this iteration: its rollout is complete, and the counters in the checkpoint
             # must say so (global_step == iteration * batch_size) for a resume to add up
-            self.save("checkpoint_nonfinite.pt", self.state(iteration, global_step))
-            self.writer.close()
-            last = self.dir / "checkpoint.pt"
-            before = f"last periodic checkpoint: {last}" if last.exists() else "no periodic checkpoint before it"
-            fail(
-                f"{self.nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}; "
-                f"state saved to {self.dir / 'checkpoint_nonfinite.pt'} ({before})"
+            self.abort(
+                f"{self.nonfinite_in_row} non-finite losses or gradients in a row at step {global_step}",
+                self.state(iteration, global_step),
             )
         return True
+
+    def abort(self, reason, state, refused=None):
+        """Stop a run that cannot go on (non-finite updates, a state --resume would refuse) with one line and exit
+        status 1: its state goes to checkpoint_nonfinite.pt, for inspection only (the line says when --resume
+        refuses it, unless `refused`, the reason, says so already); checkpoint.pt stays the last good state."""
+        path = self.dir / "checkpoint_nonfinite.pt"
+        ckpt = self.checkpoint(state)
+        note = ""
+        if refused is None:
+            refused = checkpoints.refusal(ckpt, path, self.script, self.args.env_id)
+            note = f"; --resume refuses it: {refused}" if refused else ""
+        checkpoints.save(path, ckpt)
+        self.writer.close()
+        last = self.dir / "checkpoint.pt"
+        before = f"last periodic checkpoint: {last}" if last.exists() else "no periodic checkpoint before it"
+        fail(f"{reason}; state saved to {path} ({before}){note}")
 
     def update_done(self, iteration, global_step):
         """After update `iteration` is logged: model_best.pt when the mean of the last 100 returns improved
@@ -188,15 +210,16 @@ class Run:
         if self.progress is not None:
             self.progress.update(global_step - self.progress.n)
             self.progress.set_postfix(ret=f"{mean_return:.3f}")
-        new_best = bool(self.recent_returns) and mean_return > self.best_return
+        # no checkpoint while non-finite updates are being skipped: the weights may have diverged, and checkpoint.pt
+        # is the last good state that the non-finite abort points to
+        skipping = self.nonfinite_in_row > 0
+        new_best = bool(self.recent_returns) and mean_return > self.best_return and not skipping
         if new_best:
             self.best_return = mean_return
         state = self.state(iteration, global_step)
         if new_best and args.save_model:
             self.save("model_best.pt", state)
-        # not while non-finite updates are being skipped: the weights may have diverged, and checkpoint.pt
-        # is the last good state that the non-finite abort points to
-        if args.checkpoint_every and iteration % args.checkpoint_every == 0 and not self.nonfinite_in_row:
+        if args.checkpoint_every and iteration % args.checkpoint_every == 0 and not skipping:
             self.save("checkpoint.pt", state)
 
     def finish(self, global_step):
@@ -205,6 +228,12 @@ class Run:
         envs before: the video under way is written then."""
         args = self.args
         final = self.state(args.num_iterations, global_step)
+        if self.nonfinite_in_row:  # the last update ended in skipped minibatches: the run has not recovered
+            self.abort(
+                f"the run ended with {self.nonfinite_in_row} non-finite losses or gradients in a row at step "
+                f"{global_step} (their updates were skipped)",
+                final,
+            )
         self.save("checkpoint.pt", final)
         if args.save_model or args.upload_model:
             self.save("model_final.pt", final)
@@ -217,7 +246,9 @@ class Run:
             from helm_utils import evaluation
 
             final_model = self.dir / "model_final.pt"
-            returns, video = evaluation.evaluate(final_model, self.script, args.eval_episodes, args.cuda)
+            returns, video = evaluation.evaluate(
+                final_model, self.script, args.eval_episodes, args.cuda, env_id=args.env_id
+            )
             for idx, episodic_return in enumerate(returns):
                 self.writer.add_scalar("eval/episodic_return", episodic_return, idx)
         self.writer.close()
@@ -241,10 +272,20 @@ class Run:
             iteration, global_step, self.best_return, self.recent_returns, self.reward_norm, self.encoder
         )
 
-    def save(self, name, state):
-        self.writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
+    def checkpoint(self, state):
         weights = {"agent": self.agent.state_dict(), "optimizer": self.optimizer.state_dict()}
-        checkpoints.save(self.dir / name, {"format": checkpoints.FORMAT, **self.info, **weights, **state})
+        return {"format": checkpoints.FORMAT, **self.info, **weights, **state}
+
+    def save(self, name, state):
+        """Write checkpoint `name`, after the checks --resume applies: a state that fails them (weights or
+        statistics that overflowed) never replaces a file; the run stops instead (abort)."""
+        self.writer.flush()  # the log holds all that the checkpoint covers, even if the process is killed next
+        ckpt = self.checkpoint(state)
+        refused = checkpoints.refusal(ckpt, self.dir / name, self.script, self.args.env_id)
+        if refused:
+            reason = refused.removeprefix(f"checkpoint {self.dir / name}: ")
+            self.abort(f"the state at step {state['global_step']} fails --resume's checks ({reason})", state, refused)
+        checkpoints.save(self.dir / name, ckpt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,25 +293,48 @@ class Run:
 # ---------------------------------------------------------------------------------------------
 
 
-def continues_in_place(run_dir, resume, ckpt):
-    """Whether resuming `resume` may go on in its run's directory: only if the run's checkpoint.pt is not ahead
-    of it (going on from model_best.pt of a run that went further would move the run's files back in time)."""
+CHECKPOINT_FILES = ("checkpoint.pt", "model_final.pt", "model_best.pt", "checkpoint_nonfinite.pt")
+
+
+def not_in_place(run_dir, resume, ckpt, output_dirs=()):
+    """Why resuming `resume` may not go on in its run's directory (None: it may). It may when the directory does
+    not exist yet (a checkpoint from elsewhere), when `resume` is the run's checkpoint.pt, or when the run's latest
+    state (its checkpoint.pt, else the checkpoint files it has) is the same run (the same defining arguments:
+    another run's checkpoint that names it must not rewrite its files) and not ahead of `resume` (going on from
+    model_best.pt of a run that went further would move the run's files back in time)."""
     import torch
 
+    if not run_dir.exists() and not run_dir.is_symlink():
+        return None
     latest = run_dir / "checkpoint.pt"
-    if not latest.exists() or latest.samefile(resume):
-        return True
+    if latest.is_file() and latest.samefile(resume):
+        return None
+    own = next((run_dir / name for name in CHECKPOINT_FILES if (run_dir / name).exists()), None)
+    if own is None:
+        inside = Path(resume).resolve().parent == run_dir.resolve()
+        return None if inside else f"{run_dir} exists and holds no checkpoint to compare {resume} with"
     try:
-        step = torch.load(latest, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        saved = torch.load(own, map_location="cpu", weights_only=True, mmap=True)
+        step, args = saved.get("global_step"), saved.get("args")
     except Exception:  # noqa: BLE001 - whatever it holds, it is not to be overwritten
-        return False
-    return isinstance(step, int) and step <= ckpt["global_step"]
+        return f"{own} cannot be read"
+    if not isinstance(args, dict) or checkpoints.defining_args(args, output_dirs) != checkpoints.defining_args(
+        ckpt["args"], output_dirs
+    ):
+        return f"{own} is of another run than {resume} (other arguments)"
+    if not isinstance(step, int) or step > ckpt["global_step"]:
+        return f"{own} is further than {resume}"
+    return None
 
 
 def claim_run_dir(run_name, new):
     """runs/<run_name>, locked for this process's life: a second process on the same run gets one line instead
     of mixing its files in. A new run's directory is created here, never reused: if two runs started in the
     same second take the name, the second gets it with a suffix -2 (-3, ...)."""
+    parts = Path(run_name).parts
+    links = [RUNS.joinpath(*parts[: i + 1]) for i in range(len(parts)) if RUNS.joinpath(*parts[: i + 1]).is_symlink()]
+    if links:  # runs/ itself may be a link (to a larger disk); what lies in it is a run's own
+        fail(f"{links[0]} is a link; a run directory under {RUNS} must be a directory of its own")
     try:
         if new:
             (RUNS / run_name).parent.mkdir(parents=True, exist_ok=True)
@@ -356,6 +420,27 @@ class VideoLog:
             if self.logged.get(path) != mtime:
                 wandb.log({"videos": wandb.Video(str(path), format="mp4")})
         self.logged = on_disk
+
+
+def keep_earlier_videos(video_dir, global_step):
+    """A resumed run's video recorder numbers its episodes from 0 again, in the same folder: the videos of the
+    earlier processes go to a folder of their own first (videos/<run>/before-step-<S>/), where nothing replaces them."""
+    earlier = sorted(p for p in video_dir.glob("*.mp4") if p.is_file()) if not video_dir.is_symlink() else []
+    if not earlier:
+        return
+    try:
+        for n in itertools.count(1):
+            kept = video_dir / (f"before-step-{global_step}" + (f"-{n}" if n > 1 else ""))
+            try:
+                kept.mkdir()
+                break
+            except FileExistsError:
+                continue
+        for path in earlier:
+            os.rename(path, kept / path.name)
+    except OSError as e:
+        fail(f"cannot keep the earlier videos of {video_dir} apart: {e.strerror or e}")
+    print(f"the videos of the run before step {global_step} are kept in {kept}")
 
 
 def versions():

@@ -94,10 +94,18 @@ CASES = {
     "exp-name-control-character": (["--exp-name", "a\nb"], ["control characters"]),
     "env-id-escapes": (["--env-id", "../../MiniGrid-DoorKey-5x5-v0"], ["leaves runs/"]),
     "env-id-unknown-module": (["--env-id", "nosuchmodule:Foo-v0"], ["nosuchmodule:Foo-v0", "No module"]),
+    # sizes: what the run would allocate, estimated from the arguments, against this machine's memory
+    "mem-len-beyond-memory": (["--mem-len", "1000000000"], ["--mem-len 1000000000", "memories", "more than"]),
+    "observation-cache-beyond-memory": (["--observation-cache-size", str(10**15)], ["cache", "more than"]),
+    "total-timesteps-beyond-int64": (["--total-timesteps", str(2**70)], ["--total-timesteps", "2**63"]),
+    # numbers checked in the precision they are used in: float32
+    "learning-rate-zero-in-float32": (["--learning-rate", "1e-50"], ["--learning-rate", "float32", "1e-50"]),
+    "target-kl-inf-in-float32": (["--target-kl", "1e39"], ["--target-kl", "float32", "1e+39"]),
 }
 # per script: the flags of its own algorithm (the cases above test the shared code, once, through SCRIPT)
 HELM_CASES = {
     "beta-zero": (["--beta", "0"], ["--beta", "got 0"]),
+    "beta-inf-in-float32": (["--beta", "1e39"], ["--beta", "float32", "1e+39"]),
     "hopfield-chunk-negative": (["--hopfield-chunk", "-1"], ["--hopfield-chunk", "got -1"]),
 }
 HELMV2_CASES = {
@@ -399,3 +407,14 @@ def test_runs_is_a_file(tmp_path, monkeypatch, capsys):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert error_line(proc).startswith("error: cannot create the run directory runs/MiniGrid-DoorKey-5x5-v0__")
     assert (tmp_path / "runs").read_text() == "not a directory"
+
+
+def test_videos_is_a_file(tmp_path, monkeypatch, capsys):
+    # --capture-video: gymnasium's recorder would make videos/<run> inside the envs (a traceback): checked first
+    (tmp_path / "videos").write_text("not a directory")
+    args = [*base_args(SCRIPT, tmp_path), "--capture-video"]
+    proc = run_in_process(SCRIPT, args, tmp_path, monkeypatch, capsys)
+    assert_clean_failure(
+        proc, tmp_path, sorted(os.listdir(tmp_path)), "--capture-video writes into videos/", "is a file"
+    )
+    assert (tmp_path / "videos").read_text() == "not a directory"

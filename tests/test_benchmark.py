@@ -1,7 +1,10 @@
 """benchmark/: the published configurations, the memory ablation, the launcher and the plots."""
 
+import fcntl
+import importlib.util
 import itertools
 import json
+import os
 import re
 import shlex
 import shutil
@@ -85,18 +88,19 @@ def test_memory_readout_ablated_is_zero(module):
 
 def test_ablated_agent_does_not_depend_on_the_memory(tmp_path):
     """With --ablate-memory the trained agent is bit-identical whatever the Transformer-XL computes
-    (1 or 2 layers); without it, the number of layers changes the agent: its memory input is used."""
+    (1 or 2 layers); without it, the number of layers changes the agent: its memory input is used. (The
+    ablation is shared code of the three scripts; HELM's runs start fastest: no CLIP.)"""
     procs = {}
     for ablate in (True, False):
         for n_layer in (1, 2):
             cwd = tmp_path / f"{ablate}-{n_layer}"
             cwd.mkdir()
-            argv = [*tiny_args("shelm_ppo.py", tmp_path), *QUICK, "--n-layer", str(n_layer), "--seed", "3"]
+            argv = [*tiny_args("helm_ppo.py", tmp_path), *QUICK, "--n-layer", str(n_layer), "--seed", "3"]
             argv += ["--ablate-memory"] if ablate else []
             procs[ablate, n_layer] = (
                 cwd,
                 subprocess.Popen(
-                    [sys.executable, str(ROOT / "shelm_ppo.py"), *argv],
+                    [sys.executable, str(ROOT / "helm_ppo.py"), *argv],
                     cwd=cwd,
                     env=offline_env() | {"OMP_NUM_THREADS": "1"},
                     text=True,
@@ -294,6 +298,183 @@ def test_plot_writes_figures_and_the_table(launched, tmp_path):
     assert f"| {mean:.3f} ± {std:.3f} | [" in row and "] | 3 |" in row
     (row,) = [line for line in table.splitlines() if "total_timesteps=2048" in line]
     assert "| 1 |" in row
+
+
+# ---------------------------------------------------------------------------------------------
+# What the launcher and the plots take from outside, and what the launcher never does to a run
+# ---------------------------------------------------------------------------------------------
+
+
+def import_benchmark(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmark" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def launch_module():
+    return import_benchmark("launch")
+
+
+def launch_main(launch_module, workdir, *argv):
+    """`benchmark/launch.py --workdir workdir argv` in this process."""
+    args, unknown = tyro.cli(launch_module.Args, args=["--workdir", str(workdir), *argv], return_unknown_args=True)
+    args.extra = list(unknown)
+    return launch_module.main(args)
+
+
+def test_launch_leaves_live_and_finished_runs_alone(launch_module, tmp_path):
+    """A run directory without a checkpoint whose script is alive (it holds the .lock) is not moved; one whose
+    script is gone is; a finished run whose checkpoint.pt cannot be read but whose model_final.pt can is finished."""
+    cell = launch_module.Cell("helm_ppo.py", "MiniGrid-Empty-5x5-v0", 1, "default", (), "helm_ppo-default-0123abcd")
+    runs = tmp_path / "runs"
+    live = runs / f"MiniGrid-Empty-5x5-v0__{cell.exp_name}__1__100"
+    live.mkdir(parents=True)
+    lock = os.open(live / ".lock", os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as the script starting there holds it
+    try:
+        assert launch_module.cell_state(runs, cell) == ("running", live)
+        assert live.is_dir()
+    finally:
+        os.close(lock)
+    assert launch_module.cell_state(runs, cell) == ("new", None)  # its script is gone: nothing to continue
+    assert not live.exists() and (runs / ".launch" / "incomplete" / live.name).is_dir()
+    done = runs / f"MiniGrid-Empty-5x5-v0__{cell.exp_name}__1__200"
+    done.mkdir()
+    (done / ".lock").touch()
+    (done / "checkpoint.pt").write_bytes(b"damaged")
+    torch.save(
+        {"iteration": 2, "args": {"total_timesteps": 64, "num_envs": 2, "num_steps": 16}}, done / "model_final.pt"
+    )
+    assert launch_module.cell_state(runs, cell) == ("finished", done / "model_final.pt")
+    assert done.is_dir()
+
+
+def test_a_cell_is_run_by_one_launch_at_a_time(launch_module, tmp_path, capsys):
+    """Two launches of one grid: the cell's lock goes to one; the other runs nothing of it, neither at planning
+    nor when one of its jobs (a Slurm array task) starts."""
+    argv = ["--tiny", "--scripts", "helm_ppo.py", "--env-ids", "MiniGrid-Empty-5x5-v0", "--seeds", "1"]
+    argv += ["--total-timesteps", "64", "--num-envs", "2", "--num-steps", "32"]
+    args, _ = tyro.cli(launch_module.Args, args=argv, return_unknown_args=True)
+    args.extra = argv[-6:]
+    (cell,) = launch_module.make_grid(args, {})
+    held = launch_module.cell_lock(tmp_path / "runs", cell)  # another launch has the cell
+    try:
+        assert launch_module.cell_lock(tmp_path / "runs", cell) is None
+        assert launch_module.run_cell(args, cell, tmp_path / "runs", tmp_path, {}) == "running"
+        capsys.readouterr()
+        launch_main(launch_module, tmp_path, *argv)
+        out = capsys.readouterr().out
+        assert "# running in another launch: MiniGrid-Empty-5x5-v0" in out and "[new]" not in out
+    finally:
+        launch_module.release(held)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [".launch"]  # no run was started
+
+
+BAD_CONFIGS = {
+    "not-json": ("{not json", "is not a readable JSON file"),
+    "configs-a-list": ('{"configs": [1]}', 'has no "configs" object'),
+    "entry-without-flags": ('{"configs": {"MiniGrid-Empty-5x5-v0": {"helm_ppo.py": {"x": 1}}}}', 'no "flags" object'),
+    "reserved-flag": (
+        '{"configs": {"MiniGrid-Empty-5x5-v0": {"helm_ppo.py": {"flags": {"--seed": 3}}}}}',
+        "--seed is set",
+    ),
+    "nested-value": ('{"configs": {"E": {"helm_ppo.py": {"flags": {"--num-envs": {"a": 1}}}}}}', "is not a flag with"),
+}
+
+
+@pytest.mark.parametrize("content, phrase", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_launch_refuses_a_bad_configs_json(launch_module, content, phrase, tmp_path, monkeypatch):
+    (tmp_path / "configs.json").write_text(content)
+    monkeypatch.setattr(launch_module, "CONFIGS", tmp_path / "configs.json")
+    with pytest.raises(SystemExit) as stop:
+        launch_main(launch_module, tmp_path, "--tiny", "--env-ids", "MiniGrid-Empty-5x5-v0", "--published", "--dry-run")
+    assert stop.value.code.startswith("error: ") and phrase in stop.value.code, stop.value.code
+
+
+BAD_LAUNCHES = {
+    "flag-value": (
+        ["--num-envs", "abc"],
+        "helm_ppo.py MiniGrid-Empty-5x5-v0 seed 1 (default): Error parsing --num-envs",
+    ),
+    "unknown-flag": (["--bogus", "1"], "--bogus is not a flag of helm_ppo.py"),
+    "out-of-range": (["--learning-rate", "-1"], "--learning-rate must be a positive float32 number"),
+    "seed": (["--seeds", "-1"], "--seed must be >= 0"),
+    "unclosed-quote": (["--variants", "a:--ent-coef '0.1"], "No closing quotation"),
+    "workdir-a-file": (["--workdir", "{file}"], "is not a directory"),
+}
+
+
+@pytest.mark.parametrize("argv, phrase", BAD_LAUNCHES.values(), ids=BAD_LAUNCHES.keys())
+def test_launch_checks_every_cell_before_any_run(launch_module, argv, phrase, tmp_path):
+    (tmp_path / "file").write_text("keep")
+    argv = [a.format(file=tmp_path / "file") for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        launch_main(
+            launch_module,
+            tmp_path,
+            "--tiny",
+            "--scripts",
+            "helm_ppo.py",
+            "--env-ids",
+            "MiniGrid-Empty-5x5-v0",
+            "--seeds",
+            "1",
+            *argv,
+        )
+    assert stop.value.code.startswith("error: ") and phrase in stop.value.code, stop.value.code
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no run started
+
+
+def fake_run(run_dir, seed, returns):
+    """A run directory as plot.py reads it: the hyperparameters table and episode returns."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n|env_id|MiniGrid-Empty-5x5-v0|\n|seed|{seed}|\n|beta|1|")
+    for i, r in enumerate(returns):
+        writer.add_scalar("charts/episodic_return", r, 10 * (i + 1))
+    writer.close()
+
+
+def test_plot_names_every_run_it_leaves_out(tmp_path, capsys):
+    plot = import_benchmark("plot")
+    for seed in (1, 2, 3):
+        fake_run(tmp_path / "runs" / f"run{seed}", seed, [0.1 * i for i in range(20)])
+    (events,) = (tmp_path / "runs" / "run2").glob("events.out.tfevents.*")
+    data = bytearray(events.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a record in the middle fails its checksum: the events after it are lost
+    events.write_bytes(bytes(data))
+    (tmp_path / "runs" / "empty").mkdir()
+    plot.main(plot.Args(runs=str(tmp_path / "runs"), out=str(tmp_path / "plots"), reps=20, points=5))
+    warnings = capsys.readouterr().err
+    table = (tmp_path / "plots" / "final_returns.md").read_text()
+    assert "run2: events.out.tfevents" in warnings and "fails its checksum" in warnings
+    assert "empty: left out: no event file" in warnings
+    assert "- run2: events.out.tfevents" in table and "- empty: left out: no event file" in table
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["--reps", "0"], "--reps and --points must be in [1, 100,000]"),
+        (["--points", "0"], "--reps and --points must be in [1, 100,000]"),
+        (["--final-fraction", "nan"], "--final-fraction must be in (0, 1]"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--out", "{runs}/run1/events"], "as the output folder (--out)"),
+    ],
+)
+def test_plot_refuses_bad_arguments(argv, phrase, tmp_path):
+    plot = import_benchmark("plot")
+    fake_run(tmp_path / "runs" / "run1", 1, [0.5, 0.6])
+    (events,) = (tmp_path / "runs" / "run1").glob("events.out.tfevents.*")
+    events.rename(tmp_path / "runs" / "run1" / "events")  # a file where --out asks for a folder
+    fake_run(tmp_path / "runs" / "run1", 1, [0.5, 0.6])
+    argv = [a.format(runs=tmp_path / "runs") for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        plot.main(tyro.cli(plot.Args, args=["--runs", str(tmp_path / "runs"), "--reps", "20", *argv]))
+    assert stop.value.code.startswith("error: ") and phrase in stop.value.code, stop.value.code
 
 
 # ---------------------------------------------------------------------------------------------

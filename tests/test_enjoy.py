@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import imageio_ffmpeg
 import numpy as np
@@ -475,3 +476,99 @@ def test_window_shows_the_pictures(enjoyed, monkeypatch):
         np.testing.assert_array_equal(shown, picture(recorder.steps[2]))
     finally:
         window.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: written as the checkpoints are (a file of their own, then its name), through no link, over no file
+# ---------------------------------------------------------------------------------------------
+
+
+def a_step(t):
+    """A step record as play() hands it to the outputs (two attention heads, three keys)."""
+    attended = {"attended_slot": 2, "attended_step": t, "attended_word": "a", "attended_weight": 0.5}
+    return SimpleNamespace(
+        episode=1,
+        t=t,
+        action_name="left",
+        reward=0.0,
+        value=0.5,
+        words=["a"],
+        window=["a"],
+        attended=attended,
+        attention=np.full((2, 3), 1 / 3),
+        key_steps=[None, None, (1, t)],
+        frame=np.zeros((16, 16, 3), dtype=np.uint8),
+    )
+
+
+def test_outputs_follow_no_link_and_replace_no_file(tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ["trace.csv", "episode-001.mp4", "attention-episode-001.png"]:  # planted links
+        (out / name).symlink_to(victim)
+    (out / "trace.jsonl").write_text("an older trace\n")
+    outputs = [
+        enjoy.Trace(out / "trace.csv", "csv"),
+        enjoy.Trace(out / "trace.jsonl", "jsonl"),
+        evaluation.Video(out, lambda record: record.frame, fps=4),
+        enjoy.AttentionMaps(out, 0, per_head=False),
+    ]
+    for output in outputs:
+        for t in range(2):
+            output.step(a_step(t))
+        output.end_episode(1)
+        output.close()
+    assert victim.read_text() == "precious"
+    assert all((out / name).is_symlink() for name in ["trace.csv", "episode-001.mp4", "attention-episode-001.png"])
+    assert (out / "trace.jsonl").read_text() == "an older trace\n"
+    new = ["trace-2.csv", "trace-2.jsonl", "episode-001-2.mp4", "attention-episode-001-2.png"]
+    assert sorted(p.name for p in out.iterdir() if not p.is_symlink()) == sorted([*new, "trace.jsonl"])
+    assert (out / "trace-2.csv").read_text().splitlines()[0].startswith("episode,step,action")
+    assert len((out / "trace-2.jsonl").read_text().splitlines()) == 2
+    printed = capsys.readouterr().out
+    assert all(str(out / name) in printed for name in new)
+    assert f"({out / 'trace.jsonl'} exists: kept)" in printed
+
+
+def test_output_folder_problems_are_one_line(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("keep")
+    for folder in [tmp_path / "a-file", tmp_path / "a-file" / "below", Path("/proc/helm-enjoy-out")]:
+        with pytest.raises(SystemExit) as stop:
+            enjoy.Trace(folder / "trace.csv", "csv")
+        assert stop.value.code.startswith(f"error: cannot use {folder} as the output folder (--out-dir): ")
+    assert (tmp_path / "a-file").read_text() == "keep"
+    # a full disk when the file is finished: one line, nothing left behind
+    trace = enjoy.Trace(tmp_path / "out" / "trace.csv", "csv")
+    trace.step(a_step(0))
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(enjoy.files.os, "fsync", full)
+    with pytest.raises(SystemExit) as stop:
+        trace.close()
+    assert (
+        stop.value.code
+        == f"error: could not write {tmp_path / 'out' / 'trace.csv'}: No space left on device; nothing was written"
+    )
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_video_cut_short_is_one_line(tmp_path, monkeypatch):
+    """ffmpeg stopped by a full disk or a file size limit exits without an error that moviepy reports: the video is
+    counted after it is written, and a short one is one line, nothing left in the folder."""
+    from moviepy import ImageSequenceClip
+
+    def cut_short(self, name, **kwargs):
+        Path(name).write_bytes(b"\x00\x00\x00 ftypisom" + bytes(100))  # what a killed ffmpeg leaves
+
+    monkeypatch.setattr(ImageSequenceClip, "write_videofile", cut_short)
+    video = evaluation.Video(tmp_path / "out", lambda record: record.frame, fps=4)
+    for t in range(2):
+        video.step(a_step(t))
+    with pytest.raises(SystemExit) as stop:
+        video.end_episode(1)
+    assert stop.value.code.startswith(f"error: could not write {tmp_path / 'out' / 'episode-001.mp4'}: ffmpeg wrote")
+    assert list((tmp_path / "out").iterdir()) == []

@@ -202,6 +202,6 @@ def test_bad_beta_exits_with_one_error_line(tmp_path):
     proc = run_script("helm_ppo.py", ["--beta", "-1", *tiny_args("helm_ppo.py", tmp_path)], cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
-    assert error_line(proc) == "error: --beta must be a positive finite number, got -1.0"
+    assert error_line(proc) == "error: --beta must be a positive float32 number, got -1.0"
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [error_line(proc)]
     assert not (tmp_path / "runs").exists()

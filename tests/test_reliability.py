@@ -427,9 +427,8 @@ def test_nonfinite_losses_abort_with_a_checkpoint(script, reference, tmp_path):
     assert [line.split("(")[-1] for line in skipped] == ["1 in a row)", "2 in a row)", "3 in a row)"]
     line = error_line(proc)
     assert line.startswith(f"error: 3 non-finite losses or gradients in a row at step {(UPDATES + 2) * BATCH}; ")
-    assert line.endswith(
-        f"state saved to {resume.with_name('checkpoint_nonfinite.pt')} (last periodic checkpoint: {resume})"
-    )
+    # the saved state may be one --resume refuses (NaN weights): the line then says so after this
+    assert f"state saved to {resume.with_name('checkpoint_nonfinite.pt')} (last periodic checkpoint: {resume})" in line
     saved = load(run_dir / "checkpoint_nonfinite.pt")
     assert (saved["iteration"], saved["global_step"]) == (UPDATES + 2, (UPDATES + 2) * BATCH)
     # update 5 ended inside the run of non-finite losses: a periodic checkpoint would have put the
@@ -633,6 +632,52 @@ CHECKPOINT_CASES = {
     "reward-rms-negative-variance": (setter("reward_rms", value=(0.0, -1.0, 5.0)), ["reward_rms"]),
     "reward-rms-short": (setter("reward_rms", value=(0.0, 1.0)), ["reward_rms"]),
     "rng-missing-numpy": (lambda c: c["rng"].pop("numpy"), ["RNG states"]),
+    # every field of the optimizer state (it was used as it came: a NaN eps trained on into NaN weights)
+    "optimizer-eps-nan": (setter("optimizer", "param_groups", 0, "eps", value=math.nan), ["eps"]),
+    "optimizer-eps-zero-in-float32": (setter("optimizer", "param_groups", 0, "eps", value=1e-50), ["eps"]),
+    "optimizer-betas-above-1": (setter("optimizer", "param_groups", 0, "betas", value=(2.0, 0.999)), ["betas"]),
+    "optimizer-betas-a-string": (setter("optimizer", "param_groups", 0, "betas", value="x"), ["betas"]),
+    "optimizer-weight-decay-nan": (setter("optimizer", "param_groups", 0, "weight_decay", value=math.nan), ["decay"]),
+    "optimizer-amsgrad": (setter("optimizer", "param_groups", 0, "amsgrad", value=True), ["amsgrad is True"]),
+    "optimizer-without-betas": (lambda c: c["optimizer"]["param_groups"][0].pop("betas"), ["missing betas"]),
+    "optimizer-two-groups": (lambda c: c["optimizer"]["param_groups"].append({}), ["2 parameter groups"]),
+    "optimizer-params-repeated": (
+        setter("optimizer", "param_groups", 0, "params", value=lambda p: [0] * len(p)),
+        ["distinct"],
+    ),
+    "optimizer-step-negative": (setter("optimizer", "state", 0, "step", value=torch.tensor(-5.0)), ["step must be"]),
+    "optimizer-step-a-list": (setter("optimizer", "state", 0, "step", value=[1]), ["step must be a scalar"]),
+    "optimizer-moment-complex": (setter("optimizer", "state", 0, "exp_avg", value=lambda t: t.cfloat()), ["complex64"]),
+    "optimizer-moment-float64": (setter("optimizer", "state", 0, "exp_avg", value=lambda t: t.double()), ["float32"]),
+    "optimizer-second-moment-negative": (
+        setter("optimizer", "state", 0, "exp_avg_sq", value=lambda t: -t - 1),
+        [">= 0"],
+    ),
+    "optimizer-unknown-state": (setter("optimizer", "state", 0, "momentum", value=torch.zeros(1)), ["malformed"]),
+    # RNG states, tried on generators of their own (a list for NumPy's key was an AttributeError)
+    "rng-numpy-key-a-list": (
+        lambda c: c["rng"].update(numpy=(c["rng"]["numpy"][0], c["rng"]["numpy"][1].tolist(), *c["rng"]["numpy"][2:])),
+        ["RNG states", "int64 tensor"],
+    ),
+    "rng-torch-short": (setter("rng", "torch", value=lambda t: t[:10]), ["RNG states"]),
+    "rng-python-garbage": (setter("rng", "python", value=(3, (1, 2), None)), ["RNG states"]),
+    # dtypes: loading casts another one without a word (a complex one with torch's warning)
+    "agent-complex": (lambda c: setter("agent", first_float(c["agent"]), value=lambda t: t.cfloat())(c), ["complex64"]),
+    "agent-float64": (lambda c: setter("agent", first_float(c["agent"]), value=lambda t: t.double())(c), ["float64"]),
+    "agent-sparse": (lambda c: setter("agent", first_float(c["agent"]), value=lambda t: t.to_sparse())(c), ["dense"]),
+    "meta-versions-a-list": (setter("meta", "versions", value=[1]), ["meta is malformed"]),
+    # numbers that pass as float64 and overflow once used in float32
+    "recent-returns-beyond-float32": (setter("recent_returns", value=[1e308]), ["float32"]),
+    "reward-rms-beyond-float32": (setter("reward_rms", value=(1e308, 1e308, 1e308)), ["reward_rms"]),
+    "args-learning-rate-zero-in-float32": (
+        setter("args", "learning_rate", value=1e-50),
+        ["--learning-rate", "float32"],
+    ),
+    # sizes: what the run would allocate
+    "args-mem-len-beyond-memory": (setter("args", "mem_len", value=10**9), ["--mem-len 1000000000", "more than"]),
+    # an env id of a file from elsewhere names no module to import
+    "env-id-names-a-module": (setter("args", "env_id", value="this:Foo-v0"), ["names a module", "--env-id this:Foo"]),
+    "env-id-unregistered": (setter("args", "env_id", value="NoSuchEnv-v0"), ["neither a registered environment"]),
 }
 
 
@@ -685,17 +730,19 @@ def test_enjoy_refuses_a_crafted_checkpoint(reference, tmp_path, monkeypatch, ca
     import enjoy
 
     ckpt = load(reference / "checkpoint.pt")
-    ckpt["args"]["no_such_flag"] = 1
-    torch.save(ckpt, tmp_path / "crafted.pt")
     monkeypatch.chdir(tmp_path)
+    torch.save({**ckpt, "args": {**ckpt["args"], "no_such_flag": 1}}, tmp_path / "crafted.pt")
+    ckpt["args"]["env_id"] = "this:Foo-v0"  # gymnasium would import the module `this` (it prints a poem)
+    torch.save(ckpt, tmp_path / "module.pt")
     for cli, phrase in [
         (enjoy.Args(checkpoint="crafted.pt"), "other arguments than this script has: no_such_flag"),
+        (enjoy.Args(checkpoint="module.pt"), "env_id 'this:Foo-v0' names a module to import"),
         (enjoy.Args(checkpoint=str(reference / "checkpoint.pt"), seed=-1), "--seed must be >= 0 and < 2**32, got -1"),
     ]:
         with pytest.raises(SystemExit) as stop:
             enjoy.main(cli)
         assert stop.value.code.startswith("error: ") and phrase in stop.value.code, stop.value.code
-    assert os.listdir(tmp_path) == ["crafted.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["crafted.pt", "module.pt"]
 
 
 @pytest.mark.parametrize("script", ["shelm_ppo.py"])  # the one script with a directory to write: OUTPUT_DIRS
@@ -816,3 +863,150 @@ def test_write_atomically_follows_no_link(tmp_path, monkeypatch):
         files.write_atomically(path, lambda f: f.write(b"newer"))
     assert stop.value.code == f"error: could not write {path}: File exists; nothing was overwritten"
     assert victim.read_bytes() == b"precious" and path.read_bytes() == b"new" and planted.is_symlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# A run never writes what its own --resume refuses; a checkpoint of another run never continues in place
+# ---------------------------------------------------------------------------------------------
+
+
+def test_env_id_from_a_checkpoint_imports_nothing(script, reference, tmp_path, monkeypatch, cache):
+    """gymnasium imports the module of an env id `module:Env-v0` before it looks the env up: from a file made
+    elsewhere only registered envs and the known suites pass, before anything is imported; from the command line
+    (or the run's own, when a run saves) the id is the user's own."""
+    (tmp_path / "planted_env_module.py").write_text("import pathlib\npathlib.Path(__file__).with_name('ran').touch()\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    module = import_script(script)
+    ckpt = load(reference / "checkpoint.pt")
+    ckpt["args"]["env_id"] = "planted_env_module:Foo-v0"
+    with pytest.raises(SystemExit) as stop:
+        checkpoints.check(copy.deepcopy(ckpt), "crafted.pt", module)
+    assert "names a module to import" in stop.value.code
+    assert checkpoints.check(ckpt, "crafted.pt", module, env_id="planted_env_module:Foo-v0") is ckpt
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("case", ["moments-of-another-shape", "encoder-state-of-another-dtype"])
+def test_resume_refuses_a_state_that_does_not_fit_the_model(script, reference, case, tmp_path, monkeypatch):
+    """What only the model built for the checkpoint can tell: AdamW's moments of another shape (torch loads them,
+    the first step fails), an encoder state of another dtype (loading would cast it without a word)."""
+    ckpt = load(reference / "checkpoint.pt")
+    if case == "moments-of-another-shape":
+        ckpt["optimizer"]["state"][0].update(exp_avg=torch.zeros(3, 3), exp_avg_sq=torch.zeros(3, 3))
+        phrase = "the optimizer state of parameter 0 is (3, 3)"
+    else:
+        ckpt["encoder"]["mean"] = ckpt["encoder"]["mean"].float()  # HELMv2's running statistics are float64
+        phrase = "the encoder state's mean is float32, this model's float64"
+    torch.save(ckpt, tmp_path / "crafted.pt")
+    message = run_main(script, ["--resume", "crafted.pt", "--no-progress-bar"], tmp_path, monkeypatch)
+    assert message.startswith("error: checkpoint crafted.pt") and phrase in message, message
+    assert os.listdir(tmp_path) == ["crafted.pt"]
+
+
+def test_a_state_that_resume_refuses_is_never_saved(script, reference, tmp_path, monkeypatch):
+    """Every checkpoint a run writes (periodic, best, final, on a signal) is checked as --resume checks it: a state
+    that fails (here NaN weights) replaces no file; it goes to checkpoint_nonfinite.pt and the run stops, one line."""
+    shutil.copytree(reference.parent, tmp_path / "runs")
+    run_dir = tmp_path / "runs" / reference.name
+    monkeypatch.chdir(tmp_path)
+    module = import_script(script)
+    ckpt = checkpoints.load(run_dir / "checkpoint.pt", module)
+    weights = copy.deepcopy(ckpt["agent"])
+    weights[first_float(weights)] = nan_first(weights[first_float(weights)])
+    run = runs.Run.__new__(runs.Run)  # a run's save() alone: what it needs, as start() leaves it
+    run.args, run.script, run.dir = module.Args(**ckpt["args"]), module, Path("runs") / reference.name
+    run.info = {key: ckpt[key] for key in ("algorithm", "args", "meta", "run_name", "wandb_id")}
+    run.agent = SimpleNamespace(state_dict=lambda: weights)
+    run.optimizer = SimpleNamespace(state_dict=lambda: ckpt["optimizer"])
+    run.writer = SimpleNamespace(flush=lambda: None, close=lambda: None)
+    state = {key: ckpt[key] for key in ("iteration", "global_step", "best_return", "recent_returns", "rng")}
+    state.update(reward_rms=ckpt["reward_rms"], encoder=ckpt["encoder"])
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    for name in ["checkpoint.pt", "model_final.pt", "model_best.pt"]:
+        with pytest.raises(SystemExit) as stop:
+            run.save(name, state)
+        message = stop.value.code
+        assert message.startswith(f"error: the state at step {UPDATES * BATCH} fails --resume's checks (")
+        assert "holds NaN or infinite values" in message and "checkpoint_nonfinite.pt" in message
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != "checkpoint_nonfinite.pt"} == before
+    assert torch.isnan(load(run_dir / "checkpoint_nonfinite.pt")["agent"][first_float(weights)]).any()
+
+
+def test_a_run_that_ends_skipping_updates_fails_and_keeps_its_files(script, reference, tmp_path, monkeypatch):
+    """Two more updates at a learning rate of 1e20, the non-finite limit out of reach: every minibatch after the
+    first is skipped. The run used to end with exit 0, its checkpoint.pt and model_final.pt replaced by the wrecked
+    weights; it now ends as the guard does (one line, exit 1, checkpoint_nonfinite.pt), the good files untouched."""
+    shutil.copytree(reference.parent, tmp_path / "runs")
+    run_dir = tmp_path / "runs" / reference.name
+    ckpt = load(run_dir / "checkpoint.pt")
+    ckpt["args"].update(total_timesteps=(UPDATES + 2) * BATCH, nonfinite_limit=1000, learning_rate=1e20)
+    ckpt["optimizer"]["param_groups"][0]["lr"] = 1e20
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    before = {name: (run_dir / name).read_bytes() for name in ["checkpoint.pt", "model_final.pt", "model_best.pt"]}
+    resume = Path("runs") / reference.name / "checkpoint.pt"
+    with pytest.warns(UserWarning, match="update skipped"):
+        message = run_main(
+            script, ["--resume", resume, "--no-progress-bar", "--checkpoint-every", "1"], tmp_path, monkeypatch
+        )
+    assert message.startswith("error: the run ended with ") and "non-finite losses or gradients in a row" in message
+    assert f"state saved to {resume.with_name('checkpoint_nonfinite.pt')}" in message
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+def test_a_checkpoint_of_another_run_does_not_continue_in_place(script, reference, tmp_path, monkeypatch, capsys):
+    """A checkpoint that names a local run continues it in place only if it is that run's own (the same defining
+    arguments) and not behind it; another run's file (here another env_id, at the same step) starts a new run, so
+    that it cannot rewrite the local run's files. Run() decides it and writes nothing."""
+    shutil.copytree(reference.parent, tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    module = import_script(script)
+    own = load(reference / "checkpoint.pt")
+
+    def run_of(ckpt, path):
+        torch.save(ckpt, path)
+        args = module.Args(**ckpt["args"])
+        args.resume = str(path)
+        return runs.Run(args, ckpt, module)
+
+    # a copy of the run's own latest state, and its checkpoint with an override (--checkpoint-every): in place
+    assert not run_of(own, tmp_path / "copy.pt").new
+    assert not run_of({**own, "args": {**own["args"], "checkpoint_every": 7}}, tmp_path / "copy.pt").new
+    foreign = copy.deepcopy(own)
+    foreign["args"]["env_id"] = "MiniGrid-Empty-5x5-v0"
+    run = run_of(foreign, tmp_path / "foreign.pt")
+    assert run.new and run.name != own["run_name"]
+    assert "is of another run than" in capsys.readouterr().out
+    # a run directory without checkpoints (its first update never ended) is not taken over either
+    for name in runs.CHECKPOINT_FILES:
+        (tmp_path / "runs" / reference.name / name).unlink(missing_ok=True)
+    assert run_of(own, tmp_path / "copy.pt").new
+    assert not (tmp_path / "runs" / own["run_name"] / "checkpoint.pt").exists()
+
+
+def test_a_resumed_run_keeps_its_earlier_videos(tmp_path, monkeypatch, capsys):
+    """gymnasium's RecordVideo numbers a resumed run's episodes from 0 again, in the run's video folder: the videos
+    of the earlier processes move to a folder of their own first, so that none is replaced."""
+    monkeypatch.chdir(tmp_path)
+    video_dir = Path("videos") / "env__exp__1__100"
+    video_dir.mkdir(parents=True)
+    (video_dir / "rl-video-episode-0.mp4").write_bytes(b"first process")
+    (video_dir / "before-step-64").mkdir()  # resumed at this step before
+    runs.keep_earlier_videos(video_dir, 64)
+    assert (video_dir / "before-step-64-2" / "rl-video-episode-0.mp4").read_bytes() == b"first process"
+    assert not list(video_dir.glob("*.mp4"))
+    assert f"kept in {video_dir / 'before-step-64-2'}" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_elsewhere_continues_under_its_name(script, reference, tmp_path, monkeypatch):
+    """A checkpoint whose run directory does not exist here goes on in runs/<its run_name>, created for it."""
+    shutil.copy(reference / "checkpoint.pt", tmp_path / "downloaded.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), "--resume", "downloaded.pt", "--no-progress-bar"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            runpy.run_path(str(ROOT / script), run_name="__main__")  # a finished run: saved again, exit 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert load(tmp_path / "runs" / reference.name / "checkpoint.pt")["run_name"] == reference.name

@@ -270,8 +270,9 @@ def test_cnn_ppo_baseline_is_the_baseline_script():
 def test_async_envs_train_the_same_run(tmp_path):
     """--async-envs steps each env in a worker process: the same observations, rewards and episode ends, so the
     same run, bitwise (the same checkpoint and the same logged losses and returns)."""
-    from conftest import QUICK, run_script, tiny_args
     from test_reliability import assert_same, scalars
+
+    from conftest import QUICK, run_script, tiny_args
 
     final = {}
     for mode in ["sync", "async"]:
