@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.distributions.categorical import Categorical
 
 # [algorithm-specific]
-from helm_utils import arguments, env_suites, fail, frozen_models, observation_cache, runs, timing
+from helm_utils import arguments, env_suites, fail, frozen_models, observation_cache, running_norm, runs, timing
 
 ALGORITHM = "helm"
 # arguments naming a directory the script writes to (a checkpoint's values must stay under the working directory)
@@ -124,8 +124,7 @@ class Args:
     ablate_memory: bool = False
     """feed the agent zeros instead of the Transformer-XL's output (the papers' memoryless baseline)"""
     memory_norm: Literal["none", "running"] = "none"
-    """how the actor and critic read the memory: none, the Transformer-XL's output as it is (the papers'); running,
-    each of its features standardised with running statistics of the outputs of all earlier updates' rollouts"""
+    """how the agent reads the memory: none, as it is (the papers'); running, standardised with running statistics"""
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """dtype of the frozen Transformer-XL (and SHELM's CLIP): auto is bfloat16 where the hardware has fast bfloat16"""
     observation_cache_size: int = 100_000
@@ -576,11 +575,8 @@ def layer_init(layer, gain=2**0.5, init=nn.init.orthogonal_):
 class Agent(nn.Module):
     def __init__(self, obs_shape, action_dims, d_model, memory_norm="none"):
         super().__init__()
-        self.memory_norm = memory_norm
-        if memory_norm == "running":  # statistics of the memory read-outs, saved with the weights
-            self.register_buffer("memory_count", torch.zeros(()))
-            self.register_buffer("memory_mean", torch.zeros(d_model))
-            self.register_buffer("memory_var", torch.ones(d_model))
+        # the memory read-out as it is (the papers'), or standardised with running statistics (docs/benchmarks.md)
+        self.memory_norm = running_norm.RunningNorm(d_model) if memory_norm == "running" else nn.Identity()
         self.action_dims = tuple(action_dims)  # one categorical per action dimension, as CleanRL's ppo_trxl
         h, w, _ = obs_shape
         k1, s1 = (8, 4) if h > 9 else (4, 2)
@@ -612,31 +608,7 @@ class Agent(nn.Module):
 
     def features(self, trxl_out, obs):
         query = self.query(obs.permute(0, 3, 1, 2).float() / 255.0)
-        return torch.cat([self.read_memory(trxl_out), query], dim=-1)
-
-    def read_memory(self, trxl_out):
-        """The memory read-out as the actor and critic see it: as it is, or (--memory-norm running) each feature
-        standardised with the statistics of the earlier updates' read-outs, clipped to [-10, 10] (as
-        observation normalisation); before the first update, mean 0 and variance 1. The read-out is dominated
-        by the current frame; the past is a small part of it (docs/probe.md, docs/benchmarks.md)."""
-        if self.memory_norm == "none":
-            return trxl_out
-        return ((trxl_out - self.memory_mean) / (self.memory_var + 1e-8).sqrt()).clamp(-10.0, 10.0)
-
-    @torch.no_grad()
-    def observe_memory(self, trxl_outs):
-        """Add a rollout's read-outs (..., d_model) to the running statistics (merged in float64), after the
-        update: a rollout and the update on it read the memory with the same statistics."""
-        if self.memory_norm == "none":
-            return
-        x = trxl_outs.reshape(-1, trxl_outs.shape[-1]).double()
-        count, mean, var = self.memory_count.double(), self.memory_mean.double(), self.memory_var.double()
-        total = count + x.shape[0]
-        delta = x.mean(0) - mean
-        m2 = var * count + x.var(0, unbiased=False) * x.shape[0] + delta**2 * (count * x.shape[0] / total)
-        self.memory_count.copy_(total)
-        self.memory_mean.copy_(mean + delta * (x.shape[0] / total))
-        self.memory_var.copy_(m2 / total)
+        return torch.cat([self.memory_norm(trxl_out), query], dim=-1)
 
     def get_value(self, trxl_out, obs):
         return self.critic(self.features(trxl_out, obs))
@@ -847,7 +819,8 @@ if __name__ == "__main__":
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
-        agent.observe_memory(b_trxl_outs)  # --memory-norm running: the statistics the next rollout reads with
+        if args.memory_norm == "running":  # the read-outs' statistics the next rollout reads with
+            agent.memory_norm.observe(b_trxl_outs)
         lap("update")
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)

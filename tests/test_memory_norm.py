@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+import torch.nn as nn
 
 import helm_ppo
 import helmv2_ppo
 import shelm_ppo
 from conftest import QUICK, run_script, tiny_args
+from helm_utils.running_norm import RunningNorm
 
 MODULES = {"shelm_ppo.py": shelm_ppo, "helm_ppo.py": helm_ppo, "helmv2_ppo.py": helmv2_ppo}
 SHAPE, DIMS, D = (56, 56, 3), (7,), 16
@@ -28,7 +30,7 @@ def inputs(seed=1, n=6):
 @pytest.mark.parametrize("module", MODULES.values(), ids=MODULES.keys())
 def test_default_is_the_papers_agent(module):
     """Default: the same weights as with either flag value (the flag draws nothing), no state of its own, and
-    the actor and critic read [Transformer-XL output, CNN query] as before the flag; observe_memory does nothing."""
+    the actor and critic read [Transformer-XL output, CNN query] as before the flag."""
     default, running = agent(module), agent(module, "running")
     state = default.state_dict()
     assert not [k for k in state if not k.startswith(("query.", "actor.", "critic."))]
@@ -42,33 +44,39 @@ def test_default_is_the_papers_agent(module):
     logits = default.actor(x)
     assert torch.equal(logprob[:, 0], torch.distributions.Categorical(logits=logits).log_prob(action[:, 0]))
     assert torch.equal(value, default.critic(x))
-    default.observe_memory(torch.randn(4, 3, D))
-    assert all(torch.equal(v, default.state_dict()[k]) for k, v in state.items())
+    assert isinstance(default.memory_norm, nn.Identity)
+
+
+def test_running_norm_standardises_with_the_statistics_of_all_it_observed():
+    """helm_utils.running_norm against the mean and variance of everything observed, computed at once."""
+    norm = RunningNorm(D)
+    x = inputs()[0]
+    assert torch.equal(norm(x), x.clamp(-10, 10))  # before the first observe: mean 0, variance 1 (and the clip)
+    first, second = torch.randn(5, 4, D) * 2 + 3, torch.randn(7, 4, D) * 0.5 - 1
+    norm.observe(first)
+    norm.observe(second)  # two rollouts merged: the statistics of both at once
+    both = torch.cat([first.reshape(-1, D), second.reshape(-1, D)]).double()
+    assert norm.count.item() == len(both)
+    torch.testing.assert_close(norm.mean, both.mean(0).float())
+    torch.testing.assert_close(norm.var, both.var(0, unbiased=False).float())
+    read = norm(both.float())
+    torch.testing.assert_close(read.mean(0), torch.zeros(D), atol=1e-5, rtol=0)
+    torch.testing.assert_close(read.std(0, unbiased=False), torch.ones(D), atol=1e-4, rtol=0)
+    assert norm(torch.full((1, D), 1e6)).max() == 10.0  # clipped, as observation normalisation
+    zeros = RunningNorm(D)  # --ablate-memory: the read-out stays zeros
+    zeros.observe(torch.zeros(3, 2, D))
+    assert not zeros(torch.zeros(2, D)).any()
 
 
 @pytest.mark.parametrize("module", MODULES.values(), ids=MODULES.keys())
-def test_running_standardises_the_readout(module):
+def test_running_agent_reads_the_standardised_readout(module):
     norm = agent(module, "running")
     trxl_out, obs = inputs()
-    # before the first update: mean 0, variance 1 (and the clip)
-    assert torch.equal(norm.read_memory(trxl_out), trxl_out.clamp(-10, 10))
-    first, second = torch.randn(5, 4, D) * 2 + 3, torch.randn(7, 4, D) * 0.5 - 1
-    norm.observe_memory(first)
-    norm.observe_memory(second)  # two rollouts merged: the statistics of both at once
-    both = torch.cat([first.reshape(-1, D), second.reshape(-1, D)]).double()
-    assert norm.memory_count.item() == len(both)
-    torch.testing.assert_close(norm.memory_mean, both.mean(0).float())
-    torch.testing.assert_close(norm.memory_var, both.var(0, unbiased=False).float())
-    read = norm.read_memory(both.float())
-    torch.testing.assert_close(read.mean(0), torch.zeros(D), atol=1e-5, rtol=0)
-    torch.testing.assert_close(read.std(0, unbiased=False), torch.ones(D), atol=1e-4, rtol=0)
-    assert norm.read_memory(torch.full((1, D), 1e6)).max() == 10.0  # clipped, as observation normalisation
-    torch.testing.assert_close(
-        norm.features(trxl_out, obs)[:, :D], (trxl_out - norm.memory_mean) / (norm.memory_var + 1e-8).sqrt()
-    )
-    ablated = agent(module, "running")  # --ablate-memory: the read-out stays zeros
-    ablated.observe_memory(torch.zeros(3, 2, D))
-    assert not ablated.read_memory(torch.zeros(2, D)).any()
+    norm.memory_norm.observe(torch.randn(5, 4, D) * 2 + 3)
+    stats = norm.memory_norm
+    expected = ((trxl_out - stats.mean) / (stats.var + 1e-8).sqrt()).clamp(-10, 10)
+    torch.testing.assert_close(norm.features(trxl_out, obs)[:, :D], expected)
+    assert {"memory_norm.count", "memory_norm.mean", "memory_norm.var"} <= norm.state_dict().keys()
 
 
 def test_running_in_a_run_is_saved_and_played(tmp_path):
@@ -82,8 +90,8 @@ def test_running_in_a_run_is_saved_and_played(tmp_path):
     (ckpt_path,) = tmp_path.glob("runs/*/checkpoint.pt")
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["args"]["memory_norm"] == "running"
-    assert ckpt["agent"]["memory_count"].item() == 128  # QUICK: 2 updates of 4 envs x 16 steps
-    assert ckpt["agent"]["memory_var"].min() > 0
+    assert ckpt["agent"]["memory_norm.count"].item() == 128  # QUICK: 2 updates of 4 envs x 16 steps
+    assert ckpt["agent"]["memory_norm.var"].min() > 0
     loaded = evaluation.load(ckpt_path, cuda=False)
-    assert loaded.agent.memory_norm == "running"
-    assert torch.equal(loaded.agent.memory_mean, ckpt["agent"]["memory_mean"])
+    assert isinstance(loaded.agent.memory_norm, RunningNorm)
+    assert torch.equal(loaded.agent.memory_norm.mean, ckpt["agent"]["memory_norm.mean"])
