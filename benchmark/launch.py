@@ -87,7 +87,7 @@ class Args:
     published: bool = False
     """start each cell from the original code's published configuration (benchmark/configs.json), where it has one"""
     workdir: str = "."
-    """directory the runs are started in: their runs/ and data/ are there"""
+    """directory the runs are started in (made if new): their runs/ and data/ are there"""
     python: str = sys.executable
     """Python interpreter that runs the scripts"""
     dry_run: bool = False
@@ -514,7 +514,7 @@ def check_setup(args, workdir, runs):
     """What the launch itself needs, before any run: the work directory, the interpreter, runs/.launch/."""
     if args.workers < 1 or args.threads_per_run < 0:
         fail("--workers must be >= 1 and --threads-per-run >= 0")
-    if not workdir.is_dir():
+    if workdir.exists() and not workdir.is_dir():  # a new one is made with its runs/ (a study's own folder)
         fail(f"--workdir {args.workdir} is not a directory")
     if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
         fail(f"--python {args.python} is not an executable file")

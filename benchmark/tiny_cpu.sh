@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
-# What a 2-core CPU can run: the tiny random models, all three algorithms, 3 seeds, 2 runs at a time.
-# MiniGrid-DoorKey-5x5-v0 with the published configurations, 20,480 steps per run; MiniGrid-MemoryS7-v0
-# (solvable only by remembering the object shown at the start) with the scripts' defaults (the published
-# MiniGrid-Memory configurations) and a memory window of 256 steps (its episodes last at most 245), 12,288 steps
-# per run, beside the same agent with its memory output zeroed (--ablate-memory). 27 runs: about 75 min on 2
-# cores shared with other work (nice 10), about 30 min on 2 idle cores. Plot: see docs/benchmarks.md.
-# Extra arguments go to benchmark/launch.py (both grids), e.g. bash benchmark/tiny_cpu.sh --dry-run
+# What a 2-core CPU can run: the tiny random models (random weights of the real architecture, scaled down), 3 seeds,
+# 2 runs at a time, one thread each. Two studies, each in its own folder under studies/ (its runs/ and plots/):
+#   studies/doorkey: the three scripts on MiniGrid-DoorKey-5x5-v0 with the published configurations, 20,480 steps.
+#   studies/memory_s7: does the memory remember? HELMv2 (--n-layer 2) on MiniGrid-MemoryS7-v0 (solvable only by
+#     remembering the object shown at the start) with the scripts' defaults (the published MiniGrid-Memory
+#     configuration), as the papers (memory), with its read-out standardised (--memory-norm running) and with the
+#     memory output zeroed (ablated: the control), beside the papers' baselines LSTM-PPO and CNN-PPO with the same
+#     PPO settings; 153,600 steps per run (75 updates).
+# 24 runs, about 70 min on 2 idle cores. Results and what they show: docs/benchmarks.md.
+# Extra arguments go to benchmark/launch.py (every grid), e.g. bash benchmark/tiny_cpu.sh --dry-run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the project's Python: $PYTHON if set, else the repository's .venv (README's install), else python3
 if [ -z "${PYTHON:-}" ]; then if [ -x .venv/bin/python ]; then PYTHON="$PWD/.venv/bin/python"; else PYTHON=python3; fi; fi
-common=(--tiny --scripts shelm_ppo.py helm_ppo.py helmv2_ppo.py --seeds 1 2 3 --workers 2 --threads-per-run 1
-    --n-layer 2)
-"$PYTHON" benchmark/launch.py "${common[@]}" --env-ids MiniGrid-DoorKey-5x5-v0 --published \
+common=(--seeds 1 2 3 --workers 2 --threads-per-run 1)
+dry_run=false
+for arg in "$@"; do [ "$arg" = --dry-run ] && dry_run=true; done
+
+"$PYTHON" benchmark/launch.py "${common[@]}" --workdir studies/doorkey --tiny --n-layer 2 \
+    --scripts shelm_ppo.py helm_ppo.py helmv2_ppo.py --env-ids MiniGrid-DoorKey-5x5-v0 --published \
     --total-timesteps 20480 "$@"
-"$PYTHON" benchmark/launch.py "${common[@]}" --env-ids MiniGrid-MemoryS7-v0 --total-timesteps 12288 \
-    --variants "memory:--mem-len 256" "ablated:--mem-len 256 --ablate-memory" "$@"
+
+memory_study=(--workdir studies/memory_s7 --env-ids MiniGrid-MemoryS7-v0 --total-timesteps 153600)
+"$PYTHON" benchmark/launch.py "${common[@]}" "${memory_study[@]}" --tiny --n-layer 2 --scripts helmv2_ppo.py \
+    --variants "memory:" "memory_norm:--memory-norm running" "ablated:--ablate-memory" "$@"
+"$PYTHON" benchmark/launch.py "${common[@]}" "${memory_study[@]}" --scripts lstm_ppo.py cnn_ppo.py "$@"
+
+if [ "$dry_run" = false ]; then
+    for study in doorkey memory_s7; do
+        "$PYTHON" benchmark/plot.py --runs "studies/$study/runs" --out "studies/$study/plots"
+    done
+fi

@@ -194,9 +194,12 @@ def iterations(run_dir):
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Runs of the tiny models, made by the launcher: 2 with 2 local workers, 1 interrupted and continued,
-    1 through submitit's local executor. Returns (workdir, outputs of the launches)."""
-    workdir = tmp_path_factory.mktemp("grid")
+    1 through submitit's local executor, in a --workdir the first launch makes (a study's own folder).
+    Returns (workdir, outputs of the launches)."""
+    workdir = tmp_path_factory.mktemp("grid") / "study"
     out = {}
+    dry = launch(workdir, *SMALL, "--seeds", "1", "--dry-run")
+    assert dry.returncode == 0 and not workdir.exists(), dry.stdout + dry.stderr  # a dry run makes nothing
     out["first"] = launch(workdir, *SMALL, "--seeds", "1", "2", "--workers", "2", "--total-timesteps", "1024")
     out["again"] = launch(workdir, *SMALL, "--seeds", "1", "2", "--workers", "2", "--total-timesteps", "1024")
     # interrupted: stopped (SIGINT to the launcher) once its run has written a checkpoint, then launched again
