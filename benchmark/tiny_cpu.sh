@@ -2,12 +2,12 @@
 # What a 2-core CPU can run: the tiny random models (random weights of the real architecture, scaled down), 3 seeds,
 # 2 runs at a time, one thread each. Two studies, each in its own folder under studies/ (its runs/ and plots/):
 #   studies/doorkey: the three scripts on MiniGrid-DoorKey-5x5-v0 with the published configurations, 20,480 steps.
-#   studies/memory_s7: does the memory remember? HELMv2 (--n-layer 2) on MiniGrid-MemoryS7-v0 (solvable only by
-#     remembering the object shown at the start) with the scripts' defaults (the published MiniGrid-Memory
-#     configuration), as the papers (memory), with its read-out standardised (--memory-norm running) and with the
-#     memory output zeroed (ablated: the control), beside the papers' baselines LSTM-PPO and CNN-PPO with the same
-#     PPO settings; 153,600 steps per run (75 updates).
-# 24 runs, about 70 min on 2 idle cores. Results and what they show: docs/benchmarks.md.
+#   studies/passive_memory_s7: does the memory remember? HELMv2 (--n-layer 2) on HELM-PassiveMemoryS7-v0
+#     (MiniGrid-MemoryS7 with the cue in the first observation: helm_utils/passive_memory.py) with the scripts'
+#     defaults (the published MiniGrid-Memory configuration), as the papers (memory), with its read-out
+#     standardised (--memory-norm running) and with the memory output zeroed (ablated: the control), beside the
+#     papers' baselines LSTM-PPO and CNN-PPO with the same PPO settings; 102,400 steps per run (50 updates).
+# 24 runs, about 50 min on 2 idle cores. Results and what they show: docs/benchmarks.md.
 # Extra arguments go to benchmark/launch.py (every grid), e.g. bash benchmark/tiny_cpu.sh --dry-run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,13 +21,13 @@ for arg in "$@"; do [ "$arg" = --dry-run ] && dry_run=true; done
     --scripts shelm_ppo.py helm_ppo.py helmv2_ppo.py --env-ids MiniGrid-DoorKey-5x5-v0 --published \
     --total-timesteps 20480 "$@"
 
-memory_study=(--workdir studies/memory_s7 --env-ids MiniGrid-MemoryS7-v0 --total-timesteps 153600)
+memory_study=(--workdir studies/passive_memory_s7 --env-ids HELM-PassiveMemoryS7-v0 --total-timesteps 102400)
 "$PYTHON" benchmark/launch.py "${common[@]}" "${memory_study[@]}" --tiny --n-layer 2 --scripts helmv2_ppo.py \
     --variants "memory:" "memory_norm:--memory-norm running" "ablated:--ablate-memory" "$@"
 "$PYTHON" benchmark/launch.py "${common[@]}" "${memory_study[@]}" --scripts lstm_ppo.py cnn_ppo.py "$@"
 
 if [ "$dry_run" = false ]; then
-    for study in doorkey memory_s7; do
+    for study in doorkey passive_memory_s7; do
         "$PYTHON" benchmark/plot.py --runs "studies/$study/runs" --out "studies/$study/plots"
     done
 fi

@@ -19,6 +19,8 @@ MEMORY_GYM = ("memory_gym", "pip install --no-deps -r requirements/memory-gym.tx
 # Suites beside MiniGrid, by the start of their env ids: the module that registers their envs (imported only
 # when one of them is asked for) and how to install it. docs/environments.md
 ENV_SUITES = {
+    # the project's own: MiniGrid-Memory with the cue in the first observation (helm_utils/passive_memory.py)
+    "HELM-PassiveMemory": ("helm_utils.passive_memory", "it is part of this repository"),
     "MiniWorld-": ("miniworld", f"pip install -r requirements/requirements.txt; {GL_HELP}"),
     "MortarMayhem": MEMORY_GYM,
     "MysteryPath": MEMORY_GYM,

@@ -1,0 +1,186 @@
+"""Does a trained agent use the cue? Its own episodes of MiniGrid-Memory, split by whether it saw the cue.
+
+    python benchmark/cue_use.py --runs studies/memory_s7/runs --out studies/memory_s7/plots
+
+In MiniGrid-Memory the cue (a key or a ball) lies in the start room behind the agent, which starts facing east,
+away from it; at the end of the corridor the agent must step next to the matching object. An agent that chooses at
+random succeeds in half the episodes, whether it saw the cue or not. An agent that carries the cue to the choice
+succeeds more often in the episodes where it saw the cue than in those where it did not; an agent that has not
+learned to look never sees it. The learning curves cannot tell these apart; this can.
+
+Each run's checkpoint (checkpoint.pt; the scripts' runs, not the baselines') plays --episodes episodes with the
+script that trained it (helm_utils.evaluation: sampled actions as in training, the frozen encoder in evaluation
+mode), one env. At each step the env's own visibility test (MiniGrid's agent_sees, which also draws the
+observation) says whether the cue is in view. Per run: the share of episodes in which the agent saw the cue, the
+success rate with and without it, and the steps from the last sight of the cue to the end. Per variant (the
+launcher's name in --exp-name, else the run name): the mean over runs (seeds) and a 95% t-interval. Writes
+cue_use.md and cue_use.json into --out.
+"""
+
+import contextlib
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's root: the scripts and helm_utils
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # plot.py
+
+from plot import t_interval  # noqa: E402
+
+from helm_utils import checkpoints, evaluation, fail  # noqa: E402
+from helm_utils.files import output_dir, write_atomically  # noqa: E402
+
+
+@dataclass
+class Args:
+    runs: str = "runs"
+    """directory of the runs (each with its checkpoint.pt)"""
+    out: str = "runs/plots"
+    """folder of cue_use.md and cue_use.json"""
+    episodes: int = 200
+    """episodes each agent plays (the first is left out: its first observation precedes the record)"""
+    seed: int = 0
+    """seed of the episodes (added to each run's own seed)"""
+
+
+class CueLog:
+    """An output of evaluation.play: for each episode of env 0, the steps at which the cue was in view and
+    whether the episode ended in success. play hands over each step after the env has stepped, so the state
+    checked at step t is that of the observation of step t + 1 (after an episode's end, the next episode's
+    first): it is held until the next step or the episode's end says whose it is."""
+
+    def __init__(self, env):
+        self.env = env.unwrapped
+        self.episodes, self.seen, self.pending, self.reward = [], [], None, 0.0
+
+    def cue_in_view(self):
+        return bool(self.env.agent_sees(1, self.env.height // 2 - 1))  # MiniGrid-Memory's cue cell
+
+    def step(self, record):
+        if self.pending and record.t > 0:
+            self.seen.append(record.t)  # the observation of this step, checked after the previous one
+        self.pending, self.reward, self.t = self.cue_in_view(), record.reward, record.t
+
+    def end_episode(self, episode):
+        length = self.t + 1
+        self.episodes.append(
+            {"episode": episode, "length": length, "success": self.reward > 0, "seen_at": list(self.seen)}
+        )
+        self.seen = [0] if self.pending else []  # the new episode's first observation
+        self.pending = None
+
+    def close(self):
+        pass
+
+
+def play_run(path, episodes, seed, outputs=()):
+    """The episodes of env 0 of the agent in checkpoint `path` (its first left out); outputs: more of play's."""
+    loaded = evaluation.load(path, cuda=False)
+    if not loaded.args.env_id.startswith("MiniGrid-Memory"):
+        fail(f"{path} was trained on {loaded.args.env_id}: cue_use.py reads MiniGrid-Memory's cue")
+    log = CueLog(loaded.envs.unwrapped.envs[0])
+    with contextlib.redirect_stdout(io.StringIO()):  # play prints every episode
+        evaluation.play(loaded, episodes + 1, [log, *outputs], seed=loaded.args.seed + 10_000 + seed)
+    return loaded, log.episodes[1:]
+
+
+def summary(episodes):
+    seen = [e for e in episodes if e["seen_at"]]
+    unseen = [e for e in episodes if not e["seen_at"]]
+
+    def rate(group):
+        return float(np.mean([e["success"] for e in group])) if group else None
+
+    return {
+        "episodes": len(episodes),
+        "saw_cue": len(seen) / len(episodes) if episodes else None,
+        "success": rate(episodes),
+        "success_seen": rate(seen),
+        "success_unseen": rate(unseen),
+        "steps_after_cue": float(np.median([e["length"] - 1 - e["seen_at"][-1] for e in seen])) if seen else None,
+    }
+
+
+def variant_of(run_dir, args):
+    """The launcher's variant name ({script}-{variant}-{hash}), else the run's name."""
+    parts = str(args.get("exp_name", "")).split("-")
+    return parts[1] if len(parts) == 3 and len(parts[2]) == 8 else run_dir.name
+
+
+def interval(values):
+    """(mean, low, high): the mean over runs and its 95% t-interval (plot.py's; NaN for one run)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None, None
+    return (float(np.mean(values)), *map(float, t_interval(values)))
+
+
+def fmt(mean, low=None, high=None):
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if low is None or math.isnan(low) else f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def main(args):
+    if args.episodes < 1:
+        fail(f"--episodes must be >= 1, got {args.episodes}")
+    runs = Path(args.runs)
+    if not runs.is_dir():
+        fail(f"--runs {args.runs} is not a directory")
+    report = {"args": vars(args), "runs": []}
+    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        path = run_dir / "checkpoint.pt"
+        if not path.is_file():
+            print(f"warning: {run_dir.name}: no checkpoint.pt, left out", file=sys.stderr)
+            continue
+        ckpt = checkpoints.read(path)
+        if ckpt.get("algorithm") not in evaluation.ALGORITHMS:
+            print(f"# {run_dir.name}: not a run of the memory scripts (a baseline), left out")
+            continue
+        loaded, episodes = play_run(path, args.episodes, args.seed)
+        row = {"run": run_dir.name, "script": f"{loaded.algorithm}_ppo", "variant": variant_of(run_dir, ckpt["args"])}
+        row |= summary(episodes)
+        print(
+            f"{row['run']}: saw the cue in {fmt(row['saw_cue'])} of {row['episodes']} episodes; success "
+            f"{fmt(row['success_seen'])} with it, {fmt(row['success_unseen'])} without"
+        )
+        report["runs"].append(row | {"episode_list": episodes})
+    if not report["runs"]:
+        fail(f"no checkpoint of helm_ppo.py, helmv2_ppo.py or shelm_ppo.py under {args.runs}")
+    lines = [
+        f"How the trained agents use MiniGrid-Memory's cue: {args.episodes} episodes per run (sampled actions), "
+        "split by whether the cue was ever in view; mean over runs (seeds) and 95% t-interval. Random choice "
+        "succeeds in 0.50 of the episodes; using the cue shows as success with it above success without it.",
+        "",
+        "| script | variant | runs | saw the cue | success | success, cue seen | success, cue not seen "
+        "| steps from the cue to the end (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups = {}
+    for row in report["runs"]:
+        groups.setdefault((row["script"], row["variant"]), []).append(row)
+    report["variants"] = []
+    for (script, variant), rows in sorted(groups.items()):
+        cells = {k: interval([r[k] for r in rows]) for k in ("saw_cue", "success", "success_seen", "success_unseen")}
+        steps = interval([r["steps_after_cue"] for r in rows])[0]
+        report["variants"].append({"script": script, "variant": variant, "runs": len(rows)} | cells)
+        lines.append(
+            f"| {script} | {variant} | {len(rows)} | "
+            + " | ".join(fmt(*cells[k]) for k in ("saw_cue", "success", "success_seen", "success_unseen"))
+            + f" | {fmt(steps)} |"
+        )
+    out = output_dir(args.out, "--out")
+    table = "\n".join(lines) + "\n"
+    write_atomically(out / "cue_use.md", lambda f: f.write(table.encode()))
+    write_atomically(out / "cue_use.json", lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

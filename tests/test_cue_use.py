@@ -1,0 +1,98 @@
+"""benchmark/cue_use.py: a trained agent's own MiniGrid-Memory episodes, split by whether it saw the cue. Checked
+against a replay of the same actions in a fresh env, where the cue's visibility is read before every step."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import helm_ppo
+from conftest import QUICK, ROOT, run_script, tiny_args
+
+spec = importlib.util.spec_from_file_location("cue_use", ROOT / "benchmark" / "cue_use.py")
+cue_use = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cue_use)
+
+
+class Actions:
+    """An output of evaluation.play that keeps env 0's actions, episode by episode."""
+
+    def __init__(self):
+        self.episodes = {}
+
+    def step(self, record):
+        self.episodes.setdefault(record.episode, []).append(record.action)
+
+    def end_episode(self, episode):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def memory_run(tmp_path_factory):
+    """A tiny HELM run on MiniGrid-MemoryS7-v0 (it learns nothing: its episodes are long and varied)."""
+    cwd = tmp_path_factory.mktemp("cue")
+    argv = [
+        *tiny_args("helm_ppo.py", cwd),
+        *QUICK,
+        "--env-id",
+        "MiniGrid-MemoryS7-v0",
+        "--exp-name",
+        "helm_ppo-memory-0123abcd",
+    ]
+    proc = run_script("helm_ppo.py", argv, cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (cwd / "runs").iterdir()
+    return run_dir
+
+
+def test_episodes_agree_with_a_replay_of_the_same_actions(memory_run):
+    actions = Actions()
+    loaded, episodes = cue_use.play_run(memory_run / "checkpoint.pt", 6, seed=3, outputs=[actions])
+    assert [e["episode"] for e in episodes] == [2, 3, 4, 5, 6, 7]  # the first left out
+    env = helm_ppo.make_env(loaded.args.env_id, 0, False, "replay")()
+    env.reset(seed=loaded.args.seed + 10_000 + 3)
+    u = env.unwrapped
+    replayed = {}
+    for number in range(1, 8):
+        seen, success = [], False
+        for t, action in enumerate(actions.episodes[number]):
+            if u.agent_sees(1, u.height // 2 - 1):  # before the step: what the observation of step t shows
+                seen.append(t)
+            _, reward, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                success = reward > 0
+                assert t == len(actions.episodes[number]) - 1
+        env.reset()
+        replayed[number] = (seen, success, len(actions.episodes[number]))
+    for e in episodes:
+        assert (e["seen_at"], e["success"], e["length"]) == replayed[e["episode"]]
+    assert any(e["seen_at"] for e in episodes) and any(not e["seen_at"] for e in episodes)  # both kinds checked
+
+
+def test_summary_and_table(memory_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    cue_use.main(cue_use.Args(runs=str(memory_run.parent), out=str(out), episodes=5))
+    table = (out / "cue_use.md").read_text()
+    (row,) = [line for line in table.splitlines() if line.startswith("| helm_ppo | memory | 1 |")]
+    report = __import__("json").loads((out / "cue_use.json").read_text())
+    (run,) = report["runs"]
+    episodes = run["episode_list"]
+    assert run["episodes"] == len(episodes) == 5
+    seen = [e for e in episodes if e["seen_at"]]
+    assert run["saw_cue"] == len(seen) / 5
+    assert run["success"] == np.mean([e["success"] for e in episodes])
+    assert f"{run['saw_cue']:.2f}" in row
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [(["--episodes", "0"], "--episodes must be >= 1"), (["--runs", "{missing}"], "is not a directory")],
+)
+def test_bad_arguments(argv, phrase, tmp_path):
+    argv = [a.replace("{missing}", str(tmp_path / "missing")) for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        cue_use.main(cue_use.tyro.cli(cue_use.Args, args=argv))
+    assert str(stop.value.code).startswith("error: ") and phrase in str(stop.value.code)
