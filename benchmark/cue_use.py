@@ -82,8 +82,8 @@ class CueLog:
 def play_run(path, episodes, seed, outputs=()):
     """The episodes of env 0 of the agent in checkpoint `path` (its first left out); outputs: more of play's."""
     loaded = evaluation.load(path, cuda=False)
-    if not loaded.args.env_id.startswith("MiniGrid-Memory"):
-        fail(f"{path} was trained on {loaded.args.env_id}: cue_use.py reads MiniGrid-Memory's cue")
+    if not loaded.args.env_id.startswith(("MiniGrid-Memory", "HELM-PassiveMemory")):
+        fail(f"{path} was trained on {loaded.args.env_id}: cue_use.py reads MiniGrid-Memory's cue (or the passive's)")
     log = CueLog(loaded.envs.unwrapped.envs[0])
     with contextlib.redirect_stdout(io.StringIO()):  # play prints every episode
         evaluation.play(loaded, episodes + 1, [log, *outputs], seed=loaded.args.seed + 10_000 + seed)

@@ -299,14 +299,14 @@ class MortarMayhem:
 
 
 def cue_task(env_id):
-    if env_id.startswith("MiniGrid-Memory"):
+    if env_id.startswith(("MiniGrid-Memory", "HELM-PassiveMemory")):
         return MiniGridMemory()
     if re.match(r"MiniWorld-[TY]Maze(-v\d+)?$", env_id):
         return MiniWorldMaze()
     if re.match(r"MortarMayhem(-Grid)?-v\d+$", env_id):
         return MortarMayhem()
     fail(
-        f"{env_id}: the probe knows the cue of MiniGrid-Memory*, MiniWorld-TMaze/YMaze (not their Left/Right "
+        f"{env_id}: the probe knows the cue of MiniGrid-Memory*, HELM-PassiveMemory*, MiniWorld-TMaze/YMaze (not their Left/Right "
         "variants: one class) and MortarMayhem(-Grid)-v0"
     )
 

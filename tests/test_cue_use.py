@@ -69,7 +69,7 @@ def test_episodes_agree_with_a_replay_of_the_same_actions(memory_run):
         replayed[number] = (seen, success, len(actions.episodes[number]))
     for e in episodes:
         assert (e["seen_at"], e["success"], e["length"]) == replayed[e["episode"]]
-    assert any(e["seen_at"] for e in episodes) and any(not e["seen_at"] for e in episodes)  # both kinds checked
+    assert any(0 < len(e["seen_at"]) < e["length"] for e in episodes)  # the cue in and out of view: the timing checked
 
 
 def test_summary_and_table(memory_run, tmp_path, capsys):
@@ -96,3 +96,24 @@ def test_bad_arguments(argv, phrase, tmp_path):
     with pytest.raises(SystemExit) as stop:
         cue_use.main(cue_use.tyro.cli(cue_use.Args, args=argv))
     assert str(stop.value.code).startswith("error: ") and phrase in str(stop.value.code)
+
+
+def test_passive_memory_shows_the_cue_only_in_the_first_observation():
+    """HELM-PassiveMemoryS7-v0: every episode starts next to the cue (in view), facing east, as MiniGrid-MemoryS7
+    otherwise; walking to the end of the corridor, the cue is out of view from the first step on, and stepping
+    next to the matching object pays as in MiniGrid-Memory."""
+    env = helm_ppo.make_env("HELM-PassiveMemoryS7-v0", 0, False, "test")()
+    cues = set()
+    for seed in range(12):
+        env.reset(seed=seed)
+        u = env.unwrapped
+        assert tuple(u.agent_pos) == (1, 3) and u.agent_dir == 0 and u.agent_sees(1, 2)
+        cues.add(u.grid.get(1, 2).type)
+        for _ in range(4):  # east to the junction
+            env.step(2)
+            assert not u.agent_sees(1, 2)
+        up = u.success_pos[1] < 3
+        env.step(0 if up else 1)  # turn towards the matching object
+        _, reward, terminated, _, _ = env.step(2)
+        assert terminated and reward == pytest.approx(1 - 0.9 * 6 / u.max_steps)
+    assert cues == {"key", "ball"}
