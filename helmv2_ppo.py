@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.distributions.categorical import Categorical
 
 # [algorithm-specific]
-from helm_utils import arguments, env_suites, fail, frozen_models, observation_cache, running_norm, runs, timing
+from helm_utils import arguments, env_suites, fail, frozen_models, observation_cache, runs, timing
 
 ALGORITHM = "helmv2"
 # arguments naming a directory the script writes to (a checkpoint's values must stay under the working directory)
@@ -121,8 +121,6 @@ class Args:
     """at an episode start: mask (hide the old episode from the new) or zero (zero the memories, as the original)"""
     ablate_memory: bool = False
     """feed the agent zeros instead of the Transformer-XL's output (the papers' memoryless baseline)"""
-    memory_norm: Literal["none", "running"] = "none"
-    """how the agent reads the memory: none, as it is (the papers'); running, standardised with running statistics"""
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """dtype of the frozen Transformer-XL (and SHELM's CLIP): auto is bfloat16 where the hardware has fast bfloat16"""
     observation_cache_size: int = 100_000
@@ -624,10 +622,8 @@ def layer_init(layer, gain=2**0.5, init=nn.init.orthogonal_):
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_shape, action_dims, d_model, memory_norm="none"):
+    def __init__(self, obs_shape, action_dims, d_model):
         super().__init__()
-        # the memory read-out as it is (the papers'), or standardised with running statistics (docs/benchmarks.md)
-        self.memory_norm = running_norm.RunningNorm(d_model) if memory_norm == "running" else nn.Identity()
         self.action_dims = tuple(action_dims)  # one categorical per action dimension, as CleanRL's ppo_trxl
         h, w, _ = obs_shape
         k1, s1 = (8, 4) if h > 9 else (4, 2)
@@ -659,7 +655,7 @@ class Agent(nn.Module):
 
     def features(self, trxl_out, obs):
         query = self.query(obs.permute(0, 3, 1, 2).float() / 255.0)
-        return torch.cat([self.memory_norm(trxl_out), query], dim=-1)
+        return torch.cat([trxl_out, query], dim=-1)
 
     def get_value(self, trxl_out, obs):
         return self.critic(self.features(trxl_out, obs))
@@ -699,8 +695,7 @@ if __name__ == "__main__":
     envs, reward_norm = make_envs(args, run.name)
     obs_shape = envs.single_observation_space.shape
     trxl, vocab, encoder = build_memory(args, device, may_write=run.may_write_output_dirs)
-    agent = Agent(obs_shape, env_suites.action_dims(envs.single_action_space), trxl.d_model, args.memory_norm)
-    agent = agent.to(device)
+    agent = Agent(obs_shape, env_suites.action_dims(envs.single_action_space), trxl.d_model).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=args.learning_rate, eps=1e-8)
     n_frozen = sum(p.numel() for p in trxl.parameters())
     print(f"{ALGORITHM}: Transformer-XL {args.trxl_model}, {trxl.n_layer} layers, {n_frozen:,} frozen parameters")
@@ -870,8 +865,6 @@ if __name__ == "__main__":
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
-        if args.memory_norm == "running":  # the read-outs' statistics the next rollout reads with
-            agent.memory_norm.observe(b_trxl_outs)
         lap("update")
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)

@@ -64,9 +64,7 @@ def load(path, script=None, num_envs=None, cuda=True, frames=False, from_hub=Fal
     envs = make_envs(script, args, frames)
     may_write = checkpoints.may_write_output_dirs(args, ckpt["args"], script.OUTPUT_DIRS)
     trxl, vocab, encoder = script.build_memory(args, device, verbose=False, may_write=may_write)
-    agent = script.Agent(
-        envs.single_observation_space.shape, action_dims(envs.single_action_space), trxl.d_model, args.memory_norm
-    )
+    agent = script.Agent(envs.single_observation_space.shape, action_dims(envs.single_action_space), trxl.d_model)
     agent = agent.to(device)
     checkpoints.load_trained(agent, encoder, ckpt, path)
     agent.eval()
