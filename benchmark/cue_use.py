@@ -12,7 +12,10 @@ Each run's checkpoint (checkpoint.pt; the scripts' runs, not the baselines') pla
 script that trained it (helm_utils.evaluation: sampled actions as in training, the frozen encoder in evaluation
 mode), one env. At each step the env's own visibility test (MiniGrid's agent_sees, which also draws the
 observation) says whether the cue is in view. Per run: the share of episodes in which the agent saw the cue, the
-success rate with and without it, and the steps from the last sight of the cue to the end. Per variant (the
+success rate with and without it, and the steps from the last sight of the cue to the end. And whether the
+choice could have used the cue: the memory read-out the agent received at the last step of each episode (the step
+of its choice) is recorded, and a logistic regression (benchmark/probe.py's: held-out episodes, standardized
+features, C by cross-validation) predicts the cue from it, over the episodes that saw it. Per variant (the
 launcher's name in --exp-name, else the run name): the mean over runs (seeds) and a 95% t-interval. Writes
 cue_use.md and cue_use.json into --out.
 """
@@ -32,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # plot.py
 
 from plot import t_interval  # noqa: E402
+from probe import Args as ProbeArgs  # noqa: E402
+from probe import held_out_predictions  # noqa: E402
 
 from helm_utils import checkpoints, evaluation, fail  # noqa: E402
 from helm_utils.files import output_dir, write_atomically  # noqa: E402
@@ -55,9 +60,16 @@ class CueLog:
     checked at step t is that of the observation of step t + 1 (after an episode's end, the next episode's
     first): it is held until the next step or the episode's end says whose it is."""
 
-    def __init__(self, env):
+    def __init__(self, env, trxl):
         self.env = env.unwrapped
         self.episodes, self.seen, self.pending, self.reward = [], [], None, 0.0
+        self.cue = None  # the cue of the episode under way (unknown for the first: its start precedes the record)
+        # the Transformer-XL's output at env 0's last token, as the agent receives it (before --ablate-memory)
+        self.readout = None
+        trxl.register_forward_hook(self.keep_readout)
+
+    def keep_readout(self, module, inputs, output):
+        self.readout = output[0][-1, 0].float().cpu().numpy()
 
     def cue_in_view(self):
         return bool(self.env.agent_sees(1, self.env.height // 2 - 1))  # MiniGrid-Memory's cue cell
@@ -65,15 +77,17 @@ class CueLog:
     def step(self, record):
         if self.pending and record.t > 0:
             self.seen.append(record.t)  # the observation of this step, checked after the previous one
-        self.pending, self.reward, self.t = self.cue_in_view(), record.reward, record.t
+        self.pending, self.reward, self.t, self.last_readout = self.cue_in_view(), record.reward, record.t, self.readout
 
     def end_episode(self, episode):
         length = self.t + 1
         self.episodes.append(
             {"episode": episode, "length": length, "success": self.reward > 0, "seen_at": list(self.seen)}
+            | {"cue": self.cue, "readout_at_choice": self.last_readout}
         )
         self.seen = [0] if self.pending else []  # the new episode's first observation
         self.pending = None
+        self.cue = self.env.grid.get(1, self.env.height // 2 - 1).type  # the env has begun the next episode
 
     def close(self):
         pass
@@ -84,13 +98,25 @@ def play_run(path, episodes, seed, outputs=()):
     loaded = evaluation.load(path, cuda=False)
     if not loaded.args.env_id.startswith(("MiniGrid-Memory", "HELM-PassiveMemory")):
         fail(f"{path} was trained on {loaded.args.env_id}: cue_use.py reads MiniGrid-Memory's cue (or the passive's)")
-    log = CueLog(loaded.envs.unwrapped.envs[0])
+    log = CueLog(loaded.envs.unwrapped.envs[0], loaded.trxl)
     with contextlib.redirect_stdout(io.StringIO()):  # play prints every episode
         evaluation.play(loaded, episodes + 1, [log, *outputs], seed=loaded.args.seed + 10_000 + seed)
     return loaded, log.episodes[1:]
 
 
-def summary(episodes):
+def decode_at_choice(episodes, ablated, seed=0):
+    """Held-out accuracy of predicting the cue from the read-out at the choice, over the episodes that saw the cue
+    (None where either cue has fewer than 2 such episodes). With --ablate-memory the agent reads zeros: chance."""
+    seen = [e for e in episodes if e["seen_at"]]
+    y = np.array([e["cue"] == "key" for e in seen], dtype=int)
+    if len(seen) < 4 or min(np.bincount(y, minlength=2)) < 2:
+        return None
+    X = np.zeros((len(seen), 1)) if ablated else np.stack([e["readout_at_choice"] for e in seen]).astype(np.float64)
+    pred, _, _ = held_out_predictions(X, y, np.arange(len(seen)), 5, ProbeArgs.c_grid, seed)
+    return float(np.mean(pred == y))
+
+
+def summary(episodes, ablated):
     seen = [e for e in episodes if e["seen_at"]]
     unseen = [e for e in episodes if not e["seen_at"]]
 
@@ -104,6 +130,7 @@ def summary(episodes):
         "success_seen": rate(seen),
         "success_unseen": rate(unseen),
         "steps_after_cue": float(np.median([e["length"] - 1 - e["seen_at"][-1] for e in seen])) if seen else None,
+        "cue_decodable_at_choice": decode_at_choice(episodes, ablated),
     }
 
 
@@ -145,35 +172,40 @@ def main(args):
             continue
         loaded, episodes = play_run(path, args.episodes, args.seed)
         row = {"run": run_dir.name, "script": f"{loaded.algorithm}_ppo", "variant": variant_of(run_dir, ckpt["args"])}
-        row |= summary(episodes)
+        row |= summary(episodes, loaded.args.ablate_memory)
         print(
             f"{row['run']}: saw the cue in {fmt(row['saw_cue'])} of {row['episodes']} episodes; success "
-            f"{fmt(row['success_seen'])} with it, {fmt(row['success_unseen'])} without"
+            f"{fmt(row['success_seen'])} with it, {fmt(row['success_unseen'])} without; the cue decodable from the "
+            f"read-out at the choice: {fmt(row['cue_decodable_at_choice'])}"
         )
+        episodes = [{k: v for k, v in e.items() if k != "readout_at_choice"} for e in episodes]
         report["runs"].append(row | {"episode_list": episodes})
     if not report["runs"]:
         fail(f"no checkpoint of helm_ppo.py, helmv2_ppo.py or shelm_ppo.py under {args.runs}")
     lines = [
         f"How the trained agents use MiniGrid-Memory's cue: {args.episodes} episodes per run (sampled actions), "
         "split by whether the cue was ever in view; mean over runs (seeds) and 95% t-interval. Random choice "
-        "succeeds in 0.50 of the episodes; using the cue shows as success with it above success without it.",
+        "succeeds in 0.50 of the episodes; using the cue shows as success with it above success without it. The "
+        "last column: held-out accuracy of a logistic regression predicting the cue from the memory read-out the "
+        "agent received at its choice (the episodes that saw the cue; chance 0.5).",
         "",
         "| script | variant | runs | saw the cue | success | success, cue seen | success, cue not seen "
-        "| steps from the cue to the end (median) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| steps from the cue to the end (median) | cue decodable at the choice |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     groups = {}
     for row in report["runs"]:
         groups.setdefault((row["script"], row["variant"]), []).append(row)
     report["variants"] = []
     for (script, variant), rows in sorted(groups.items()):
-        cells = {k: interval([r[k] for r in rows]) for k in ("saw_cue", "success", "success_seen", "success_unseen")}
+        keys = ("saw_cue", "success", "success_seen", "success_unseen")
+        cells = {k: interval([r[k] for r in rows]) for k in (*keys, "cue_decodable_at_choice")}
         steps = interval([r["steps_after_cue"] for r in rows])[0]
         report["variants"].append({"script": script, "variant": variant, "runs": len(rows)} | cells)
         lines.append(
             f"| {script} | {variant} | {len(rows)} | "
-            + " | ".join(fmt(*cells[k]) for k in ("saw_cue", "success", "success_seen", "success_unseen"))
-            + f" | {fmt(steps)} |"
+            + " | ".join(fmt(*cells[k]) for k in keys)
+            + f" | {fmt(steps)} | {fmt(*cells['cue_decodable_at_choice'])} |"
         )
     out = output_dir(args.out, "--out")
     table = "\n".join(lines) + "\n"

@@ -57,7 +57,7 @@ def test_episodes_agree_with_a_replay_of_the_same_actions(memory_run):
     u = env.unwrapped
     replayed = {}
     for number in range(1, 8):
-        seen, success = [], False
+        seen, success, cue = [], False, u.grid.get(1, u.height // 2 - 1).type
         for t, action in enumerate(actions.episodes[number]):
             if u.agent_sees(1, u.height // 2 - 1):  # before the step: what the observation of step t shows
                 seen.append(t)
@@ -66,9 +66,10 @@ def test_episodes_agree_with_a_replay_of_the_same_actions(memory_run):
                 success = reward > 0
                 assert t == len(actions.episodes[number]) - 1
         env.reset()
-        replayed[number] = (seen, success, len(actions.episodes[number]))
+        replayed[number] = (seen, success, len(actions.episodes[number]), cue)
     for e in episodes:
-        assert (e["seen_at"], e["success"], e["length"]) == replayed[e["episode"]]
+        assert (e["seen_at"], e["success"], e["length"], e["cue"]) == replayed[e["episode"]]
+        assert e["readout_at_choice"].shape == (loaded.trxl.d_model,)
     assert any(0 < len(e["seen_at"]) < e["length"] for e in episodes)  # the cue in and out of view: the timing checked
 
 
@@ -85,6 +86,22 @@ def test_summary_and_table(memory_run, tmp_path, capsys):
     assert run["saw_cue"] == len(seen) / 5
     assert run["success"] == np.mean([e["success"] for e in episodes])
     assert f"{run['saw_cue']:.2f}" in row
+    assert run["cue_decodable_at_choice"] is None or 0 <= run["cue_decodable_at_choice"] <= 1
+
+
+def test_decoding_at_the_choice_finds_a_planted_cue_and_none_when_ablated():
+    """decode_at_choice on synthetic episodes: the cue planted in one feature of noise is found; the same
+    episodes read by an ablated agent (zeros) give chance (the majority class of the training folds)."""
+    rng = np.random.default_rng(0)
+    episodes = []
+    for i in range(60):
+        cue = "key" if i % 2 else "ball"
+        readout = rng.normal(size=16)
+        readout[3] += 3.0 if cue == "key" else -3.0
+        episodes.append({"seen_at": [0], "cue": cue, "readout_at_choice": readout})
+    assert cue_use.decode_at_choice(episodes, ablated=False) >= 0.95
+    assert cue_use.decode_at_choice(episodes, ablated=True) <= 0.55
+    assert cue_use.decode_at_choice(episodes[:3], ablated=False) is None  # too few to hold any out
 
 
 @pytest.mark.parametrize(
