@@ -105,15 +105,16 @@ def play_run(path, episodes, seed, outputs=()):
 
 
 def decode_at_choice(episodes, ablated, seed=0):
-    """Held-out accuracy of predicting the cue from the read-out at the choice, over the episodes that saw the cue
-    (None where either cue has fewer than 2 such episodes). With --ablate-memory the agent reads zeros: chance."""
+    """(held-out accuracy of predicting the cue from the read-out at the choice, that of chance: the training
+    folds' majority class), over the episodes that saw the cue; (None, None) where either cue has fewer than 2
+    such episodes. With --ablate-memory the agent reads zeros: chance."""
     seen = [e for e in episodes if e["seen_at"]]
     y = np.array([e["cue"] == "key" for e in seen], dtype=int)
     if len(seen) < 4 or min(np.bincount(y, minlength=2)) < 2:
-        return None
+        return None, None
     X = np.zeros((len(seen), 1)) if ablated else np.stack([e["readout_at_choice"] for e in seen]).astype(np.float64)
-    pred, _, _ = held_out_predictions(X, y, np.arange(len(seen)), 5, ProbeArgs.c_grid, seed)
-    return float(np.mean(pred == y))
+    pred, chance, _ = held_out_predictions(X, y, np.arange(len(seen)), 5, ProbeArgs.c_grid, seed)
+    return float(np.mean(pred == y)), float(np.mean(chance == y))
 
 
 def summary(episodes, ablated):
@@ -130,8 +131,7 @@ def summary(episodes, ablated):
         "success_seen": rate(seen),
         "success_unseen": rate(unseen),
         "steps_after_cue": float(np.median([e["length"] - 1 - e["seen_at"][-1] for e in seen])) if seen else None,
-        "cue_decodable_at_choice": decode_at_choice(episodes, ablated),
-    }
+    } | dict(zip(("cue_decodable_at_choice", "chance_at_choice"), decode_at_choice(episodes, ablated)))
 
 
 def variant_of(run_dir, args):
@@ -176,7 +176,7 @@ def main(args):
         print(
             f"{row['run']}: saw the cue in {fmt(row['saw_cue'])} of {row['episodes']} episodes; success "
             f"{fmt(row['success_seen'])} with it, {fmt(row['success_unseen'])} without; the cue decodable from the "
-            f"read-out at the choice: {fmt(row['cue_decodable_at_choice'])}"
+            f"read-out at the choice: {fmt(row['cue_decodable_at_choice'])} (chance {fmt(row['chance_at_choice'])})"
         )
         episodes = [{k: v for k, v in e.items() if k != "readout_at_choice"} for e in episodes]
         report["runs"].append(row | {"episode_list": episodes})
@@ -187,11 +187,12 @@ def main(args):
         "split by whether the cue was ever in view; mean over runs (seeds) and 95% t-interval. Random choice "
         "succeeds in 0.50 of the episodes; using the cue shows as success with it above success without it. The "
         "last column: held-out accuracy of a logistic regression predicting the cue from the memory read-out the "
-        "agent received at its choice (the episodes that saw the cue; chance 0.5).",
+        "agent received at its choice (the episodes that saw the cue), and that of chance (the training folds' "
+        "majority class).",
         "",
         "| script | variant | runs | saw the cue | success | success, cue seen | success, cue not seen "
-        "| steps from the cue to the end (median) | cue decodable at the choice |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| steps from the cue to the end (median) | cue decodable at the choice | chance |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups = {}
     for row in report["runs"]:
@@ -199,13 +200,16 @@ def main(args):
     report["variants"] = []
     for (script, variant), rows in sorted(groups.items()):
         keys = ("saw_cue", "success", "success_seen", "success_unseen")
-        cells = {k: interval([r[k] for r in rows]) for k in (*keys, "cue_decodable_at_choice")}
+        decoding = ("cue_decodable_at_choice", "chance_at_choice")
+        cells = {k: interval([r[k] for r in rows]) for k in (*keys, *decoding)}
         steps = interval([r["steps_after_cue"] for r in rows])[0]
         report["variants"].append({"script": script, "variant": variant, "runs": len(rows)} | cells)
         lines.append(
             f"| {script} | {variant} | {len(rows)} | "
             + " | ".join(fmt(*cells[k]) for k in keys)
-            + f" | {fmt(steps)} | {fmt(*cells['cue_decodable_at_choice'])} |"
+            + f" | {fmt(steps)} | "
+            + " | ".join(fmt(*cells[k]) for k in decoding)
+            + " |"
         )
     out = output_dir(args.out, "--out")
     table = "\n".join(lines) + "\n"
