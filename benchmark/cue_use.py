@@ -214,7 +214,7 @@ def main(args):
     out = output_dir(args.out, "--out")
     table = "\n".join(lines) + "\n"
     write_atomically(out / "cue_use.md", lambda f: f.write(table.encode()))
-    write_atomically(out / "cue_use.json", lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    write_atomically(out / "cue_use.json", lambda f: f.write((json.dumps(report) + "\n").encode()))
     print("\n".join(lines))
 
 
