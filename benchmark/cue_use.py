@@ -186,9 +186,9 @@ def main(args):
         f"How the trained agents use MiniGrid-Memory's cue: {args.episodes} episodes per run (sampled actions), "
         "split by whether the cue was ever in view; mean over runs (seeds) and 95% t-interval. Random choice "
         "succeeds in 0.50 of the episodes; using the cue shows as success with it above success without it. The "
-        "last column: held-out accuracy of a logistic regression predicting the cue from the memory read-out the "
-        "agent received at its choice (the episodes that saw the cue), and that of chance (the training folds' "
-        "majority class).",
+        "last two columns: the held-out accuracy of a logistic regression predicting the cue from the memory "
+        "read-out the agent received at its choice (the episodes that saw the cue), and that of chance (the "
+        "training folds' majority class).",
         "",
         "| script | variant | runs | saw the cue | success | success, cue seen | success, cue not seen "
         "| steps from the cue to the end (median) | cue decodable at the choice | chance |",

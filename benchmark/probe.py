@@ -306,8 +306,8 @@ def cue_task(env_id):
     if re.match(r"MortarMayhem(-Grid)?-v\d+$", env_id):
         return MortarMayhem()
     fail(
-        f"{env_id}: the probe knows the cue of MiniGrid-Memory*, HELM-PassiveMemory*, MiniWorld-TMaze/YMaze (not their Left/Right "
-        "variants: one class) and MortarMayhem(-Grid)-v0"
+        f"{env_id}: the probe knows the cue of MiniGrid-Memory*, HELM-PassiveMemory*, MiniWorld-TMaze/YMaze (not "
+        "their Left/Right variants: one class) and MortarMayhem(-Grid)-v0"
     )
 
 
