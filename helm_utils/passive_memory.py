@@ -1,4 +1,4 @@
-"""HELM-PassiveMemoryS{7,9,11}-v0: MiniGrid-Memory with the cue in the first observation (docs/environments.md).
+"""HELM-PassiveMemoryS{7,9,11,13}-v0: MiniGrid-Memory with the cue in the first observation (docs/environments.md).
 
 In MiniGrid-Memory the agent starts somewhere in the start room facing east, and the cue (a key or a ball) lies in
 the room's west end, behind it: in most episodes the agent sees the cue only if it turns round to look. Whether a
