@@ -34,7 +34,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's root: the scripts and helm_utils
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # plot.py
 
-from plot import t_interval  # noqa: E402
+from plot import CELL_NAME, t_interval  # noqa: E402
 from probe import Args as ProbeArgs  # noqa: E402
 from probe import held_out_predictions  # noqa: E402
 
@@ -135,9 +135,9 @@ def summary(episodes, ablated):
 
 
 def variant_of(run_dir, args):
-    """The launcher's variant name ({script}-{variant}-{hash}), else the run's name."""
-    parts = str(args.get("exp_name", "")).split("-")
-    return parts[1] if len(parts) == 3 and len(parts[2]) == 8 else run_dir.name
+    """The launcher's variant name (plot.py's reading of its --exp-name), else the run's name."""
+    match = CELL_NAME.fullmatch(str(args.get("exp_name", "")))
+    return match["variant"] if match else run_dir.name
 
 
 def interval(values):
