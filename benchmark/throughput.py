@@ -3,6 +3,7 @@
     python benchmark/throughput.py --label after            # all scripts, --n-layer 2 and 18, CPU
     python benchmark/throughput.py --scripts shelm_ppo.py --n-layers 2 --repeats 1
     python benchmark/throughput.py --cuda --repeats 1 --out gpu.json --docs ""   # on a GPU, docs untouched
+    python benchmark/throughput.py --scripts lstm_ppo.py --docs ""              # LSTM-PPO beside CNN-PPO
 
 What runs: the scripts themselves, each in its own process, with the real-size architectures and random
 weights built offline (`--trxl-model random-wt103`: transfo-xl-wt103's shapes; `--clip-pretrained
@@ -16,6 +17,8 @@ Baselines, in the same run and the same way (own process, same envs, same steps)
 - cnn-ppo: the papers' memoryless CNN-PPO baseline, benchmark/baselines/lstm_ppo.py --no-lstm: the scripts'
   CNN (as wide as the wt103 Transformer-XL, 1024), actor, critic and PPO loop, without memory; it times its
   own loop the same way.
+`--scripts lstm_ppo.py` measures the LSTM-PPO baseline as one more variant (`lstm-ppo`: the same CNN, then its
+LSTM of 256), as the launcher names it; `--n-layers` does not apply to it.
 
 The machine is shared and noisy: the variants are interleaved (each repeat runs every variant once, in
 a rotated order) and each is reported as the median over repeats, ratios as ratios of medians. Peak
@@ -50,13 +53,15 @@ class Args:
     label: str = "current"
     """name of this measurement in throughput.json (e.g. before, after)"""
     scripts: list[str] = field(default_factory=lambda: list(SCRIPTS))
-    """scripts to measure"""
+    """scripts to measure (lstm_ppo.py: the LSTM-PPO baseline)"""
     n_layers: list[int] = field(default_factory=lambda: [2, 18])
     """--n-layer values to measure"""
     env_id: str = "MiniGrid-MemoryS11-v0"
     num_envs: int = 16
     num_steps: int = 32
     """steps per env per update (the update's minibatches stay 256 samples, as the scripts' defaults)"""
+    num_minibatches: int | None = None
+    """minibatches per epoch for every loop (default: of 256 samples each; LSTM-PPO's must divide --num-envs)"""
     warmup_updates: int = 2
     """updates left out of the measurement"""
     measured_updates: int = 2
@@ -90,15 +95,17 @@ def loop_flags(args):
     """What every measured training loop runs: the same envs, steps, minibatches and updates."""
     batch = steps_per_update(args)
     cmd = ["--env-id", args.env_id, "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps)]
-    cmd += ["--num-minibatches", str(max(1, batch // MINIBATCH)), "--no-progress-bar", "--checkpoint-every", "0"]
+    minibatches = args.num_minibatches or max(1, batch // MINIBATCH)
+    cmd += ["--num-minibatches", str(minibatches), "--no-progress-bar", "--checkpoint-every", "0"]
     cmd += ["--total-timesteps", str(batch * (args.warmup_updates + args.measured_updates))]
     return cmd + ["--cuda" if args.cuda else "--no-cuda"] + (["--async-envs"] if args.async_envs else [])
 
 
-def cnn_ppo_command(args):
-    """The CNN-PPO baseline, as wide as the memory scripts' CNN with transfo-xl-wt103 (d_model 1024)."""
-    cmd = [sys.executable, str(ROOT / "benchmark" / "baselines" / "lstm_ppo.py"), "--no-lstm", "--d-model", "1024"]
-    return cmd + loop_flags(args)
+def baseline_command(args, lstm=False):
+    """The CNN-PPO baseline, or LSTM-PPO (its LSTM of 256, the default), as wide as the memory scripts' CNN with
+    transfo-xl-wt103 (d_model 1024)."""
+    cmd = [sys.executable, str(ROOT / "benchmark" / "baselines" / "lstm_ppo.py"), "--lstm" if lstm else "--no-lstm"]
+    return cmd + ["--d-model", "1024"] + loop_flags(args)
 
 
 def script_command(args, script, n_layer, data_dir):
@@ -265,7 +272,9 @@ def main(args):
     if args.report:
         write_docs(args.docs, markdown(json.loads(Path(args.out).read_text())))
         return
-    variants = ["env", "cnn-ppo"] + [f"{s} --n-layer {n}" for s in args.scripts for n in args.n_layers]
+    memory_scripts = [s for s in args.scripts if s != "lstm_ppo.py"]
+    variants = ["env", "cnn-ppo"] + (["lstm-ppo"] if "lstm_ppo.py" in args.scripts else [])
+    variants += [f"{s} --n-layer {n}" for s in memory_scripts for n in args.n_layers]
     runs = {v: [] for v in variants}
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="throughput-data-") as data_dir:  # SHELM's embeddings, built once
@@ -275,8 +284,8 @@ def main(args):
                 t = time.time()
                 if v == "env":
                     r = run_baseline(args, v)
-                elif v == "cnn-ppo":
-                    r = run_script(args, cnn_ppo_command(args))
+                elif v in ("cnn-ppo", "lstm-ppo"):
+                    r = run_script(args, baseline_command(args, lstm=v == "lstm-ppo"))
                 else:
                     script, n_layer = v.split(" --n-layer ")
                     r = run_script(args, script_command(args, script, int(n_layer), data_dir))
@@ -304,13 +313,10 @@ def main(args):
         "variants": median,
         "all_runs": runs,
     }
-    results["ratio_to_cnn_ppo"] = {
-        s: median[f"{s} --n-layer 2"]["ratio_to_cnn_ppo"] for s in args.scripts if f"{s} --n-layer 2" in median
-    }
-    results["cpu_ratio_to_cnn_ppo"] = {
-        s: median[f"{s} --n-layer 2"]["cpu_ratio_to_cnn_ppo"] for s in args.scripts if f"{s} --n-layer 2" in median
-    }
-    results["ratio_to_cnn_ppo_label"] = args.label
+    if memory_scripts:  # the headline figures are the memory scripts' (a baselines-only run leaves them)
+        for key in ("ratio_to_cnn_ppo", "cpu_ratio_to_cnn_ppo"):
+            results[key] = {s: median[f"{s} --n-layer 2"][key] for s in memory_scripts if f"{s} --n-layer 2" in median}
+        results["ratio_to_cnn_ppo_label"] = args.label
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)

@@ -238,9 +238,10 @@ def test_throughput_benchmark_reads_the_scripts_timers(tmp_path):
     assert perf["perf/update_sps"] == pytest.approx([64 / t for t in per_update], rel=1e-4)
 
 
-def test_cnn_ppo_baseline_is_the_baseline_script():
-    """throughput.py's cnn-ppo runs the CNN-PPO baseline, benchmark/baselines/lstm_ppo.py --no-lstm, with the
-    memory scripts' loop flags; it logs the same perf/* timers (tests/test_baselines.py)."""
+def test_the_baselines_are_the_baseline_script():
+    """throughput.py's cnn-ppo runs the CNN-PPO baseline, benchmark/baselines/lstm_ppo.py --no-lstm, and its
+    lstm-ppo the same with the LSTM, with the memory scripts' loop flags; they log the same perf/* timers
+    (tests/test_baselines.py)."""
     import sys
 
     import tyro
@@ -251,7 +252,7 @@ def test_cnn_ppo_baseline_is_the_baseline_script():
     import throughput
 
     args = throughput.Args(env_id="MiniGrid-DoorKey-5x5-v0", num_envs=2, num_steps=4, warmup_updates=1)
-    cmd = throughput.cnn_ppo_command(args)
+    cmd = throughput.baseline_command(args)
     assert cmd[1] == str(ROOT / "benchmark" / "baselines" / "lstm_ppo.py")
     loop = throughput.loop_flags(args)
     assert cmd[-len(loop) :] == loop == throughput.script_command(args, "helm_ppo.py", 2, "data")[-len(loop) :]
@@ -265,6 +266,17 @@ def test_cnn_ppo_baseline_is_the_baseline_script():
         4,
     )
     assert parsed.total_timesteps == 2 * 4 * (args.warmup_updates + args.measured_updates)
+    # lstm-ppo (--scripts lstm_ppo.py): the same loop with the LSTM; --num-minibatches for every loop
+    args.num_minibatches = 2
+    lstm_cmd = throughput.baseline_command(args, lstm=True)
+    assert (
+        lstm_cmd[-len(loop) :]
+        == throughput.loop_flags(args)
+        == throughput.script_command(args, "helm_ppo.py", 2, "")[-len(loop) :]
+    )
+    parsed = tyro.cli(lstm_ppo.Args, args=lstm_cmd[2:])
+    lstm_ppo.check_args(parsed)
+    assert (parsed.lstm, parsed.d_model, parsed.lstm_hidden_size, parsed.num_minibatches) == (True, 1024, 256, 2)
 
 
 def test_async_envs_train_the_same_run(tmp_path):
