@@ -176,6 +176,74 @@ def test_recurrent_update_equals_the_step_by_step_rollout():
         assert not torch.allclose(unreset[3:, 0], features[3:, 0], atol=1e-3)
 
 
+def lstm_step_by_step(lstm, x, state, done):
+    """The brute force: nn.LSTM's equations (its documentation's) from its weights, one step at a time, the state
+    zeroed before each step that starts an episode. x (T, B, input), done (T, B), state ((1, B, H), (1, B, H))."""
+    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+    h, c, outputs = state[0][0], state[1][0], []
+    for x_t, done_t in zip(x, done):
+        h, c = (1 - done_t)[:, None] * h, (1 - done_t)[:, None] * c
+        i, f, g, o = (x_t @ lstm.weight_ih_l0.T + h @ lstm.weight_hh_l0.T + bias).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs), (h[None], c[None])
+
+
+def done_patterns():
+    """(T, B) episode starts: the chosen cases, then random ones of several densities and shapes (one step of
+    several envs, as the rollout runs it; one env)."""
+    T, B = 9, 6
+    done = torch.zeros(T, B)
+    done[0, 0] = done[4, 0] = 1  # env 0: an episode starts at the first step, another in the middle
+    done[2:5, 1] = 1  # env 1: consecutive starts (one-step episodes)
+    # env 2: no start, one stretch from the carried state
+    done[:, 3] = 1  # env 3: every step starts an episode
+    done[T - 1, 4] = 1  # env 4: a start at the last step
+    done[1::2, 5] = 1  # env 5: every other step
+    yield done
+    gen = torch.Generator().manual_seed(0)
+    for p in (0.1, 0.5, 0.9):
+        for T, B in [(1, 5), (12, 4), (7, 1)]:
+            yield (torch.rand(T, B, generator=gen) < p).float()
+
+
+def test_lstm_over_episodes_equals_a_step_by_step_loop():
+    """The LSTM run over the segments between episode starts in one packed nn.LSTM call gives, for every done
+    pattern, the outputs, final states and gradients (inputs, initial state, every LSTM weight) of the LSTM's
+    equations stepped one step at a time with the state zeroed before each episode's first step. In float64, so
+    that the two paths' kernels differ only by rounding."""
+    shape, dims = obs_shape_and_actions()
+    torch.manual_seed(2)
+    agent = lstm_ppo.Agent(shape, dims, 5, 4).double()
+    params = dict(agent.lstm.named_parameters())
+    for done in done_patterns():
+        T, B = done.shape
+        x = torch.randn(T, B, 5, dtype=torch.float64, requires_grad=True)
+        state = tuple(torch.randn(1, B, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        out, final = agent.lstm_over_episodes(x.reshape(T * B, 5), state, done.reshape(-1).double())
+        expected, expected_final = lstm_step_by_step(agent.lstm, x, state, done.double())
+        torch.testing.assert_close(out, expected.reshape(T * B, 4))
+        torch.testing.assert_close(final, expected_final)
+        # gradients of one random function of everything returned
+        weights = [torch.randn_like(t) for t in (expected, *expected_final)]
+        grads = []
+        for outputs in [(out.reshape(T, B, 4), *final), (expected, *expected_final)]:
+            loss = sum((w * t).sum() for w, t in zip(weights, outputs))
+            grads.append(torch.autograd.grad(loss, [x, *state, *params.values()]))
+        for name, new, reference in zip(["x", "hidden", "cell", *params], *grads):
+            torch.testing.assert_close(new, reference, msg=f"{name}, done {done.tolist()}")
+    # the patterns exercise the resets: without them the outputs would differ
+    first = next(done_patterns())
+    x = torch.randn(*first.shape, 5, dtype=torch.float64)
+    state = tuple(torch.randn(1, first.shape[1], 4, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        out, _ = agent.lstm_over_episodes(x.reshape(-1, 5), state, first.reshape(-1).double())
+        unreset, _ = lstm_step_by_step(agent.lstm, x, state, torch.zeros_like(first, dtype=torch.float64))
+    differs = ~torch.isclose(out.reshape(*first.shape, 4), unreset).all(-1)
+    assert differs[:, [0, 1, 3, 4, 5]].any(0).all() and not differs[:, 2].any()
+
+
 def test_minibatches():
     """LSTM: each epoch, the envs shuffled into num_minibatches groups, every step of each; CNN-PPO: single steps
     shuffled into minibatches of minibatch_size, as the memory scripts."""

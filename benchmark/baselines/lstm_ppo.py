@@ -3,7 +3,9 @@
 - LSTM-PPO (the default): the scripts' CNN, then a trainable LSTM, then the actor and critic: the original
   code's "LSTM" (Impala-PPO) configurations. The LSTM's state is carried through the rollout and zeroed where
   an episode ends; the update re-runs the LSTM over each env's whole rollout, from the state that env had
-  when the rollout began, so the minibatches are whole envs (CleanRL's ppo_atari_lstm.py).
+  when the rollout began, so the minibatches are whole envs (CleanRL's ppo_atari_lstm.py). Where CleanRL steps
+  the LSTM one step at a time in Python, the stretches between episode starts run through nn.LSTM together, in
+  one call (Agent.lstm_over_episodes; tests/test_baselines.py checks it against the step-by-step recurrence).
 - CNN-PPO (--no-lstm): the CNN, then the actor and critic, no memory at all: the original code's "PPO"
   configurations. The update shuffles single steps, as the memory scripts' does.
 
@@ -223,27 +225,38 @@ class Agent(nn.Module):
     def get_states(self, obs, lstm_state, done):
         """The actor's and critic's input for observations of T steps of B envs, flattened step-major as the
         rollout stores them (index t * B + env): obs (T * B, H, W, 3), done (T * B,), 1 where the step is an
-        episode's first; lstm_state: (hidden, cell), each (1, B, hidden), before the first step. The state is
-        zeroed where an episode starts, then carried to the next step. Returns (input (T * B, width), the
-        state after the last step). Without an LSTM the input is the CNN's output and the state stays None."""
+        episode's first; lstm_state: (hidden, cell), each (1, B, hidden), before the first step. Returns (input
+        (T * B, width), the state after the last step). Without an LSTM the input is the CNN's output and the
+        state stays None."""
         hidden = self.cnn(obs.permute(0, 3, 1, 2).float() / 255.0)
         if self.lstm is None:
             return hidden, lstm_state
-        batch_size = lstm_state[0].shape[1]
-        hidden = hidden.reshape((-1, batch_size, self.lstm.input_size))
-        done = done.reshape((-1, batch_size))
-        new_hidden = []
-        for h, d in zip(hidden, done):
-            h, lstm_state = self.lstm(
-                h.unsqueeze(0),
-                (
-                    (1.0 - d).view(1, -1, 1) * lstm_state[0],
-                    (1.0 - d).view(1, -1, 1) * lstm_state[1],
-                ),
-            )
-            new_hidden += [h]
-        new_hidden = torch.flatten(torch.cat(new_hidden), 0, 1)
-        return new_hidden, lstm_state
+        return self.lstm_over_episodes(hidden, lstm_state, done)
+
+    def lstm_over_episodes(self, x, lstm_state, done):
+        """The LSTM over T steps of B envs (x (T * B, input), done and lstm_state as get_states'), its state zeroed
+        before each episode's first step and carried to the next step otherwise: what stepping it one step at a
+        time does (the rollout, T = 1), in one nn.LSTM call. Each env's steps are cut where episodes start into
+        segments, which nn.LSTM runs together as one PackedSequence (its time loop, over the longest segment, is
+        in C++): an env's first segment from the env's state (zeroed if its first step starts an episode), every
+        later one from zeros. The state after the last step is the one after each env's last segment."""
+        num_envs = lstm_state[0].shape[1]
+        n = x.shape[0]
+        steps = torch.arange(n, device=x.device).view(-1, num_envs).T.reshape(-1)  # env by env: step-major indices
+        starts = done[steps] != 0
+        starts[:: n // num_envs] = True  # each env's first step starts a segment
+        segment = starts.cumsum(0) - 1  # of each step, env by env
+        first = starts.nonzero().squeeze(1)
+        lengths = torch.diff(first, append=first.new_tensor([n]))
+        # pack the steps' indices (no padded copy of the features), then take the features in that order
+        padded = steps.new_zeros(int(lengths.max()), len(first))
+        padded[torch.arange(n, device=x.device) - first[segment], segment] = steps
+        packed = nn.utils.rnn.pack_padded_sequence(padded, lengths.cpu(), enforce_sorted=False)
+        env_first, env_last = segment.view(num_envs, -1)[:, 0], segment.view(num_envs, -1)[:, -1]
+        keep = (1.0 - done[:num_envs]).view(1, -1, 1)  # each env's own state, unless its first step starts an episode
+        initial = tuple(s.new_zeros(1, len(first), s.shape[2]).index_copy(1, env_first, keep * s) for s in lstm_state)
+        out, (hidden, cell) = self.lstm(packed._replace(data=x[packed.data]), initial)
+        return out.data[packed.data.argsort()], (hidden[:, env_last], cell[:, env_last])
 
     def get_value(self, obs, lstm_state, done):
         return self.critic(self.get_states(obs, lstm_state, done)[0])
