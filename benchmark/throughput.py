@@ -29,6 +29,7 @@ resident memory of each process comes from the kernel (wait4). Results: docs/res
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -301,7 +302,7 @@ def main(args):
     results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     results["runs"][args.label] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python benchmark/throughput.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmark/throughput.py " + shlex.join(sys.argv[1:]),
         "device": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "threads": args.threads,

@@ -7,8 +7,9 @@
 #     defaults (the published MiniGrid-Memory configuration) but for --num-steps 32 (4x the updates per step),
 #     beside the same agent with its memory output zeroed (--ablate-memory: the control) and the papers'
 #     baselines LSTM-PPO and CNN-PPO with the same PPO settings; 153,600 steps per run (300 updates).
-# 21 runs, about 1 h 45 min on 2 idle cores (each LSTM run takes about 45 min: its update re-runs the LSTM step by
-# step; each HELMv2 run 7 min). Results and what they show: docs/benchmarks.md.
+# 21 runs, about 1 h 45 min on 2 idle cores, measured when each LSTM run took about 45 min (its update re-ran the
+# LSTM step by step; it now runs it in one call, at about 0.8x CNN-PPO's speed: docs/benchmarks.md, so less now);
+# each HELMv2 run 7 min. Results and what they show: docs/benchmarks.md.
 # Extra arguments go to benchmark/launch.py (every grid), e.g. bash benchmark/tiny_cpu.sh --dry-run
 set -euo pipefail
 cd "$(dirname "$0")/.."
