@@ -246,9 +246,10 @@ class Agent(nn.Module):
         starts = done[steps] != 0
         starts[:: n // num_envs] = True  # each env's first step starts a segment
         segment = starts.cumsum(0) - 1  # of each step, env by env
-        first = starts.nonzero().squeeze(1)
+        first = starts.nonzero().squeeze(1)  # where each segment starts, env by env
         lengths = torch.diff(first, append=first.new_tensor([n]))
-        # pack the steps' indices (no padded copy of the features), then take the features in that order
+        # pack the steps' indices (no padded copy of the features), then take the features in that order;
+        # padded[i, k]: the step-major index of segment k's i-th step
         padded = steps.new_zeros(int(lengths.max()), len(first))
         padded[torch.arange(n, device=x.device) - first[segment], segment] = steps
         packed = nn.utils.rnn.pack_padded_sequence(padded, lengths.cpu(), enforce_sorted=False)
