@@ -33,7 +33,9 @@ PREFIX = "bsuite/"
 EXPERIMENTS = ("memory_len", "memory_size")
 SIZE = 32  # the frame is SIZE x SIZE pixels: enough for bsuite's 40 bits as 4x4 tiles, small for the CPU
 TIME_ROWS = 4  # the time-left bar's height, at the top
-ONE, ZERO, QUERY = (0, 255, 0), (255, 0, 0), (0, 0, 255)  # a context bit +1 green, -1 red; the query blue
+# a context bit +1 white, -1 red, the query blue: +1 and -1 differ in brightness too, since HELM's encoder averages
+# the colour channels (red and green would both be grey 85 to it)
+ONE, ZERO, QUERY = (255, 255, 255), (255, 0, 0), (0, 0, 255)
 
 
 def settings(bsuite_id):
@@ -78,7 +80,7 @@ def draw(observation, memory_length, num_bits):
     """bsuite's observation (1, 2 + num_bits): [time left, query, context] -> an RGB frame (SIZE, SIZE, 3) of uint8.
 
     - top TIME_ROWS rows: the time left t as a bar of round(t * SIZE) columns, of grey round(255 * t);
-    - below, a tile per bit, row by row: its upper half shows the context bit (green +1, red -1, black while
+    - below, a tile per bit, row by row: its upper half shows the context bit (white +1, red -1, black while
       bsuite shows no context), its lower half is blue where that bit is queried. bsuite shows the query only in
       the observation of its timestep L - 1 (time left 1/L), as the queried bit's index; it shows 0 elsewhere, so
       the query's value alone cannot say whether it is shown: the time left says it."""

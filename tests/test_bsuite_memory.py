@@ -146,6 +146,8 @@ def test_the_frame_shows_each_value_in_its_place():
     assert (tile(2, False) == bsuite_memory.ONE).all() and (tile(2, True) == bsuite_memory.QUERY).all()
     assert not tile(0, True).any() and not tile(1, True).any()
     assert not frame[top + rows * height :].any()  # nothing else is drawn
+    # HELM's encoder sees the mean of the colour channels: +1 and -1 must differ there too, and from black
+    assert len({0, np.mean(bsuite_memory.ONE), np.mean(bsuite_memory.ZERO)}) == 3
     np.testing.assert_array_equal(bsuite_memory.read(frame, 2, 3), observation)
 
 
