@@ -86,6 +86,9 @@ class Args:
     """use the tiny random models (--trxl-model tiny-random, and --clip-model tiny-random where the script has it)"""
     published: bool = False
     """start each cell from the original code's published configuration (benchmark/configs.json), where it has one"""
+    bsuite_episodes: int = 0
+    """on bsuite's memory settings (bsuite/memory_len/<i>, bsuite/memory_size/<i>), run each cell for at least this
+    many episodes, as bsuite counts its experiments (each episode is L + 1 steps), instead of --total-timesteps"""
     workdir: str = "."
     """directory the runs are started in (made if new): their runs/ and data/ are there"""
     python: str = sys.executable
@@ -290,10 +293,31 @@ def make_grid(args, configs):
         for key, values in parse_flags(variant_flags).items():
             flags.pop(key, None)
             flags[key] = values
+        if args.bsuite_episodes and env_id.startswith("bsuite/"):
+            flags["--total-timesteps"] = [str(bsuite_steps(script, env_id, flags, args.bsuite_episodes))]
         flags = tuple(render_flags(flags) + ["--no-progress-bar"])
         exp_name = cell_name(script, env_id, variant, flags)
         cells += [Cell(script, env_id, seed, variant, flags, exp_name) for seed in args.seeds]
     return cells
+
+
+def bsuite_steps(script, env_id, flags, episodes):
+    """The steps of `episodes` episodes of a bsuite memory setting (each L + 1 steps, in every env at once: they all
+    end together), rounded up to whole updates of the cell's batch (--num-envs x --num-steps)."""
+    from helm_utils import bsuite_memory
+
+    length, _ = bsuite_memory.memory_length_and_bits(env_id.removeprefix(bsuite_memory.PREFIX))
+    defaults = script_module(script).Args
+    try:
+        batch = int(flags.get("--num-envs", [defaults.num_envs])[0]) * int(
+            flags.get("--num-steps", [defaults.num_steps])[0]
+        )
+    except ValueError:
+        fail(f"{script} {env_id}: --num-envs and --num-steps must be whole numbers to count --bsuite-episodes")
+    if batch < 1:
+        fail(f"{script} {env_id}: --num-envs and --num-steps must be positive to count --bsuite-episodes")
+    steps = episodes * (length + 1)
+    return -(-steps // batch) * batch
 
 
 def run_dirs(runs, cell):
@@ -514,6 +538,8 @@ def check_setup(args, workdir, runs):
     """What the launch itself needs, before any run: the work directory, the interpreter, runs/.launch/."""
     if args.workers < 1 or args.threads_per_run < 0:
         fail("--workers must be >= 1 and --threads-per-run >= 0")
+    if not 0 <= args.bsuite_episodes <= 10**9:
+        fail(f"--bsuite-episodes must be in [0, 10**9] (0: off), got {args.bsuite_episodes}")
     if workdir.exists() and not workdir.is_dir():  # a new one is made with its runs/ (a study's own folder)
         fail(f"--workdir {args.workdir} is not a directory")
     if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):

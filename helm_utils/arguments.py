@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import tyro
 
-from helm_utils import fail, frozen_models
+from helm_utils import env_suites, fail, frozen_models
 from helm_utils.files import validate_run_name
 
 # What --resume takes from the command line when given there; every other argument comes from the checkpoint.
@@ -196,7 +196,7 @@ def check_fits(args):
 
 
 def new_run_name(args):
-    return f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    return f"{env_suites.run_label(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
 
 def resume_args(Args, ckpt, path, output_dirs=()):

@@ -26,6 +26,8 @@ ENV_SUITES = {
     "MysteryPath": MEMORY_GYM,
     "SearingSpotlights": MEMORY_GYM,
     "Endless-": MEMORY_GYM,
+    # bsuite's memory experiments as pixels, by bsuite's setting ids: bsuite/memory_len/<i>, bsuite/memory_size/<i>
+    "bsuite/": ("helm_utils.bsuite_memory", "pip install -r requirements/requirements.txt (bsuite and shimmy)"),
     # procgen needs numpy < 2: a virtualenv of its own; helm_utils/procgen_memory.py adapts it to gymnasium
     "procgen-memory-": (
         "helm_utils.procgen_memory",
@@ -76,12 +78,31 @@ def check_env_id_from_file(env_id, what, command_line=None):
 def make(env_id, render_mode=None):
     """gym.make(env_id) with its suite registered first, and one line instead of a traceback when it fails."""
     import_env_suite(env_id)
+    if env_id.startswith("bsuite/"):  # bsuite's setting ids are not gymnasium ids (two slashes)
+        from helm_utils import bsuite_memory
+
+        try:
+            import bsuite  # noqa: F401
+            import shimmy  # noqa: F401
+        except ImportError as e:
+            fail(f"{env_id} needs bsuite and shimmy ({e}); install them with: {ENV_SUITES['bsuite/'][1]}")
+        return bsuite_memory.make(env_id, render_mode)
     try:
         return gym.make(env_id, render_mode=render_mode)
     except gym.error.Error as e:
         fail(f"unknown or unusable environment {env_id!r} ({e})")
     except ImportError as e:  # a system library of the renderer
         fail(f"{env_id} cannot be made: {e}" + (f"; {GL_HELP}" if env_id.startswith("MiniWorld-") else ""))
+
+
+def run_label(env_id):
+    """The env id as it starts a run directory's name: one folder, so bsuite's setting ids lose their slashes and
+    say what the setting is, lest an index be read as a length (bsuite/memory_len/9 -> bsuite-memory_len-9-length10)."""
+    if not env_id.startswith("bsuite/"):
+        return env_id
+    from helm_utils import bsuite_memory
+
+    return f"{env_id.replace('/', '-')}-{bsuite_memory.describe(env_id)}"
 
 
 def check_spaces(env, env_id):
