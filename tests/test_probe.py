@@ -162,7 +162,7 @@ def test_bad_input_is_one_error_line(tmp_path):
         (["--variants", "bad:--no-such-flag 3"], "helm_ppo.py variant bad: "),
         (["--variants", "bad:--n-layer 0"], "helm_ppo.py variant bad: --n-layer must be >= 1, got 0"),
         (["--episodes", "3"], "--episodes must be at least 2 x --folds"),
-        (["--delays", "-1"], "--delays must be steps >= 0"),
+        (["--delays", "-1"], "--delays must be distinct steps in [0, "),
     ]
     for argv, phrase in cases:
         args = tyro.cli(probe.Args, args=["--scripts", "helm_ppo.py", "--out", str(tmp_path / "out"), *argv])
