@@ -92,6 +92,9 @@ def output_file(path, what):
     path = Path(path)
     if not path.name or path.name in (".", ".."):
         fail(f"{what} {path} names a folder, not a file")
+    existing = next(p for p in path.parents if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        fail(f"{what} {path} lies inside {existing}, which is not a folder")
     return output_files(path.parent, [path.name], what) / path.name
 
 
