@@ -182,7 +182,8 @@ def check_fits(args, host=()):
     """One line naming the flags, when what the run will allocate (estimate) cannot fit in this machine's memory,
     before anything is built: a size from a typo or a checkpoint ends here, not in a traceback or a swapping machine.
     On CUDA the tensors must fit the GPU as well; the environments always live in RAM, and so do `host`, more
-    [(bytes, what, flags)] of a tool that runs the script's memory (benchmark/probe.py's frames)."""
+    [(bytes, what, flags)] of a tool that runs the script's memory (benchmark/probe.py's frames), whose flags are
+    named as they read ("--episodes 200")."""
     parts = estimate(args) + list(host)
     limits = {"memory": memory_limit()}
     if getattr(args, "cuda", False) and torch.cuda.is_available():
@@ -192,8 +193,11 @@ def check_fits(args, host=()):
         total = sum(nbytes for nbytes, _, _ in counted)
         if total > limit:
             nbytes, what, names = max(counted, key=lambda p: p[0])
+            # the run's flags with their values; a tool's own (host) name theirs as they read ("--episodes 200")
             given = ", ".join(
-                f"{flag(name)} {getattr(args, name)}" if hasattr(args, name) else name for name in names if name
+                f"{flag(name)} {getattr(args, name)}" if hasattr(args, name) else name
+                for name in names
+                if hasattr(args, name) or name.startswith("--")
             )
             fail(
                 f"{given}: {what} alone take at least {size(nbytes)}, the run at least {size(total)}, more than "
