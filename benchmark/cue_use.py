@@ -17,7 +17,11 @@ choice could have used the cue: the memory read-out the agent received at the la
 of its choice) is recorded, and a logistic regression (benchmark/probe.py's: held-out episodes, standardized
 features, C by cross-validation) predicts the cue from it, over the episodes that saw it. Per variant (the
 launcher's name in --exp-name, else the run name): the mean over runs (seeds) and a 95% t-interval. Writes
-cue_use.md and cue_use.json into --out.
+cue_use.md and cue_use.json into --out, replaced together once both are made.
+
+Before any episode is played: the arguments are bounded, --out is checked (helm_utils.files.output_files), and every
+run's checkpoint is read and checked as enjoy.py checks it (its arguments, sizes against this machine's memory
+included) and must be of MiniGrid-Memory: one `error:` line otherwise, naming the run.
 """
 
 import contextlib
@@ -39,7 +43,10 @@ from probe import Args as ProbeArgs  # noqa: E402
 from probe import held_out_predictions  # noqa: E402
 
 from helm_utils import checkpoints, evaluation, fail  # noqa: E402
-from helm_utils.files import output_dir, write_atomically  # noqa: E402
+from helm_utils.files import output_files, replace_together  # noqa: E402
+
+OUTPUTS = ("cue_use.md", "cue_use.json")  # one set: replaced together
+MAX_EPISODES = 100_000  # per run: each keeps its read-out at the choice (4 KB at the wt103 width) until decoded
 
 
 @dataclass
@@ -96,8 +103,6 @@ class CueLog:
 def play_run(path, episodes, seed, outputs=()):
     """The episodes of env 0 of the agent in checkpoint `path` (its first left out); outputs: more of play's."""
     loaded = evaluation.load(path, cuda=False)
-    if not loaded.args.env_id.startswith(("MiniGrid-Memory", "HELM-PassiveMemory")):
-        fail(f"{path} was trained on {loaded.args.env_id}: cue_use.py reads MiniGrid-Memory's cue (or the passive's)")
     log = CueLog(loaded.envs.unwrapped.envs[0], loaded.trxl)
     with contextlib.redirect_stdout(io.StringIO()):  # play prints every episode
         evaluation.play(loaded, episodes + 1, [log, *outputs], seed=loaded.args.seed + 10_000 + seed)
@@ -141,26 +146,32 @@ def variant_of(run_dir, args):
 
 
 def interval(values):
-    """(mean, low, high): the mean over runs and its 95% t-interval (plot.py's; NaN for one run)."""
+    """(mean, low, high): the mean over runs and its 95% t-interval (plot.py's; None for one run)."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None, None
-    return (float(np.mean(values)), *map(float, t_interval(values)))
+    low, high = t_interval(values)
+    return (float(np.mean(values)), *((None, None) if math.isnan(low) else (float(low), float(high))))
 
 
 def fmt(mean, low=None, high=None):
     if mean is None:
         return "-"
-    return f"{mean:.2f}" if low is None or math.isnan(low) else f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+    return f"{mean:.2f}" if low is None else f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def main(args):
-    if args.episodes < 1:
-        fail(f"--episodes must be >= 1, got {args.episodes}")
+def check_args(args):
+    """The arguments, --out and every run's checkpoint, before any episode is played: [(run directory, path)] of the
+    runs of the memory scripts, in order."""
+    if not 1 <= args.episodes <= MAX_EPISODES:
+        fail(f"--episodes must be in [1, {MAX_EPISODES}], got {args.episodes}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be >= 0 and < 2**32, got {args.seed}")
     runs = Path(args.runs)
     if not runs.is_dir():
         fail(f"--runs {args.runs} is not a directory")
-    report = {"args": vars(args), "runs": []}
+    output_files(args.out, OUTPUTS, "--out")
+    found = []
     for run_dir in sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")):
         path = run_dir / "checkpoint.pt"
         if not path.is_file():
@@ -170,8 +181,27 @@ def main(args):
         if ckpt.get("algorithm") not in evaluation.ALGORITHMS:
             print(f"# {run_dir.name}: not a run of the memory scripts (a baseline), left out")
             continue
+        ckpt = checkpoints.check(ckpt, path, evaluation.script_of(ckpt, path))  # as enjoy.py checks it
+        env_id = ckpt["args"]["env_id"]
+        if not env_id.startswith(("MiniGrid-Memory", "HELM-PassiveMemory")):
+            fail(f"{path} was trained on {env_id}: cue_use.py reads MiniGrid-Memory's cue (or the passive's)")
+        found.append((run_dir, path))
+    if not found:
+        fail(f"no checkpoint of helm_ppo.py, helmv2_ppo.py or shelm_ppo.py under {args.runs}")
+    return found
+
+
+def main(args):
+    found = check_args(args)
+    report = {"args": vars(args), "runs": []}
+    for i, (run_dir, path) in enumerate(found):
+        print(f"{run_dir.name} ({i + 1} of {len(found)}): playing {args.episodes} episodes", flush=True)
         loaded, episodes = play_run(path, args.episodes, args.seed)
-        row = {"run": run_dir.name, "script": f"{loaded.algorithm}_ppo", "variant": variant_of(run_dir, ckpt["args"])}
+        row = {
+            "run": run_dir.name,
+            "script": f"{loaded.algorithm}_ppo",
+            "variant": variant_of(run_dir, loaded.ckpt["args"]),
+        }
         row |= summary(episodes, loaded.args.ablate_memory)
         print(
             f"{row['run']}: saw the cue in {fmt(row['saw_cue'])} of {row['episodes']} episodes; success "
@@ -180,8 +210,6 @@ def main(args):
         )
         episodes = [{k: v for k, v in e.items() if k != "readout_at_choice"} for e in episodes]
         report["runs"].append(row | {"episode_list": episodes})
-    if not report["runs"]:
-        fail(f"no checkpoint of helm_ppo.py, helmv2_ppo.py or shelm_ppo.py under {args.runs}")
     lines = [
         f"How the trained agents use MiniGrid-Memory's cue: {args.episodes} episodes per run (sampled actions), "
         "split by whether the cue was ever in view; mean over runs (seeds) and 95% t-interval. Random choice "
@@ -211,10 +239,10 @@ def main(args):
             + " | ".join(fmt(*cells[k]) for k in decoding)
             + " |"
         )
-    out = output_dir(args.out, "--out")
-    table = "\n".join(lines) + "\n"
-    write_atomically(out / "cue_use.md", lambda f: f.write(table.encode()))
-    write_atomically(out / "cue_use.json", lambda f: f.write((json.dumps(report) + "\n").encode()))
+    table = ("\n".join(lines) + "\n").encode()
+    data = (json.dumps(report, allow_nan=False) + "\n").encode()  # strict JSON: made before either file is replaced
+    out = Path(args.out)
+    replace_together({out / "cue_use.md": lambda f: f.write(table), out / "cue_use.json": lambda f: f.write(data)})
     print("\n".join(lines))
 
 

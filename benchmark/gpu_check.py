@@ -10,12 +10,16 @@ Steps, each timed, each recorded whatever the others did (a failed step never st
    HELM_TEST_DEVICE=cuda (a missing GPU fails them) or, in the dry run, cpu (the same tests on the CPU);
 3. throughput at --n-layer 2, then 18: benchmark/throughput.py --cuda with the real-size random models, one
    repeat, the CNN-PPO loop measured on the same GPU in the same run (dry run: the tiny models, one update).
-OUT_DIR/gpu_check.json is rewritten after every step (what a killed check got so far survives); the
-script's output is OUT_DIR/gpu_check.log. Exit status 1 if any step failed.
+gpu_check.sh runs this in a fresh folder of its own inside OUT_DIR (OUT_DIR/.gpu_check.XXXXXX), where
+gpu_check.json is rewritten after every step (what a killed check got so far survives there), and moves the
+results (gpu_check.json, gpu_check.log, pytest.xml, throughput_n*.json) into OUT_DIR together once the check has
+finished: an earlier check's results are replaced only by a finished one's. Exit status 1 if any step failed.
 
 Budget: GPU_CHECK_BUDGET_S (480 s) from the start of gpu_check.sh; each step's timeout is cut to what is
 left of it. GPU_CHECK_WARMUP and GPU_CHECK_MEASURED set the throughput's updates (3 and 3), GPU_CHECK_N_LAYERS
-its --n-layer values ("2 18").
+its --n-layer values ("2 18"). These settings and OUT_DIR are checked before anything runs (`--check-only`, which
+gpu_check.sh calls first): one `error:` line and exit status 2 otherwise. Only the standard library and
+helm_utils.files are imported here: the check records what the machine lacks, it does not depend on it.
 """
 
 import json
@@ -30,7 +34,18 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helm_utils import InputError  # noqa: E402
+from helm_utils.files import output_files, write_atomically  # noqa: E402
+
 BUDGET_S = 480
+MAX_BUDGET_S = 24 * 3600
+MAX_UPDATES = 10_000  # benchmark/throughput.py's bound of --warmup-updates and --measured-updates
+MAX_N_LAYER = 18  # transfo-xl-wt103's layers: the most --n-layer can keep
+USAGE = (
+    "usage: bash benchmark/gpu_check.sh OUT_DIR [--cpu-dry-run] (gpu_check.py [--check-only] OUT_DIR [--cpu-dry-run])"
+)
 N_LAYERS = (2, 18)
 # the slice of the budget each step may take at most (the last throughput step gets all that is left)
 STEP_LIMITS_S = {"environment": 60, "pytest": 150, "throughput_n2": 170}
@@ -139,18 +154,19 @@ def throughput_summary(results_json, label, cuda):
 
 
 def write_result(out_dir, result):
-    """OUT_DIR/gpu_check.json, written whole (a temporary file renamed): a reader never sees half of it."""
+    """OUT_DIR/gpu_check.json, written whole (helm_utils.files: a temporary file of its own renamed, no link
+    followed): a reader never sees half of it."""
     path = Path(out_dir) / "gpu_check.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    data = (json.dumps(result, indent=1, sort_keys=False, allow_nan=False) + "\n").encode()
+    write_atomically(path, lambda f: f.write(data))
     return path
 
 
 class Check:
-    def __init__(self, out_dir, dry_run, python, start, budget_s):
+    def __init__(self, out_dir, dry_run, python, start, budget_s, settings=None):
         self.out, self.dry_run, self.python = Path(out_dir), dry_run, python
         self.start, self.budget_s = start, budget_s
+        self.settings = settings or {"n_layers": list(N_LAYERS), "warmup": 3, "measured": 3}
         self.result = {
             "check": "benchmark/gpu_check.sh (issue 19)",
             "dry_run": dry_run,
@@ -286,8 +302,8 @@ class Check:
             cmd += ["--no-cuda", "--tiny", "--num-envs", "2", "--num-steps", "8"]
             cmd += ["--warmup-updates", "0", "--measured-updates", "1"]
         else:
-            cmd += ["--cuda", "--warmup-updates", os.environ.get("GPU_CHECK_WARMUP", "3")]
-            cmd += ["--measured-updates", os.environ.get("GPU_CHECK_MEASURED", "3")]
+            cmd += ["--cuda", "--warmup-updates", self.settings["warmup"]]
+            cmd += ["--measured-updates", self.settings["measured"]]
         rc, _, timed_out = self.run(cmd, self.limit(f"throughput_n{n_layer}"))
         record = {"exit_status": rc, "timed_out": timed_out}
         if rc == 0:
@@ -304,9 +320,9 @@ class Check:
         self.save()
         self.step("environment", self.environment)
         self.step("pytest", self.pytest)
-        n_layers = [int(n) for n in os.environ.get("GPU_CHECK_N_LAYERS", " ".join(map(str, N_LAYERS))).split()]
-        for n_layer in n_layers:
+        for n_layer in self.settings["n_layers"]:
             self.step(f"throughput_n{n_layer}", lambda n=n_layer: self.throughput(n))
+        self.result["finished"] = True  # what gpu_check.sh waits for before the results replace earlier ones
         self.save()
         self.say(
             f"{'all steps ok' if self.result['ok'] else 'FAILED: ' + ', '.join(self.result['failed_steps'])}; "
@@ -315,14 +331,90 @@ class Check:
         return 0 if self.result["ok"] else 1
 
 
+def fail(message):
+    """One `error:` line and exit status 2: the check's input, not one of its steps, is wrong."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def setting(name, default, parse, valid, wanted):
+    """An environment variable's value, parsed and checked, or one line naming it."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        fail(f"{name} must be {wanted}, got {raw!r}")
+    return value
+
+
+def settings():
+    """The GPU_CHECK_* settings, each checked before anything runs."""
+
+    def layers(raw):
+        values = [int(n) for n in raw.split()]
+        return values if values and len(set(values)) == len(values) else None
+
+    def install(raw):
+        value = json.loads(raw)
+        good = isinstance(value, dict) and isinstance(value.get("ok"), bool) and isinstance(value.get("detail"), str)
+        return value if good else None
+
+    now = time.time()
+    return {
+        "start": setting(
+            "GPU_CHECK_START", now, float, lambda t: 0 < t <= now + 1, "a time (seconds since 1970) not ahead"
+        ),
+        "budget": setting(
+            "GPU_CHECK_BUDGET_S", BUDGET_S, float, lambda b: 0 < b <= MAX_BUDGET_S, f"seconds in (0, {MAX_BUDGET_S}]"
+        ),
+        "warmup": setting(
+            "GPU_CHECK_WARMUP", 3, int, lambda n: 0 <= n <= MAX_UPDATES, f"updates in [0, {MAX_UPDATES}]"
+        ),
+        "measured": setting(
+            "GPU_CHECK_MEASURED", 3, int, lambda n: 1 <= n <= MAX_UPDATES, f"updates in [1, {MAX_UPDATES}]"
+        ),
+        "n_layers": setting(
+            "GPU_CHECK_N_LAYERS",
+            list(N_LAYERS),
+            layers,
+            lambda ns: all(1 <= n <= MAX_N_LAYER for n in ns),
+            f"distinct --n-layer values in [1, {MAX_N_LAYER}], separated by spaces",
+        ),
+        "install": setting(
+            "GPU_CHECK_INSTALL",
+            {"ok": True, "detail": "not run by gpu_check.sh"},
+            install,
+            lambda v: True,
+            'a JSON object {"ok": true or false, "detail": "..."} (gpu_check.sh sets it)',
+        ),
+    }
+
+
+def result_files(n_layers):
+    """The files of one check's results in OUT_DIR: one set, replaced together by gpu_check.sh."""
+    return ["gpu_check.json", "gpu_check.log", "pytest.xml", *(f"throughput_n{n}.json" for n in n_layers)]
+
+
 def main(argv):
-    out_dir = Path(argv[0])
-    dry_run = "--cpu-dry-run" in argv[1:]
-    start = float(os.environ.get("GPU_CHECK_START", time.time()))
-    budget = float(os.environ.get("GPU_CHECK_BUDGET_S", BUDGET_S))
-    install = json.loads(os.environ.get("GPU_CHECK_INSTALL", '{"ok": true, "detail": "not run by gpu_check.sh"}'))
+    check_only = argv[:1] == ["--check-only"]
+    argv = argv[1:] if check_only else argv
+    if not argv or argv[0].startswith("-") or any(a != "--cpu-dry-run" for a in argv[1:]):
+        fail(f"unknown arguments {' '.join(argv)}; {USAGE}")
+    out_dir, dry_run = Path(argv[0]), "--cpu-dry-run" in argv[1:]
+    chosen = settings()
+    try:
+        output_files(out_dir, result_files(chosen["n_layers"]), "OUT_DIR")
+    except InputError as e:
+        fail(str(e.code).removeprefix("error: "))
+    if check_only:
+        return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    return Check(out_dir, dry_run, sys.executable, start, budget).main(install)
+    check = Check(out_dir, dry_run, sys.executable, chosen["start"], chosen["budget"], chosen)
+    return check.main(chosen["install"])
 
 
 if __name__ == "__main__":

@@ -23,14 +23,40 @@
 #
 # The total must stay under WHEEL_BUDGET_MIB (40), and with the working tree (what git would send: tracked
 # files and untracked ones it does not ignore) under CARRY_BUDGET_MIB (64): the most that travels there.
+#
+# The wheels are downloaded into a fresh folder beside .whl/ (WHEEL_DIR), checked (dependencies, budgets), and
+# only then take its place: a download that fails or wheels that do not fit leave the earlier .whl/ as it was.
+# Before anything is downloaded: the budgets are whole numbers, WHEEL_DIR is no link, holds nothing but wheels
+# (it is replaced whole) and lies in a folder that can be written, PYTHON has pip and packaging, every pin is
+# found; one `error:` line otherwise.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
 DEST="${WHEEL_DIR:-$ROOT/.whl}"
+case "$DEST" in /*) ;; *) DEST="$PWD/$DEST" ;; esac
+DEST="${DEST%/}"
+cd "$ROOT"
 WHEEL_BUDGET_MIB="${WHEEL_BUDGET_MIB:-40}"
 CARRY_BUDGET_MIB="${CARRY_BUDGET_MIB:-64}"
 if [ -n "${PYTHON:-}" ]; then :; elif [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+
+fail() {
+  echo "error: $*" >&2
+  exit 1
+}
+for budget in WHEEL_BUDGET_MIB CARRY_BUDGET_MIB; do
+  [[ "${!budget}" =~ ^[1-9][0-9]{0,5}$ ]] || fail "$budget must be a whole number of MiB in [1, 999999], got '${!budget}'"
+done
+PARENT="$(dirname "$DEST")"
+[ -L "$DEST" ] && fail "WHEEL_DIR $DEST is a link; give the folder it points to"
+if [ -e "$DEST" ]; then
+  [ -d "$DEST" ] || fail "WHEEL_DIR $DEST is not a folder"
+  other="$(find "$DEST" -mindepth 1 \( ! -type f -o ! -name '*.whl' \) -print -quit)"
+  [ -z "$other" ] || fail "WHEEL_DIR $DEST holds $other, not a wheel: the folder is replaced whole by the new wheels; move it away"
+fi
+[ -d "$PARENT" ] || fail "WHEEL_DIR $DEST: its folder $PARENT does not exist or is not a folder"
+"$PYTHON" -c 'import packaging.requirements' 2>/dev/null && "$PYTHON" -m pip --version >/dev/null 2>&1 ||
+  fail "$PYTHON cannot run pip and import packaging, which download and check the wheels"
 
 # the pin of a package in requirements/*.txt (the versions the project is tested with)
 pin() {
@@ -60,17 +86,21 @@ WHEELS=(
 GPU_HAS="torch torchvision tensorboard timm huggingface-hub scikit-learn matplotlib numpy pandas scipy
 safetensors tqdm pytest pillow imageio regex cloudpickle typing-extensions rich pyyaml"
 
-mkdir -p "$DEST"
-rm -f "$DEST"/*.whl
-echo "downloading ${#WHEELS[@]} wheels into $DEST ($PYTHON -m pip)"
-"$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: -d "$DEST" \
+# the working tree as git would send it, counted before the new wheels' folder exists beside .whl/
+tree_bytes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+
+# a fresh folder (no fixed name: two downloads at once do not meet), removed unless it becomes the new .whl/
+NEW="$(mktemp -d "$PARENT/.whl-new.XXXXXX")" || fail "cannot make a folder in $PARENT"
+trap 'rm -rf "$NEW"' EXIT
+echo "downloading ${#WHEELS[@]} wheels into $NEW ($PYTHON -m pip), then into $DEST"
+"$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: -d "$NEW" \
   --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
   "${WHEELS[@]}" 2> >(grep -v "^WARNING: Location 'file:" >&2)  # this machine's local indexes: noise
 
 # every dependency named: each wheel's Requires-Dist (markers for CPython 3.12 on Linux x86-64, no extras)
 # is one of the wheels or on the GPU machine
-"$PYTHON" - "$DEST" "$GPU_HAS" <<'EOF'
+"$PYTHON" - "$NEW" "$GPU_HAS" <<'EOF'
 import re
 import sys
 import zipfile
@@ -105,9 +135,8 @@ while IFS= read -r -d '' f; do
   size=$(stat -c %s "$f")
   wheel_bytes=$((wheel_bytes + size))
   printf '  %8.2f MiB  %s\n' "$(mib "$size")" "$(basename "$f")"
-done < <(find "$DEST" -maxdepth 1 -type f -name '*.whl' -print0 | sort -z)
-tree_bytes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
-echo "wheels: $(mib "$wheel_bytes") MiB in $(find "$DEST" -maxdepth 1 -type f -name '*.whl' | wc -l) files (budget $WHEEL_BUDGET_MIB MiB)"
+done < <(find "$NEW" -maxdepth 1 -type f -name '*.whl' -print0 | sort -z)
+echo "wheels: $(mib "$wheel_bytes") MiB in $(find "$NEW" -maxdepth 1 -type f -name '*.whl' | wc -l) files (budget $WHEEL_BUDGET_MIB MiB)"
 echo "working tree (tracked + untracked not ignored): $(mib "$tree_bytes") MiB"
 echo "together: $(mib $((wheel_bytes + tree_bytes))) MiB (budget $CARRY_BUDGET_MIB MiB)"
 if [ "$wheel_bytes" -gt $((WHEEL_BUDGET_MIB * 1048576)) ]; then
@@ -118,3 +147,15 @@ if [ $((wheel_bytes + tree_bytes)) -gt $((CARRY_BUDGET_MIB * 1048576)) ]; then
   echo "error: the wheels and the working tree take more than $CARRY_BUDGET_MIB MiB" >&2
   exit 1
 fi
+
+# checked: the new folder takes the place of the earlier one (two renames; the earlier wheels are deleted last)
+chmod "$(printf '%o' $((0777 & ~0$(umask))))" "$NEW"  # mktemp made it private
+sync "$NEW"/*.whl
+OLD=""
+if [ -e "$DEST" ]; then
+  OLD="$(mktemp -d "$PARENT/.whl-old.XXXXXX")"
+  mv -T "$DEST" "$OLD/whl"
+fi
+mv -T "$NEW" "$DEST"
+[ -z "$OLD" ] || rm -rf "$OLD"
+echo "wheels in $DEST"

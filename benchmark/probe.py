@@ -41,10 +41,16 @@ No RL, nothing trained but linear classifiers (docs/probe.md):
 
 Written to --out: probe.png (accuracy and influence against delay, a line per variant, a column per
 script), probe.md (the tables and the encoders' token statistics) and probe.json (everything, with the
-arguments and the time of each phase). --replot rewrites the figure and the table from a probe.json.
+arguments and the time of each phase), replaced together once all three are made. --replot writes the three
+again from a probe.json, whose structure is checked first.
+
+Every argument, the probe's and each variant's (through its script's own Args and check_args, with the probe's
+--env-id and --num-envs), --out and what the probe will hold in memory (the frames, the read-outs, the bootstrap;
+helm_utils.arguments.check_fits with the scripts' own estimate) are checked before anything runs: one `error:`
+line otherwise. A variant may not give the flags the probe sets for all of them (--env-id, --num-envs, --cuda):
+its episodes are collected once, for every variant.
 """
 
-import contextlib
 import copy
 import dataclasses
 import importlib
@@ -68,6 +74,9 @@ import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from helm_utils import arguments, fail  # noqa: E402
+from helm_utils.files import output_files, parse_json, read_json, replace_together, write_new  # noqa: E402
 
 SCRIPTS = ("shelm_ppo.py", "helm_ppo.py", "helmv2_ppo.py")
 # one factor at a time around --n-layer 2 --mem-len 64 (64 steps hold the cue of every delay probed)
@@ -142,11 +151,6 @@ class Args:
     """folder of probe.png, probe.md and probe.json"""
     replot: str | None = None
     """only write probe.png and probe.md again from this probe.json (into --out)"""
-
-
-def fail(message):
-    """Stop with one clear line on stderr and exit status 1."""
-    raise SystemExit(f"error: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,9 +355,7 @@ def collect(module, task, args):
         for twin in twins:
             task.make_twin(twin)
     rng = np.random.default_rng(args.seed)
-    scripted = args.policy == "scripted" or (args.policy == "auto" and task.has_script)
-    if scripted and not task.has_script:
-        fail(f"no scripted policy for {args.env_id}: use --policy random")
+    scripted = scripted_policy(task, args)
 
     def begin(env):
         u = env.unwrapped
@@ -369,7 +371,8 @@ def collect(module, task, args):
             twin_frames.append(twins[i].reset(seed=args.seed * 1000 + i)[0])
     obs, starts, since, owners, done, twin_obs = [], [], [], [], [], []
     start_row = np.ones(n, bool)
-    t = 0
+    t, started, every = 0, time.time(), max(1, args.episodes // 10)
+    print(f"collecting {args.episodes} episodes of {args.env_id} in {n} envs{' and their twins' if twins else ''}")
     while len(done) < args.episodes:
         row = np.full(n, -1)
         for i, (env, ep) in enumerate(zip(envs, current)):
@@ -398,6 +401,8 @@ def collect(module, task, args):
             if terminated or truncated:
                 ep.index = len(done)
                 done.append(ep)
+                if len(done) % every == 0 and len(done) < args.episodes:
+                    print(f"  {len(done)} of {args.episodes} episodes, {t + 1} steps, {time.time() - started:.0f} s")
                 frames[i], _ = env.reset()
                 current[i] = begin(env)
                 start_row[i] = True
@@ -460,26 +465,6 @@ def memory_readouts(module, trxl, encoder, obs, starts, settings, device):
         inputs[t] = x
         tokens.append(step_tokens.cpu().numpy())
     return readouts, inputs, np.stack(tokens)
-
-
-def script_args(module, flags, what):
-    """The script's Args for these flags, checked by the script's own check_args where it has one."""
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
-            parsed = tyro.cli(module.Args, args=flags)
-    except SystemExit:
-        # tyro's message is a box: its first line inside says what is wrong
-        inside = [line.strip("│ ") for line in out.getvalue().splitlines() if line.startswith("│")]
-        reason = next((line for line in inside if line), "")
-        fail(f"{what}: {shlex.join(flags)} cannot be parsed by the script{': ' + reason if reason else ''}")
-    check = getattr(module, "check_args", None)
-    if check is not None:
-        try:
-            check(parsed)
-        except SystemExit as e:
-            fail(f"{what}: {str(e.code).removeprefix('error: ')}")
-    return parsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,13 +717,15 @@ def markdown(report):
         "distinct inputs per episode | distinct observations per episode |",
         "|---|---|---|---|---|---|",
     ]
+
+    def spread(summary):  # None: no complete episode had any
+        return "n/a" if summary is None else f"{summary['mean']:.1f} ({summary['min']}-{summary['max']})"
+
     for script, s in report["tokens"].items():
-        tok, inp = s["distinct_tokens_per_episode"], s["distinct_inputs_per_episode"]
-        obs = s["distinct_observations_per_episode"]
         top = ", ".join(f"{t['words']} ({t['share']:.0%})" for t in s["top_tokens"][:3])
         lines.append(
-            f"| {script} | {tok['mean']:.1f} ({tok['min']}-{tok['max']}) | {s['distinct_tokens_overall']} | {top} | "
-            f"{inp['mean']:.1f} ({inp['min']}-{inp['max']}) | {obs['mean']:.1f} ({obs['min']}-{obs['max']}) |"
+            f"| {script} | {spread(s['distinct_tokens_per_episode'])} | {s['distinct_tokens_overall']} | {top} | "
+            f"{spread(s['distinct_inputs_per_episode'])} | {spread(s['distinct_observations_per_episode'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -746,8 +733,9 @@ def markdown(report):
 INFLUENCE_FLOOR = 1e-9  # where the twins' features are identical, the influence is drawn at this level
 
 
-def figure(report, path):
-    """Accuracy against delay (and, with twins, the cue's influence), a column per script, a line per variant."""
+def figure(report):
+    """Accuracy against delay (and, with twins, the cue's influence), a column per script, a line per variant: the
+    PNG file's bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -802,7 +790,9 @@ def figure(report, path):
     fig.savefig(buffer, dpi=72)
     plt.close(fig)
     # a palette of 256 colours: a third of the size, the same to the eye
-    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
+    png = io.BytesIO()
+    Image.open(buffer).convert("RGB").quantize(256).save(png, format="PNG", optimize=True)
+    return png.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,53 +816,131 @@ def parse_variants(variants):
     return parsed
 
 
+OUTPUTS = ("probe.json", "probe.md", "probe.png")  # one set: replaced together
+# flags every variant gets from the probe, for the one collection of episodes all of them read
+PROBE_SETS = ("env_id", "num_envs", "cuda")
+MAX_DELAYS = 100  # --delays: columns of the table, points of the figure
+MAX_STEPS = 100_000  # a delay or a wait, in steps: beyond any episode of the tasks probed
+MAX_WORKERS = 1024  # --jobs, --threads
+MAX_C = 100  # --c-grid values
+
+
 def check_args(args):
-    if not args.scripts:
-        fail("--scripts: give at least one script")
+    """The probe's own arguments, each bounded, before anything is imported, built or written."""
+    if not args.scripts or len(set(args.scripts)) != len(args.scripts):
+        fail(f"--scripts: give one or more of {', '.join(SCRIPTS)}, each once, got {' '.join(args.scripts) or 'none'}")
     for script in args.scripts:
         if script not in SCRIPTS:
             fail(f"--scripts: {script!r} is not one of {', '.join(SCRIPTS)}")
-    if args.episodes < 2 * args.folds:
-        fail(f"--episodes must be at least 2 x --folds ({2 * args.folds}), got {args.episodes}")
     if args.folds < 2 or args.inner_folds < 2:
         fail(f"--folds and --inner-folds must be >= 2, got {args.folds} and {args.inner_folds}")
-    if args.num_envs < 1:
-        fail(f"--num-envs must be >= 1, got {args.num_envs}")
-    if not args.delays or min(args.delays) < 0:
-        fail(f"--delays must be steps >= 0, got {' '.join(map(str, args.delays)) or 'none'}")
-    if not 0 <= args.wait[0] <= args.wait[1]:
-        fail(f"--wait must be two steps 0 <= min <= max, got {args.wait[0]} {args.wait[1]}")
-    if not args.c_grid or not all(0 < c < math.inf for c in args.c_grid):
-        fail("--c-grid must be positive finite numbers")
+    if args.episodes < 2 * args.folds:
+        fail(f"--episodes must be at least 2 x --folds ({2 * args.folds}), got {args.episodes}")
+    if args.inner_folds > args.episodes:
+        fail(f"--inner-folds must be at most --episodes ({args.episodes}), got {args.inner_folds}")
+    if not 1 <= args.num_envs <= args.episodes:
+        fail(
+            f"--num-envs must be >= 1 and at most --episodes ({args.episodes}): the first episodes to end are "
+            f"probed, more envs would be cut off; got {args.num_envs}"
+        )
+    delays = args.delays
+    if not delays or min(delays) < 0 or max(delays) > MAX_STEPS or len(set(delays)) != len(delays):
+        fail(f"--delays must be distinct steps in [0, {MAX_STEPS}], got {' '.join(map(str, delays)) or 'none'}")
+    if len(delays) > MAX_DELAYS:
+        fail(f"--delays: at most {MAX_DELAYS} of them, got {len(delays)}")
+    if not 0 <= args.wait[0] <= args.wait[1] <= MAX_STEPS:
+        fail(f"--wait must be two steps 0 <= min <= max <= {MAX_STEPS}, got {args.wait[0]} {args.wait[1]}")
+    if not 1 <= len(args.c_grid) <= MAX_C or not all(0 < c < math.inf for c in args.c_grid):
+        fail(f"--c-grid must be 1 to {MAX_C} positive finite numbers, got {' '.join(map(str, args.c_grid)) or 'none'}")
     if args.bootstrap < 1:
         fail(f"--bootstrap must be >= 1, got {args.bootstrap}")
-    if args.threads < 0 or args.jobs < 0:
-        fail(f"--threads and --jobs must be >= 0, got {args.threads} and {args.jobs}")
+    if not (0 <= args.threads <= MAX_WORKERS and 0 <= args.jobs <= MAX_WORKERS):
+        fail(f"--threads and --jobs must be in [0, {MAX_WORKERS}], got {args.threads} and {args.jobs}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be >= 0 and < 2**32, got {args.seed}")
     if not args.variants:
         fail("--variants: give at least one")
     try:
-        shlex.split(args.script_args)
+        tokens = shlex.split(args.script_args)
     except ValueError as e:
         fail(f"--script-args {args.script_args!r}: {e}")
+    arguments.refuse_flags(tokens, PROBE_SETS, "--script-args", "the probe sets it for every variant")
 
 
 def plan(args):
-    """[(script, module, [(variant, flags, Args)])] with every script's arguments parsed and checked."""
+    """[(script, module, [(variant, flags, Args)])] with every variant's arguments parsed and checked by its script
+    (the sizes against this machine's memory included), with the probe's --env-id and --num-envs."""
     variants = parse_variants(args.variants)
+    for name, flags in variants:
+        why = "the probe sets it for every variant (its episodes are collected once, for all); give the probe's own"
+        arguments.refuse_flags(flags, PROBE_SETS, f"--variants {name}", why)
     planned = []
     for script in args.scripts:
         module = importlib.import_module(script[: -len(".py")])
         fields = {f.name for f in dataclasses.fields(module.Args)}
-        common = ["--env-id", args.env_id]
+        common = ["--env-id", args.env_id, "--num-envs", str(args.num_envs), "--cuda" if args.cuda else "--no-cuda"]
         for name in PASSTHROUGH:
             if getattr(args, name) is not None and name in fields:
                 common += [f"--{name.replace('_', '-')}", getattr(args, name)]
         common += shlex.split(args.script_args)
         parsed = [
-            (name, flags, script_args(module, common + flags, f"{script} variant {name}")) for name, flags in variants
+            (name, flags, arguments.script_args(module, common + flags, f"{script} variant {name}"))
+            for name, flags in variants
         ]
         planned.append((script, module, parsed))
     return planned
+
+
+def scripted_policy(task, args):
+    """Whether the episodes follow the task's scripted policy; one line where --policy asks for one it lacks."""
+    if args.policy == "scripted" and not task.has_script:
+        fail(f"--policy scripted: there is no scripted policy for {args.env_id}; use --policy random")
+    return args.policy == "scripted" or (args.policy == "auto" and task.has_script)
+
+
+def check_task(module, args):
+    """The cue task of --env-id with one env made as the probe makes them (a missing suite or an unknown env is one
+    line); the shape of its observations; a --wait the episodes' time limit leaves room for."""
+    env = module.make_env(args.env_id, 0, False, "probe")()
+    shape, limit = env.observation_space.shape, getattr(env.unwrapped, "max_steps", None)
+    env.close()
+    task = cue_task(args.env_id)
+    scripted = scripted_policy(task, args)
+    if scripted and isinstance(task, MiniGridMemory) and limit is not None and args.wait[1] >= limit:
+        fail(
+            f"--wait {args.wait[0]} {args.wait[1]}: the episodes of {args.env_id} end after {limit} steps, before "
+            f"the scripted policy would choose; choose a wait below {limit}"
+        )
+    return task, shape
+
+
+def check_fits(args, planned, task, obs_shape):
+    """What the probe will hold, counted as lower bounds (at least one frame per episode; with the scripted
+    MiniGrid-Memory policy at least the shortest wait), beside each variant's own estimate (the scripts'
+    arguments.estimate, its Transformer-XL's memories for --num-envs envs): one line before anything runs when it
+    cannot fit in this machine's memory (arguments.check_fits)."""
+    twins = 2 if args.counterfactual and hasattr(task, "make_twin") else 1
+    length = 1 + (args.wait[0] if isinstance(task, MiniGridMemory) and scripted_policy(task, args) else 0)
+    frames = args.episodes * length
+    jobs = min(len(args.delays), args.jobs or os.cpu_count() or 1)
+    for script, _, parsed in planned:
+        for group in build_groups(parsed):
+            sargs = group[0][2]
+            width = arguments.trxl_config(sargs)["d_model"] * (len(group) + getattr(sargs, "topk", 1))
+            episodes = f"--episodes {args.episodes}"
+            host = [
+                (frames * (math.prod(obs_shape) + 25) * twins, "the episodes' frames", [episodes]),
+                (frames * 4 * width * twins, f"the read-outs of {script}'s pipeline", [episodes, "--variants"]),
+                (
+                    args.bootstrap * args.episodes * 24 * jobs,
+                    "the bootstrap",
+                    [f"--bootstrap {args.bootstrap}", episodes],
+                ),
+            ]
+            try:
+                arguments.check_fits(sargs, host)
+            except SystemExit as e:
+                fail(f"{script} variant {group[0][0]}: {str(e.code).removeprefix('error: ')}")
 
 
 def build_groups(parsed):
@@ -884,32 +952,135 @@ def build_groups(parsed):
     return list(groups.values())
 
 
-def write_report(report, out):
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "probe.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / "probe.md").write_text(markdown(report))
-        figure(report, out / "probe.png")
-    except OSError as e:
-        fail(f"cannot write the results to {out}: {e.strerror or e}")
+def report_schema():
+    """The structure of probe.json, as markdown and figure read it: checked before a --replot draws anything, and
+    before a new report replaces an earlier one."""
+    from typing import Annotated, NotRequired
+
+    from pydantic import Field
+    from typing_extensions import TypedDict
+
+    Count = Annotated[int, Field(ge=0)]
+    Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    Change = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    Text = Annotated[str, Field(max_length=10_000)]
+
+    class Influence(TypedDict):
+        median: Change
+        max: Change
+        identical: Share
+
+    class Entry(TypedDict):
+        samples: Count
+        episodes: Count
+        accuracy: Share | None
+        interval: NotRequired[tuple[Share, Share]]
+        chance: NotRequired[Share]
+        chance_interval: NotRequired[tuple[Share, Share]]
+        C: NotRequired[Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(max_length=100)]]
+        influence: NotRequired[Influence | None]
+
+    class Row(TypedDict):
+        script: Literal[(*SCRIPTS, "-")]
+        variant: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.=+-]+$", max_length=200)]
+        flags: Text
+        kind: Literal["memory", "input", "observation"]
+        features: Literal["memory read-out", "encoder output at t", "observation at t"]
+        delays: Annotated[dict[str, Entry], Field(max_length=MAX_DELAYS)]
+
+    class ReportArgs(TypedDict):
+        env_id: Annotated[str, Field(min_length=1, max_length=200)]
+        delays: Annotated[list[Annotated[int, Field(ge=0, le=MAX_STEPS)]], Field(min_length=1, max_length=MAX_DELAYS)]
+
+    class Episodes(TypedDict):
+        complete: Count
+        classes: Annotated[list[Annotated[str, Field(max_length=200)]], Field(min_length=1, max_length=100)]
+
+    class Spread(TypedDict):
+        mean: Change
+        min: Count
+        max: Count
+
+    class Token(TypedDict):
+        words: Text
+        share: Share
+
+    class Tokens(TypedDict):
+        distinct_tokens_per_episode: Spread | None
+        distinct_inputs_per_episode: Spread | None
+        distinct_observations_per_episode: Spread | None
+        distinct_tokens_overall: Count
+        top_tokens: Annotated[list[Token], Field(max_length=100)]
+
+    class Report(TypedDict):
+        args: ReportArgs
+        episodes: Episodes
+        results: Annotated[list[Row], Field(min_length=1, max_length=1000)]
+        tokens: dict[Literal[SCRIPTS], Tokens]
+
+    return Report
+
+
+def check_report(report, what):
+    """What the schema cannot say: every row has an entry for each delay of the run and no other, an accuracy with its
+    interval and chance, intervals in order."""
+    delays = report["args"]["delays"]
+    if len(set(delays)) != len(delays):
+        fail(f"{what}: args.delays holds a delay twice")
+    for i, row in enumerate(report["results"]):
+        if set(row["delays"]) != {str(d) for d in delays}:
+            fail(f"{what}: results.{i}.delays has the delays {', '.join(row['delays'])}, not those of args.delays")
+        for d, entry in row["delays"].items():
+            where = f"{what}: results.{i}.delays.{d}"
+            if entry["accuracy"] is not None and not {"interval", "chance", "chance_interval"} <= set(entry):
+                fail(f"{where} has an accuracy without its interval and chance")
+            for key in ("interval", "chance_interval"):
+                if key in entry and entry[key][0] > entry[key][1]:
+                    fail(f"{where}.{key} is not in order (low, high)")
+
+
+def write_report(report, out, data):
+    """probe.json (`data`), probe.md and probe.png, all made before any is written, then replaced together."""
+    table, png = markdown(report).encode(), figure(report)
+    replace_together(
+        {
+            out / "probe.json": lambda f: f.write(data),
+            out / "probe.md": lambda f: f.write(table),
+            out / "probe.png": lambda f: f.write(png),
+        }
+    )
+
+
+def replot(args):
+    """--replot: the three files again from a probe.json (its structure checked first), into --out."""
+    ignored = [
+        arguments.flag(f.name)
+        for f in dataclasses.fields(Args)
+        if f.name not in ("replot", "out") and getattr(args, f.name) != getattr(Args(), f.name)
+    ]
+    if ignored:
+        fail(f"--replot draws a probe.json again and takes only --out; {' '.join(ignored)} would be ignored")
+    out = output_files(args.out, OUTPUTS, "--out")
+    report, data = read_json(args.replot, report_schema(), "--replot")
+    check_report(report, f"--replot {args.replot}")
+    write_report(report, out, data)
+    print(f"written to {out}/probe.png, probe.md, probe.json (from {args.replot})")
+    return report
 
 
 def main(args):
     if args.replot:
-        try:
-            report = json.loads(Path(args.replot).read_text())
-        except (OSError, ValueError) as e:
-            fail(f"--replot {args.replot}: not a probe.json ({e})")
-        write_report(report, Path(args.out))
-        return report
+        return replot(args)
+    # every bad argument, the probe's or a script's, fails here, before anything runs
     check_args(args)
+    out = output_files(args.out, OUTPUTS, "--out")
+    planned = plan(args)
+    task, obs_shape = check_task(planned[0][1], args)
+    check_fits(args, planned, task, obs_shape)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
-    task = cue_task(args.env_id)
-    planned = plan(args)  # every bad argument of every script fails here, before anything runs
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    out = Path(args.out)
 
     lanes = collect(planned[0][1], task, args)
     complete = lanes.episode >= 0
@@ -938,6 +1109,12 @@ def main(args):
     for script, module, parsed in planned:
         for group in build_groups(parsed):
             t0 = time.time()
+            names = "+".join(name for name, _, _ in group)
+            print(
+                f"{script} {names}: the frozen pipeline over {lanes.starts.size} frames"
+                f"{' and their twins' if lanes.twin_obs is not None else ''}",
+                flush=True,
+            )
             trxl, vocab, encoder = module.build_memory(group[0][2], device, verbose=False)
             # the twins go through a copy of the frozen models as they are now, unused (HELMv2's encoder keeps
             # statistics and every encoder a cache): as fresh as a second build, without loading the weights again
@@ -953,7 +1130,7 @@ def main(args):
                 twin_readouts, twin_inputs, _ = memory_readouts(
                     module, trxl, encoder, lanes.twin_obs, lanes.starts, settings, device
                 )
-            timing[f"pipeline {script} {'+'.join(name for name, _, _ in group)}"] = time.time() - t0
+            timing[f"pipeline {script} {names}"] = time.time() - t0
             for (name, flags, _), features, twin in zip(group, readouts, twin_readouts):
                 add(script, name, shlex.join(flags), "memory", features, twin)
             if script not in tokens:  # the encoder is the same in every variant (unless a variant changes it)
@@ -988,7 +1165,15 @@ def main(args):
         "tokens": tokens,
         "timing_s": timing | {"total_s": time.time() - started},
     }
-    write_report(report, out)
+    data = (json.dumps(report, indent=1) + "\n").encode()
+    # the new report is checked as a --replot would check it before it replaces the earlier one (a failure is a bug
+    # of the probe's: the earlier results stay, the new report is kept beside them)
+    try:
+        check_report(parse_json(data, report_schema(), "the probe's new report"), "the probe's new report")
+    except SystemExit as e:
+        kept = write_new(out / "probe-rejected.json", lambda f: f.write(data))
+        fail(f"{str(e.code).removeprefix('error: ')}; {out}'s earlier files are kept, the new report is in {kept}")
+    write_report(report, out, data)
     print(markdown(report))
     print(f"written to {out}/probe.png, probe.md, probe.json ({time.time() - started:.0f} s)")
     return report

@@ -11,7 +11,9 @@
   the hit rate.
 
 The machines these run on are shared and noisy, so each comparison interleaves its two variants and
-reports the ratio of medians. Results go to stdout and docs/results/speed.json.
+reports the ratio of medians. Results go to stdout and docs/results/speed.json (--out), written atomically
+(helm_utils.files). Before anything is built: the counts bounded, the sizes against this machine's memory (the
+scripts' own check), --out writable and, where --only keeps another section of it, of speed.json's structure.
 """
 
 import json
@@ -21,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -28,10 +31,16 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from helm_utils import fail  # noqa: E402
+from helm_utils.files import output_file, read_json, write_atomically  # noqa: E402
+
+MAX_REPEATS = 100_000  # --repeats, --cache-steps: timed steps, each kept
+ENVS, MEM_LEN = 16, 15  # what both measurements step: the scripts' defaults
+
 
 @dataclass
 class Args:
-    only: str | None = None
+    only: Literal["trxl", "cache"] | None = None
     """trxl or cache (default: both)"""
     cuda: bool = False
     """measure on the GPU"""
@@ -54,11 +63,12 @@ def bench_trxl(args, device):
     models = {}
     for n in (18, 2):
         torch.manual_seed(0)
-        models[n] = S.TransformerXL(frozen_models.WT103_CONFIG, n, 15).to(device).eval().requires_grad_(False)
+        models[n] = S.TransformerXL(frozen_models.WT103_CONFIG, n, MEM_LEN).to(device).eval().requires_grad_(False)
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     times = {18: [], 2: []}
-    mems = {n: S.init_memory(m, 16, "mask", device) for n, m in models.items()}
-    ids = torch.randint(0, frozen_models.WT103_CONFIG["vocab_size"], (1, 16), device=device)
+    mems = {n: S.init_memory(m, ENVS, "mask", device) for n, m in models.items()}
+    ids = torch.randint(0, frozen_models.WT103_CONFIG["vocab_size"], (1, ENVS), device=device)
+    print(f"trxl: {args.repeats} timed steps of 18 and 2 layers, {ENVS} envs", flush=True)
     with torch.no_grad():
         for i in range(args.repeats + 3):
             for n, m in models.items():  # interleaved, so both see the same machine load
@@ -91,8 +101,9 @@ def bench_cache(args, device):
     ids = torch.arange(20000, device=device)
     word_emb = torch.nn.Embedding(20000, 1024).to(device)
     enc = {c: S.TokenRetrieval(clip, text, ids, word_emb, 1, c) for c in (0, 100_000)}
-    env_args = S.Args(env_id="MiniGrid-MemoryS11-v0", num_envs=16)
+    env_args = S.Args(env_id="MiniGrid-MemoryS11-v0", num_envs=ENVS)
     envs, _ = S.make_envs(env_args, "bench")
+    print(f"cache: {args.cache_steps} env steps of {ENVS} envs, the cache off and on", flush=True)
     obs, _ = envs.reset(seed=0)
     times = {0: [], 100_000: []}
     same = True
@@ -110,7 +121,7 @@ def bench_cache(args, device):
     total = {c: sum(v) for c, v in times.items()}
     return {
         "env_steps": args.cache_steps,
-        "envs": 16,
+        "envs": ENVS,
         "hit_rate": hit_rate,
         "tokens_identical": same,
         "encoder_s_per_step_off": total[0] / args.cache_steps,
@@ -119,7 +130,41 @@ def bench_cache(args, device):
     }
 
 
+def results_schema():
+    """The structure of speed.json (what --only keeps of it is checked before it is written back)."""
+    from typing import Annotated, NotRequired
+
+    from pydantic import Field
+    from typing_extensions import TypedDict
+
+    number = Annotated[float, Field(allow_inf_nan=False)]
+
+    class Results(TypedDict):
+        device: Annotated[str, Field(max_length=1000)]
+        torch_threads: Annotated[int, Field(ge=1)]
+        trxl: NotRequired[dict[str, number]]
+        cache: NotRequired[dict[str, number | bool]]
+
+    return Results
+
+
+def check_args(args):
+    """Before anything is built: the counts, the sizes (the scripts' own check of 18 layers of transfo-xl-wt103 with
+    a memory of MEM_LEN for ENVS envs), --out; returns (the path, what of it --only keeps)."""
+    import shelm_ppo as S
+
+    for name in ("repeats", "cache_steps"):
+        if not 1 <= getattr(args, name) <= MAX_REPEATS:
+            fail(f"--{name.replace('_', '-')} must be in [1, {MAX_REPEATS}], got {getattr(args, name)}")
+    S.check_args(S.Args(trxl_model="random-wt103", n_layer=18, mem_len=MEM_LEN, num_envs=ENVS, cuda=args.cuda))
+    out = output_file(args.out, "--out")
+    # --only replaces its own section and keeps the others' last results
+    previous = read_json(out, results_schema(), "--out")[0] if out.exists() and args.only else {}
+    return out, previous
+
+
 def main(args):
+    out, previous = check_args(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     results = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -131,11 +176,8 @@ def main(args):
     if args.only in (None, "cache"):
         results["cache"] = bench_cache(args, device)
         print(json.dumps(results["cache"], indent=1), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # --only replaces its own section and keeps the others' last results
-    previous = json.loads(out.read_text()) if out.exists() and args.only else {}
-    out.write_text(json.dumps(previous | results, indent=1) + "\n")
+    data = (json.dumps(previous | results, indent=1, allow_nan=False) + "\n").encode()
+    write_atomically(out, lambda f: f.write(data))
 
 
 if __name__ == "__main__":

@@ -23,9 +23,17 @@ LSTM of 256), as the launcher names it; `--n-layers` does not apply to it.
 The machine is shared and noisy: the variants are interleaved (each repeat runs every variant once, in
 a rotated order) and each is reported as the median over repeats, ratios as ratios of medians. Peak
 resident memory of each process comes from the kernel (wait4). Results: docs/results/throughput.json
-(one entry per --label, e.g. before/after a change) and the table in docs/benchmarks.md.
+(one entry per --label, e.g. before/after a change) and the table in docs/benchmarks.md, replaced together once
+both are made (helm_utils.files.replace_together).
+
+Before anything runs, one `error:` line for: a count out of its bounds, a script or --n-layers value that is not
+one, flags in --extra that this tool sets itself, a command line a script would refuse (each variant's, parsed by
+its script's Args and check_args: its sizes against this machine's memory included), an env that cannot be made,
+an --out that cannot be written or that holds something other than throughput results (its structure is checked:
+the earlier labels are kept), a --docs without the table's markers.
 """
 
+import importlib
 import json
 import os
 import platform
@@ -43,10 +51,21 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SCRIPTS = ["shelm_ppo.py", "helmv2_ppo.py", "helm_ppo.py"]
+from helm_utils import fail  # noqa: E402
+from helm_utils.files import output_file, read_json, replace_together  # noqa: E402
+
+SCRIPTS = ["shelm_ppo.py", "helmv2_ppo.py", "helm_ppo.py", "lstm_ppo.py"]  # lstm_ppo.py: the LSTM-PPO baseline
 PHASES = ["env", "encoder", "trxl", "agent", "rollout_other", "update", "logging"]
 MINIBATCH = 256  # the scripts' default minibatch: 16 envs x 128 steps / 8 minibatches
 DOCS_BEGIN, DOCS_END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
+MAX_REPEATS = 100  # --repeats: each runs every variant once more
+MAX_UPDATES = 10_000  # --warmup-updates, --measured-updates: per run of a variant
+MAX_THREADS = 1024
+# flags every measured loop gets from this tool (loop_flags, script_command): --extra may not give them
+TOOL_SETS = (
+    "env_id", "num_envs", "num_steps", "num_minibatches", "progress_bar", "checkpoint_every", "total_timesteps",
+    "cuda", "async_envs", "trxl_model", "n_layer", "clip_model", "clip_pretrained", "embeddings_dir",
+)  # fmt: skip
 
 
 @dataclass
@@ -117,7 +136,7 @@ def script_command(args, script, n_layer, data_dir):
         cmd += ["--clip-model", "tiny-random"] if args.tiny else ["--clip-pretrained", "random"]
     if script == "shelm_ppo.py":
         cmd += ["--embeddings-dir", str(data_dir)]
-    return cmd + args.extra.split()
+    return cmd + shlex.split(args.extra)
 
 
 def run_process(cmd, cwd, threads):
@@ -251,28 +270,157 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def write_docs(path, table):
-    if not path:
-        print(table)
-        return
-    path = Path(path)
-    text = path.read_text() if path.is_file() else ""
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, rest = text.split(DOCS_BEGIN, 1)
-        text = head + DOCS_BEGIN + "\n" + table + DOCS_END + rest.split(DOCS_END, 1)[1]
-        path.write_text(text)
-    else:
-        print(f"{path} has no {DOCS_BEGIN} ... {DOCS_END} section; the table:\n{table}")
+def results_schema():
+    """The structure of throughput.json as markdown (and benchmark/gpu_check.py) read it; other keys (notes) are
+    kept as they are."""
+    from typing import Annotated, NotRequired
+
+    from pydantic import Field
+    from typing_extensions import TypedDict
+
+    number = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    text = Annotated[str, Field(max_length=10_000)]
+    phases = {f"{p}_ms_per_step": NotRequired[number] for p in PHASES}
+    variant = TypedDict(
+        "Variant",
+        {
+            "sps": number,
+            "ratio_to_cnn_ppo": number,
+            "peak_rss_gb": number,
+            "rollout_sps": NotRequired[number | None],
+            "cpu_sps": NotRequired[number],
+            "cpu_ratio_to_cnn_ppo": NotRequired[number],
+            "cuda_max_memory_gb": NotRequired[number],
+            "cache_hit_rate_measured": NotRequired[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]],
+        }
+        | phases,
+    )
+
+    class Run(TypedDict):
+        date: text
+        command: text
+        device: text
+        cpus: Annotated[int, Field(ge=1)] | None
+        threads: Annotated[int, Field(ge=1)]
+        repeats: Annotated[int, Field(ge=1)]
+        load_before: list[number] | None
+        load_after: list[number] | None
+        steps_measured: Annotated[int, Field(ge=1)]
+        warmup_steps: Annotated[int, Field(ge=0)]
+        variants: Annotated[dict[Annotated[str, Field(max_length=200)], variant], Field(min_length=1, max_length=100)]
+        all_runs: dict[str, list[dict[str, number | None]]]
+
+    class Results(TypedDict):
+        runs: Annotated[dict[Annotated[str, Field(max_length=200)], Run], Field(max_length=1000)]
+        ratio_to_cnn_ppo: NotRequired[dict[str, number]]
+        cpu_ratio_to_cnn_ppo: NotRequired[dict[str, number]]
+        ratio_to_cnn_ppo_label: NotRequired[text]
+
+    return Results
+
+
+def read_results(path):
+    """throughput.json's content, its structure checked (one line otherwise), as written: notes and all."""
+    _, data = read_json(path, results_schema(), "--out")
+    return json.loads(data)
+
+
+def docs_with_table(path, table):
+    """The markdown file `path` with its throughput section replaced by `table`; one line if it has none."""
+    text = path.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        fail(f'--docs {path} has no {DOCS_BEGIN} ... {DOCS_END} section; give --docs "" to print the table only')
+    head, rest = text.split(DOCS_BEGIN, 1)
+    return head + DOCS_BEGIN + "\n" + table + DOCS_END + rest.split(DOCS_END, 1)[1]
+
+
+def check_docs(args):
+    """--docs: "" (print the table), or a markdown file with the table's section, checked before any work."""
+    if not args.docs:
+        return None
+    path = output_file(args.docs, "--docs")
+    if not path.is_file():
+        fail(f'--docs {args.docs} does not exist; give --docs "" to print the table only')
+    try:
+        docs_with_table(path, "")
+    except OSError as e:
+        fail(f"--docs {args.docs} cannot be read: {e.strerror or e}")
+    return path
+
+
+def check_counts(args):
+    """The loop's counts, each bounded (also those of the env baseline's own process)."""
+    for name in ("num_envs", "num_steps", "measured_updates"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.warmup_updates <= MAX_UPDATES or args.measured_updates > MAX_UPDATES:
+        fail(f"--warmup-updates and --measured-updates must be at most {MAX_UPDATES} (warm-up >= 0)")
+    if not 1 <= args.repeats <= MAX_REPEATS:
+        fail(f"--repeats must be in [1, {MAX_REPEATS}], got {args.repeats}")
+    if not 1 <= args.threads <= MAX_THREADS:
+        fail(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+
+
+def check_args(args):
+    """Everything a measurement takes, before it starts: the counts, the scripts, --extra, every variant's command
+    line through its script's own Args and check_args (sizes included), the env, --out and --docs."""
+    from helm_utils import arguments, frozen_models
+
+    check_counts(args)
+    if not args.label or len(args.label) > 200 or not args.label.isprintable():
+        fail(f"--label must be a printable name of 1 to 200 characters, got {args.label!r}")
+    if not args.scripts or len(set(args.scripts)) != len(args.scripts) or not set(args.scripts) <= set(SCRIPTS):
+        fail(f"--scripts: give one or more of {', '.join(SCRIPTS)}, each once, got {' '.join(args.scripts) or 'none'}")
+    layers = frozen_models.WT103_CONFIG["n_layer"]
+    if (
+        not args.n_layers
+        or len(set(args.n_layers)) != len(args.n_layers)
+        or not all(1 <= n <= layers for n in args.n_layers)
+    ):
+        fail(f"--n-layers: distinct values in [1, {layers}], got {' '.join(map(str, args.n_layers)) or 'none'}")
+    try:
+        extra = shlex.split(args.extra)
+    except ValueError as e:
+        fail(f"--extra {args.extra!r}: {e}")
+    arguments.refuse_flags(extra, TOOL_SETS, "--extra", "throughput.py sets it for every measured loop")
+    sys.path.insert(0, str(ROOT / "benchmark" / "baselines"))
+    data_dir = str(Path(tempfile.gettempdir()) / "throughput-data")
+    commands = {"cnn-ppo": ("lstm_ppo", baseline_command(args, lstm=False))}
+    if "lstm_ppo.py" in args.scripts:
+        commands["lstm-ppo"] = ("lstm_ppo", baseline_command(args, lstm=True))
+    for script in [s for s in args.scripts if s != "lstm_ppo.py"]:
+        for n in args.n_layers:
+            commands[f"{script} --n-layer {n}"] = (
+                script.removesuffix(".py"),
+                script_command(args, script, n, data_dir),
+            )
+    for variant, (name, cmd) in commands.items():
+        module = importlib.import_module(name)
+        arguments.script_args(module, cmd[2:], f"variant {variant}")
+    importlib.import_module("shelm_ppo").make_env(args.env_id, 0, False, "throughput")().close()
+    out = output_file(args.out, "--out")
+    return out, read_results(out) if out.exists() else {"runs": {}}, check_docs(args)
 
 
 def main(args):
     if args.baseline is not None:
+        if args.baseline != "env":
+            fail(f"--baseline is internal: env, got {args.baseline!r}")
+        check_counts(args)
         phases = baseline_env(args)
         print(json.dumps(phases))
         return
     if args.report:
-        write_docs(args.docs, markdown(json.loads(Path(args.out).read_text())))
+        results = read_results(output_file(args.out, "--out"))
+        docs = check_docs(args)
+        table = markdown(results)
+        if docs is None:
+            print(table)
+        else:
+            text = docs_with_table(docs, table).encode()
+            replace_together({docs: lambda f: f.write(text)})
         return
+    out, results, docs = check_args(args)
     memory_scripts = [s for s in args.scripts if s != "lstm_ppo.py"]
     variants = ["env", "cnn-ppo"] + (["lstm-ppo"] if "lstm_ppo.py" in args.scripts else [])
     variants += [f"{s} --n-layer {n}" for s in memory_scripts for n in args.n_layers]
@@ -281,8 +429,9 @@ def main(args):
     with tempfile.TemporaryDirectory(prefix="throughput-data-") as data_dir:  # SHELM's embeddings, built once
         for repeat in range(args.repeats):
             order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
-            for v in order:
+            for i, v in enumerate(order):
                 t = time.time()
+                print(f"repeat {repeat + 1} of {args.repeats}, {i + 1} of {len(order)}: {v} ...", flush=True)
                 if v == "env":
                     r = run_baseline(args, v)
                 elif v in ("cnn-ppo", "lstm-ppo"):
@@ -298,8 +447,6 @@ def main(args):
     for v in variants:
         median[v]["ratio_to_cnn_ppo"] = median[v]["sps"] / median["cnn-ppo"]["sps"]
         median[v]["cpu_ratio_to_cnn_ppo"] = median[v]["cpu_sps"] / median["cnn-ppo"]["cpu_sps"]
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     results["runs"][args.label] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python benchmark/throughput.py " + shlex.join(sys.argv[1:]),
@@ -318,12 +465,14 @@ def main(args):
         for key in ("ratio_to_cnn_ppo", "cpu_ratio_to_cnn_ppo"):
             results[key] = {s: median[f"{s} --n-layer 2"][key] for s in memory_scripts if f"{s} --n-layer 2" in median}
         results["ratio_to_cnn_ppo_label"] = args.label
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    data = (json.dumps(results, indent=1, allow_nan=False) + "\n").encode()  # strict JSON, before any write
     table = markdown(results)
-    if args.docs:
-        print(table)
-    write_docs(args.docs, table)
+    writes = {out: lambda f: f.write(data)}
+    print(table)
+    if docs is not None:
+        text = docs_with_table(docs, table).encode()
+        writes[docs] = lambda f: f.write(text)
+    replace_together(writes)  # the results and their table, replaced together
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 A script's own check_args calls check_ppo_args and check_memory_args, then checks its own flags."""
 
+import contextlib
+import io
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict, replace
 
@@ -175,20 +178,27 @@ def size(nbytes):
     return ""
 
 
-def check_fits(args):
+def check_fits(args, host=()):
     """One line naming the flags, when what the run will allocate (estimate) cannot fit in this machine's memory,
     before anything is built: a size from a typo or a checkpoint ends here, not in a traceback or a swapping machine.
-    On CUDA the tensors must fit the GPU as well; the environments always live in RAM."""
-    parts = estimate(args)
+    On CUDA the tensors must fit the GPU as well; the environments always live in RAM, and so do `host`, more
+    [(bytes, what, flags)] of a tool that runs the script's memory (benchmark/probe.py's frames), whose flags are
+    named as they read ("--episodes 200")."""
+    parts = estimate(args) + list(host)
     limits = {"memory": memory_limit()}
     if getattr(args, "cuda", False) and torch.cuda.is_available():
         limits["GPU memory"] = torch.cuda.get_device_properties(0).total_memory
     for where, limit in limits.items():
-        counted = [p for p in parts if where == "memory" or p[1] != "the environments"]
+        counted = [p for p in parts if where == "memory" or (p[1] != "the environments" and p not in host)]
         total = sum(nbytes for nbytes, _, _ in counted)
         if total > limit:
             nbytes, what, names = max(counted, key=lambda p: p[0])
-            given = ", ".join(f"{flag(name)} {getattr(args, name)}" for name in names if hasattr(args, name))
+            # the run's flags with their values; a tool's own (host) name theirs as they read ("--episodes 200")
+            given = ", ".join(
+                f"{flag(name)} {getattr(args, name)}" if hasattr(args, name) else name
+                for name in names
+                if hasattr(args, name) or name.startswith("--")
+            )
             fail(
                 f"{given}: {what} alone take at least {size(nbytes)}, the run at least {size(total)}, more than "
                 f"the {size(limit)} of {where} here; choose smaller values"
@@ -214,3 +224,35 @@ def resume_args(Args, ckpt, path, output_dirs=()):
         allowed = ", ".join(flag(name) for name in (*RESUME_OVERRIDES, *output_dirs))
         fail(f"{' '.join(fixed)}: a resumed run keeps its checkpoint's arguments; only {allowed} can be given")
     return args
+
+
+def script_args(module, argv, what):
+    """A script's Args for the command line `argv`, parsed by tyro and checked by its check_args (ranges, sizes
+    against this machine's memory), in this process: what a benchmark tool runs or builds is refused in one line
+    naming `what` before any work, as the script itself would refuse it."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+            parsed = tyro.cli(module.Args, args=list(argv))
+    except SystemExit:
+        # tyro's message is a box: its first lines inside say what is wrong
+        lines = [line.strip(" │╭╮╰╯─-") for line in out.getvalue().splitlines()]
+        lines = [line for line in lines if line and not line.startswith(("For full helptext", "Usage:", "usage:"))]
+        reason = " ".join(lines[1:] or lines).split(" Argument helptext:")[0][:300]
+        fail(f"{what}: {shlex.join(argv)} cannot be parsed by the script{': ' + reason if reason else ''}")
+    try:
+        module.check_args(parsed)
+    except SystemExit as e:
+        fail(f"{what}: {str(e.code).removeprefix('error: ')}")
+    return parsed
+
+
+def refuse_flags(tokens, names, what, why):
+    """One line if the command-line tokens give one of the flags `names` (as --name, --name=..., --no-name, with _ or
+    -): flags a tool sets itself, which a script's flags it hands on would change without the tool knowing."""
+    for token in tokens:
+        given = token.split("=", 1)[0].replace("_", "-")
+        if given.startswith("--") and given.removeprefix("--").removeprefix("no-") in {
+            n.replace("_", "-") for n in names
+        }:
+            fail(f"{what}: {token} is not for a script here: {why}")

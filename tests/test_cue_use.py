@@ -2,9 +2,11 @@
 against a replay of the same actions in a fresh env, where the cue's visibility is read before every step."""
 
 import importlib.util
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import helm_ppo
 from conftest import QUICK, ROOT, run_script, tiny_args
@@ -105,15 +107,74 @@ def test_decoding_at_the_choice_finds_a_planted_cue_and_none_when_ablated():
     assert cue_use.decode_at_choice(episodes[:3], ablated=False) == (None, None)  # too few to hold any out
 
 
-@pytest.mark.parametrize(
-    "argv, phrase",
-    [(["--episodes", "0"], "--episodes must be >= 1"), (["--runs", "{missing}"], "is not a directory")],
-)
-def test_bad_arguments(argv, phrase, tmp_path):
-    argv = [a.replace("{missing}", str(tmp_path / "missing")) for a in argv]
+@pytest.fixture
+def no_play(monkeypatch):
+    """cue_use.py's work, playing a run's episodes, failing the test if it starts."""
+
+    def played(*args, **kwargs):
+        raise AssertionError("an agent was played")
+
+    monkeypatch.setattr(cue_use, "play_run", played)
+
+
+def error_of(argv):
     with pytest.raises(SystemExit) as stop:
         cue_use.main(cue_use.tyro.cli(cue_use.Args, args=argv))
-    assert str(stop.value.code).startswith("error: ") and phrase in str(stop.value.code)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["--episodes", "0"], "--episodes must be in [1, 100000]"),
+        (["--episodes", str(10**12)], "--episodes must be in [1, 100000]"),
+        (["--seed", "-1"], "--seed must be >= 0 and < 2**32"),
+        (["--runs", "{missing}"], "is not a directory"),
+        (["--out", "{file}"], "is not a folder"),
+        (["--out", "{file}/sub"], "lies inside"),
+        (["--out", "/proc/cue"], "cannot write into /proc"),
+    ],
+)
+def test_bad_arguments_before_any_play(argv, phrase, memory_run, tmp_path, no_play):
+    (tmp_path / "file").write_text("mine")
+    argv = [a.replace("{missing}", str(tmp_path / "missing")).replace("{file}", str(tmp_path / "file")) for a in argv]
+    assert phrase in error_of(["--runs", str(memory_run.parent), "--out", str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists() and (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_bad_out_or_run_is_refused_before_any_run_is_played(memory_run, tmp_path, no_play):
+    """--out with a link or a folder at one of its names, or a run of another env among the runs: one line before any
+    agent plays (they were found after every run before had played its episodes), the good earlier table and the
+    link's target untouched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cue_use.md").write_text("the earlier table")
+    (out / "cue_use.json").mkdir()  # the second file of the set: the first was replaced before it failed
+    runs = [str(memory_run.parent), "--out", str(out)]
+    assert "cue_use.json is not a plain file" in error_of(["--runs", *runs])
+    (out / "cue_use.json").rmdir()
+    (tmp_path / "target").write_text("someone's file")
+    (out / "cue_use.json").symlink_to(tmp_path / "target")
+    assert "cue_use.json is a link, which an output never replaces" in error_of(["--runs", *runs])
+    assert (tmp_path / "target").read_text() == "someone's file" and (
+        out / "cue_use.md"
+    ).read_text() == "the earlier table"
+    (out / "cue_use.json").unlink()
+    # a good run first, then one of DoorKey: refused before the first is played
+    mixed = tmp_path / "runs"
+    shutil.copytree(memory_run, mixed / "a-memory")
+    ckpt = torch.load(memory_run / "checkpoint.pt", weights_only=True)
+    ckpt["args"]["env_id"] = "MiniGrid-DoorKey-5x5-v0"
+    (mixed / "b-doorkey").mkdir()
+    torch.save(ckpt, mixed / "b-doorkey" / "checkpoint.pt")
+    message = error_of(["--runs", str(mixed), "--out", str(out)])
+    assert "b-doorkey/checkpoint.pt was trained on MiniGrid-DoorKey-5x5-v0" in message
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["cue_use.md"]
+        and (out / "cue_use.md").read_text() == "the earlier table"
+    )
 
 
 def test_passive_memory_shows_the_cue_only_in_the_first_observation():

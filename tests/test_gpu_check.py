@@ -3,6 +3,8 @@ the check itself (its CPU dry run, `bash benchmark/gpu_check.sh OUT --cpu-dry-ru
 `device` fixture of conftest.py, whose dry-run mode runs the `cuda` cases on the CPU."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -140,3 +142,192 @@ def test_device_of_each_case(monkeypatch, gpu):
         else:
             with pytest.raises(outcome, match="is_available"):
                 conftest.device_of_case("cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu_check.sh and gpu_wheels.sh: inputs checked before anything runs, results replaced as a set (issue 24)
+# ---------------------------------------------------------------------------------------------
+
+# PYTHON for the shell scripts: the real one, except for the long work, which it fakes (FAKE says how): the check's
+# steps (gpu_check.py OUT_DIR: they end, or crash half-way) and the wheels' download (pip download: it fails, or
+# "downloads" a small wheel)
+FAKE_PYTHON = """#!/bin/bash
+if [ "$1" = benchmark/gpu_check.py ] && [ "$2" != --check-only ]; then
+  case "$FAKE" in
+    finish) echo "the steps"; printf '{"finished": true, "ok": true}\\n' > "$2/gpu_check.json"
+            echo '{}' > "$2/throughput_n2.json"; exit 0 ;;
+    crash) printf '{"ok": null}\\n' > "$2/gpu_check.json"; echo "Traceback" >&2; exit 1 ;;
+  esac
+fi
+if [ "$1 $2 $3" = "-m pip download" ]; then
+  [ "$FAKE" = offline ] && { echo "ERROR: No matching distribution (no network)" >&2; exit 1; }
+  dest=""; prev=""
+  for a in "$@"; do [ "$prev" = -d ] && dest="$a"; prev="$a"; done
+  exec {python} -c 'import sys, zipfile
+with zipfile.ZipFile(sys.argv[1] + "/fresh-1.0-py3-none-any.whl", "w") as z:
+    z.writestr("fresh-1.0.dist-info/METADATA", "Name: fresh\\nVersion: 1.0\\n")' "$dest"
+fi
+exec {python} "$@"
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    path = tmp_path / "python"
+    path.write_text(FAKE_PYTHON.replace("{python}", sys.executable))
+    path.chmod(0o755)
+    return path
+
+
+def shell(script, argv, env, cwd):
+    full = dict(os.environ, **env)
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmark" / script), *argv],
+        capture_output=True,
+        text=True,
+        env=full,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_gpu_check_keeps_the_earlier_results_until_a_check_finishes(tmp_path, fake_python):
+    """A check that does not finish (gpu_check.py crashed) leaves the earlier results byte-identical (the log was
+    truncated at the start, the JSON rewritten after the first step) and its own in a folder of its own; one that
+    finishes replaces the whole set, removing what the new set lacks (an --n-layer not measured this time)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"gpu_check.json": b'{"ok": true}\n', "gpu_check.log": b"the earlier log\n", "throughput_n18.json": b"{}"}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+    proc = shell("gpu_check.sh", [str(out)], {"PYTHON": str(fake_python), "FAKE": "crash"}, tmp_path)
+    assert proc.returncode == 1 and "the check did not finish" in proc.stderr, proc.stderr
+    (stage,) = [p for p in out.iterdir() if p.name.startswith(".gpu_check.")]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p != stage} == earlier
+    assert (stage / "gpu_check.json").exists() and b"Traceback" in (stage / "gpu_check.log").read_bytes()
+    shutil.rmtree(stage)
+    env = {"PYTHON": str(fake_python), "FAKE": "finish", "GPU_CHECK_N_LAYERS": "2"}
+    proc = shell("gpu_check.sh", [str(out)], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = files_of(out)
+    assert sorted(results) == ["gpu_check.json", "gpu_check.log", "throughput_n2.json"]  # no folder of its own left
+    assert json.loads(results["gpu_check.json"]) == {"finished": True, "ok": True}
+    assert b"the steps" in results["gpu_check.log"] and b"writing into" in results["gpu_check.log"]
+
+
+@pytest.mark.parametrize(
+    "setup, env, phrase",
+    [
+        ("link-at-log", {}, "gpu_check.log is a link, which an output never replaces"),
+        ("folder-at-json", {}, "gpu_check.json is not a plain file"),
+        ("out-a-link", {}, "is a link; outputs never go through a link"),
+        ("out-a-file", {}, "is not a folder"),
+        ("", {"GPU_CHECK_N_LAYERS": "2 x"}, "GPU_CHECK_N_LAYERS must be distinct --n-layer values in [1, 18]"),
+        ("", {"GPU_CHECK_N_LAYERS": "2 2"}, "GPU_CHECK_N_LAYERS must be"),
+        ("", {"GPU_CHECK_N_LAYERS": "19"}, "GPU_CHECK_N_LAYERS must be"),
+        ("", {"GPU_CHECK_WARMUP": "-1"}, "GPU_CHECK_WARMUP must be updates in [0, 10000]"),
+        ("", {"GPU_CHECK_MEASURED": "0"}, "GPU_CHECK_MEASURED must be updates in [1, 10000]"),
+        ("", {"GPU_CHECK_BUDGET_S": "nan"}, "GPU_CHECK_BUDGET_S must be seconds in (0, 86400]"),
+        ("", {"GPU_CHECK_START": "1e300"}, "GPU_CHECK_START must be a time"),
+        ("", {"GPU_CHECK_SITE": "{file}"}, "GPU_CHECK_SITE"),
+    ],
+)
+def test_gpu_check_refuses_bad_input_before_anything_runs(setup, env, phrase, tmp_path, fake_python):
+    """One `error:` line and exit 2 before the first step (they failed minutes later, or never: a link at the log
+    was followed and its target truncated); nothing written, the link's target untouched."""
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "target").write_text("someone's file")
+    out = tmp_path / "out"
+    if setup in ("link-at-log", "folder-at-json"):
+        out.mkdir()
+        if setup == "link-at-log":
+            (out / "gpu_check.log").symlink_to(tmp_path / "target")
+        else:
+            (out / "gpu_check.json").mkdir()
+    elif setup == "out-a-link":
+        (tmp_path / "real").mkdir()
+        out.symlink_to(tmp_path / "real")
+    elif setup == "out-a-file":
+        out = tmp_path / "file"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    env = {k: v.replace("{file}", str(tmp_path / "file")) for k, v in env.items()}
+    proc = shell("gpu_check.sh", [str(out)], {"PYTHON": str(fake_python), "FAKE": "finish", **env}, tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and phrase in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "target").read_text() == "someone's file" and (tmp_path / "file").read_text() == "mine"
+
+
+def test_gpu_check_py_refuses_unknown_arguments_and_writes_through_no_link(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main([str(tmp_path / "out"), "--gpu"])  # it was ignored
+    assert stop.value.code == 2 and capsys.readouterr().err.startswith("error: unknown arguments")
+    assert not (tmp_path / "out").exists()
+    # its result file has no fixed temporary name: a link planted at the old one (gpu_check.json.tmp) is not written
+    (tmp_path / "target").write_text("someone's file")
+    (tmp_path / "gpu_check.json.tmp").symlink_to(tmp_path / "target")
+    gpu_check.write_result(tmp_path, {"ok": True})
+    assert (tmp_path / "target").read_text() == "someone's file"
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == {"ok": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.json.tmp", "target"]
+    # its bound of the throughput's updates is throughput.py's
+    import throughput
+
+    assert gpu_check.MAX_UPDATES == throughput.MAX_UPDATES
+
+
+def test_gpu_wheels_keeps_the_earlier_wheels_until_the_new_ones_are_checked(tmp_path, fake_python):
+    """A download that fails (no network) leaves the earlier wheels as they were (they were deleted before it);
+    one that succeeds replaces the folder whole, with no folder of its own left beside it."""
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "old-0.1-py3-none-any.whl").write_bytes(b"an earlier wheel")
+    env = {"PYTHON": str(fake_python), "WHEEL_DIR": str(wheels)}
+    proc = shell("gpu_wheels.sh", [], {**env, "FAKE": "offline"}, tmp_path)
+    assert proc.returncode != 0 and "No matching distribution" in proc.stderr
+    assert files_of(wheels) == {"old-0.1-py3-none-any.whl": b"an earlier wheel"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["python", "whl"]
+    proc = shell("gpu_wheels.sh", [], {**env, "FAKE": "download"}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(files_of(wheels)) == ["fresh-1.0-py3-none-any.whl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["python", "whl"]
+    # the budget is checked before the new wheels replace the earlier ones
+    proc = shell("gpu_wheels.sh", [], {**env, "FAKE": "download", "CARRY_BUDGET_MIB": "1"}, tmp_path)
+    assert proc.returncode == 1 and "error: the wheels and the working tree take more than 1 MiB" in proc.stderr
+    assert sorted(files_of(wheels)) == ["fresh-1.0-py3-none-any.whl"]
+
+
+@pytest.mark.parametrize(
+    "setup, env, phrase",
+    [
+        ("notes", {}, "holds {whl}/notes.txt, not a wheel"),
+        ("link", {}, "is a link; give the folder it points to"),
+        ("file", {}, "is not a folder"),
+        ("", {"WHEEL_DIR": "{tmp}/missing/whl"}, "its folder {tmp}/missing does not exist"),
+        ("", {"WHEEL_BUDGET_MIB": "forty"}, "WHEEL_BUDGET_MIB must be a whole number of MiB"),
+        ("", {"CARRY_BUDGET_MIB": "0"}, "CARRY_BUDGET_MIB must be a whole number of MiB"),
+    ],
+)
+def test_gpu_wheels_refuses_bad_input_before_downloading(setup, env, phrase, tmp_path, fake_python):
+    wheels = tmp_path / "whl"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "a-1.0-py3-none-any.whl").write_bytes(b"a wheel")
+    if setup == "notes":
+        wheels.mkdir()
+        (wheels / "notes.txt").write_text("mine")
+    elif setup == "link":
+        wheels.symlink_to(tmp_path / "elsewhere")
+    elif setup == "file":
+        wheels.write_text("mine")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    full = {"PYTHON": str(fake_python), "WHEEL_DIR": str(wheels), "FAKE": "download"}
+    full |= {k: v.replace("{tmp}", str(tmp_path)) for k, v in env.items()}
+    proc = shell("gpu_wheels.sh", [], full, tmp_path)
+    phrase = phrase.replace("{whl}", str(wheels)).replace("{tmp}", str(tmp_path))
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and phrase in proc.stderr, proc.stderr
+    assert "downloading" not in proc.stdout
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

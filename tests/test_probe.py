@@ -1,7 +1,12 @@
 """benchmark/probe.py: the memory probe finds a planted cue, reports chance without a memory, and reads the
 same memory as the training loop."""
 
+import contextlib
+import copy
 import dataclasses
+import errno
+import io
+import json
 import runpy
 import signal
 import sys
@@ -153,49 +158,132 @@ def test_memory_pathway_carries_a_planted_token_within_its_reach():
         assert np.array_equal(readouts[5 + reach :, 1], readouts[5 + reach :, 2])
 
 
-def test_bad_input_is_one_error_line(tmp_path):
-    cases = [
-        (["--scripts", "nope.py"], "--scripts: 'nope.py' is not one of"),
-        (["--env-id", "MiniGrid-DoorKey-5x5-v0"], "MiniGrid-DoorKey-5x5-v0: the probe knows the cue of"),
-        (["--variants", "no-colon"], "each variant is NAME:FLAGS"),
-        (["--variants", "a:--n-layer 1", "a:--n-layer 2"], "the names must differ"),
-        (["--variants", "bad:--no-such-flag 3"], "helm_ppo.py variant bad: "),
-        (["--variants", "bad:--n-layer 0"], "helm_ppo.py variant bad: --n-layer must be >= 1, got 0"),
-        (["--episodes", "3"], "--episodes must be at least 2 x --folds"),
-        (["--delays", "-1"], "--delays must be steps >= 0"),
-    ]
-    for argv, phrase in cases:
-        args = tyro.cli(probe.Args, args=["--scripts", "helm_ppo.py", "--out", str(tmp_path / "out"), *argv])
-        with pytest.raises(SystemExit) as stop:
-            probe.main(args)
-        message = str(stop.value.code)
-        assert message.startswith("error: ") and phrase in message and "\n" not in message, message
-    assert not (tmp_path / "out").exists()
+# the tiny probe of the end-to-end test; the bad-input cases change one argument of it, so that a case the probe
+# failed to refuse would run quickly instead of hanging
+TINY = ["--scripts", "helm_ppo.py", "--trxl-model", "tiny-random", "--episodes", "24", "--num-envs", "4", "--no-cuda"]
+TINY += [
+    "--wait",
+    "6",
+    "8",
+    "--delays",
+    "0",
+    "6",
+    "--folds",
+    "3",
+    "--bootstrap",
+    "200",
+    "--c-grid",
+    "1.0",
+    "--jobs",
+    "1",
+]
+TINY += ["--variants", "n1:--n-layer 1 --mem-len 8", "ablated:--n-layer 1 --mem-len 8 --ablate-memory"]
 
 
-def test_ablated_memory_reports_chance_end_to_end(tmp_path):
+@pytest.fixture
+def no_work(monkeypatch):
+    """The probe's work (collecting episodes, building a pipeline), failing the test if it starts."""
+
+    def started(*args, **kwargs):
+        raise AssertionError("the probe started its work")
+
+    monkeypatch.setattr(probe, "collect", started)
+    monkeypatch.setattr(probe, "memory_readouts", started)
+
+
+def error_of(argv):
+    """The one line the probe stops with for these arguments (after TINY's), checked to be one `error:` line."""
+    with pytest.raises(SystemExit) as stop:
+        probe.main(tyro.cli(probe.Args, args=[*TINY, *argv]))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+BAD_INPUTS = [
+    (["--scripts", "nope.py"], "--scripts: 'nope.py' is not one of"),
+    (["--scripts", "helm_ppo.py", "helm_ppo.py"], "--scripts: give one or more of"),
+    (["--env-id", "MiniGrid-DoorKey-5x5-v0"], "MiniGrid-DoorKey-5x5-v0: the probe knows the cue of"),
+    (["--env-id", "MiniGrid-MemoryS99-v0"], "unknown or unusable environment 'MiniGrid-MemoryS99-v0'"),
+    (["--variants", "no-colon"], "each variant is NAME:FLAGS"),
+    (["--variants", "a:--n-layer 1", "a:--n-layer 2"], "the names must differ"),
+    (["--variants", "bad:--no-such-flag 3"], "helm_ppo.py variant bad: "),
+    (["--variants", "bad:--n-layer 0"], "helm_ppo.py variant bad: --n-layer must be >= 1, got 0"),
+    # a variant's own --env-id or --num-envs was accepted and ignored: the episodes are collected once, for all
+    (["--variants", "v:--env-id MiniGrid-MemoryS11-v0"], "--variants v: --env-id is not for a script here"),
+    (["--variants", "v:--num_envs=4"], "--variants v: --num_envs=4 is not for a script here"),
+    (["--script-args=--no-cuda"], "--script-args: --no-cuda is not for a script here"),
+    (["--episodes", "3"], "--episodes must be at least 2 x --folds"),
+    (["--delays", "-1"], "--delays must be distinct steps in [0, "),
+    (["--delays", "0", "0"], "--delays must be distinct steps"),
+    (["--delays", str(2**70)], "--delays must be distinct steps"),
+    (["--num-envs", "0"], "--num-envs must be >= 1 and at most --episodes (24)"),
+    (["--num-envs", "25"], "--num-envs must be >= 1 and at most --episodes (24)"),
+    (["--inner-folds", "25"], "--inner-folds must be at most --episodes"),
+    (["--seed", "-1"], "--seed must be >= 0 and < 2**32"),
+    (["--jobs", "5000"], "--threads and --jobs must be in [0, 1024]"),
+    (["--threads", "-1"], "--threads and --jobs must be in [0, 1024]"),
+    (["--bootstrap", "0"], "--bootstrap must be >= 1"),
+    (["--c-grid", "nan"], "--c-grid must be 1 to 100 positive finite numbers"),
+    (["--wait", "6", str(2**63)], "--wait must be two steps 0 <= min <= max <= 100000"),
+    # MiniGrid-MemoryS7's episodes end after 245 steps: a longer wait never reaches the choice
+    (["--wait", "6", "300"], "the episodes of MiniGrid-MemoryS7-v0 end after 245 steps"),
+    (["--policy", "scripted", "--env-id", "MortarMayhem-v0"], "MortarMayhem"),
+    # what the probe would hold, against this machine's memory (arguments.check_fits)
+    (["--episodes", str(10**9)], "the episodes' frames alone take at least"),
+    (["--bootstrap", str(10**12)], "--bootstrap 1000000000000, --episodes 24: the bootstrap alone take"),
+    (["--variants", "big:--mem-len 1000000000"], "helm_ppo.py variant big: --mem-len 1000000000"),
+]
+
+
+@pytest.mark.parametrize("argv, phrase", BAD_INPUTS, ids=[" ".join(a)[:40] for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_error_line_before_any_work(argv, phrase, tmp_path, no_work):
+    assert phrase in error_of([*argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder
+
+
+def test_a_bad_out_is_refused_before_any_work(tmp_path, no_work):
+    """--out a file, inside a file, a link to a folder, in /proc, or with a link or a folder at one of the report's
+    names: refused before the episodes are collected (it was refused after the whole probe had run), and the link's
+    target untouched."""
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (tmp_path / "target.png").write_bytes(b"someone's image")
+    (planted / "probe.png").symlink_to(tmp_path / "target.png")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "probe.json").mkdir()
+    cases = {
+        "file": "is not a folder",
+        "file/out": "lies inside",
+        "link": "is a link; outputs never go through a link",
+        "planted": "probe.png is a link, which an output never replaces",
+        "folder": "probe.json is not a plain file",
+    }
+    for out, phrase in cases.items():
+        assert phrase in error_of(["--out", str(tmp_path / out)]), out
+    assert "cannot write into /proc" in error_of(["--out", "/proc/probe"])
+    assert (tmp_path / "target.png").read_bytes() == b"someone's image" and not list((tmp_path / "elsewhere").iterdir())
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    """The whole probe on the tiny models (TINY), once: its report and its folder."""
+    out = tmp_path_factory.mktemp("probe") / "out"
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        report = probe.main(tyro.cli(probe.Args, args=[*TINY, "--out", str(out)]))
+    return report, out, output.getvalue()
+
+
+def test_ablated_memory_reports_chance_end_to_end(probe_run):
     """The whole probe on the tiny models: --ablate-memory sits exactly at chance (the majority class of the
-    training episodes) at every delay; the controls run; the figure, the table and the JSON are written."""
-    argv = ["--scripts", "helm_ppo.py", "--trxl-model", "tiny-random", "--episodes", "24", "--num-envs", "4"]
-    argv += [
-        "--wait",
-        "6",
-        "8",
-        "--delays",
-        "0",
-        "6",
-        "--folds",
-        "3",
-        "--bootstrap",
-        "200",
-        "--c-grid",
-        "1.0",
-        "--jobs",
-        "1",
-    ]
-    argv += ["--variants", "n1:--n-layer 1 --mem-len 8", "ablated:--n-layer 1 --mem-len 8 --ablate-memory"]
-    argv += ["--out", str(tmp_path / "out"), "--no-cuda"]
-    report = probe.main(tyro.cli(probe.Args, args=argv))
+    training episodes) at every delay; the controls run; the figure, the table and the JSON are written, with a
+    line for each phase of the work."""
+    report, out, printed = probe_run
     rows = {(r["variant"], r["kind"]): r["delays"] for r in report["results"]}
     for entry in rows["ablated", "memory"].values():
         assert entry["episodes"] >= 24 and entry["accuracy"] == entry["chance"]
@@ -204,9 +292,138 @@ def test_ablated_memory_reports_chance_end_to_end(tmp_path):
     assert rows["control", "observation"]["6"]["influence"]["identical"] == 1
     assert rows["n1", "memory"]["0"]["influence"]["median"] > 0
     assert rows["control", "observation"]["0"]["episodes"] >= 24  # the controls ran (too few episodes to learn)
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"probe.png", "probe.md", "probe.json"}
-    table = (tmp_path / "out" / "probe.md").read_text()
+    assert {p.name for p in out.iterdir()} == {"probe.png", "probe.md", "probe.json"}
+    table = (out / "probe.md").read_text()
     assert "| helm_ppo.py | ablated | memory read-out |" in table and "| chance | majority class |" in table
+    assert json.loads((out / "probe.json").read_text())["results"] == json.loads(json.dumps(report["results"]))
+    assert "collecting 24 episodes of MiniGrid-MemoryS7-v0 in 4 envs and their twins" in printed
+    assert "helm_ppo.py n1+ablated: the frozen pipeline over" in printed
+
+
+def earlier_results(folder):
+    """A good earlier report in `folder` (distinct bytes, so that a replacement shows); {name: bytes}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    earlier = {name: f"earlier {name}".encode() for name in probe.OUTPUTS}
+    for name, data in earlier.items():
+        (folder / name).write_bytes(data)
+    return earlier
+
+
+def assert_unchanged(folder, earlier):
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == earlier  # byte-identical, no temporary file left
+
+
+def malformed(report, change):
+    """probe.json's text with one part of the report changed (a mutation of a deep copy)."""
+    report = copy.deepcopy(json.loads(json.dumps(report)))
+    change(report)
+    return json.dumps(report)
+
+
+def set_path(path, value):
+    def change(report):
+        *parents, last = path
+        node = report
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return change
+
+
+MALFORMED = {
+    "not JSON": lambda report: '{"args": ',
+    "a list": lambda report: "[1, 2]",
+    "no results": lambda report: malformed(report, set_path(["results"], [])),
+    "a delay missing": lambda report: malformed(report, lambda r: r["results"][0]["delays"].pop("6")),
+    "a delay too many": lambda report: malformed(report, set_path(["results", 0, "delays", "7"], {"x": 1})),
+    "accuracy a string": lambda report: malformed(report, set_path(["results", 0, "delays", "0", "accuracy"], "0.9")),
+    "accuracy above 1": lambda report: malformed(report, set_path(["results", 0, "delays", "0", "accuracy"], 1.5)),
+    "accuracy NaN": lambda report: malformed(report, set_path(["results", 0, "delays", "0", "chance"], 0.5)).replace(
+        '"chance": 0.5', '"chance": NaN', 1
+    ),
+    "an interval of three": lambda report: malformed(
+        report, set_path(["results", 0, "delays", "0", "interval"], [0.1, 0.2, 0.3])
+    ),
+    "an interval reversed": lambda report: malformed(
+        report, set_path(["results", 0, "delays", "0", "interval"], [0.9, 0.1])
+    ),
+    "an accuracy without interval": lambda report: malformed(
+        report, lambda r: r["results"][0]["delays"]["0"].pop("interval")
+    ),
+    "a script of its own": lambda report: malformed(report, set_path(["results", 0, "script"], "evil.py")),
+    "10000 scripts": lambda report: malformed(
+        report, lambda r: r["results"].extend(dict(r["results"][0], script=f"s{i}.py") for i in range(10_000))
+    ),
+    "a variant with a newline": lambda report: malformed(report, set_path(["results", 0, "variant"], "a\nb")),
+    "delays missing": lambda report: malformed(report, lambda r: r["args"].pop("delays")),
+    "a delay twice": lambda report: malformed(report, set_path(["args", "delays"], [0, 6, 6])),
+    "token statistics cut": lambda report: malformed(
+        report, lambda r: r["tokens"]["helm_ppo.py"]["distinct_inputs_per_episode"].pop("max")
+    ),
+    "no classes": lambda report: malformed(report, set_path(["episodes", "classes"], [])),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_replot_file_is_one_line_and_replaces_nothing(case, probe_run, tmp_path):
+    """--replot reads a file from elsewhere: its structure (types, lengths, keys, bounds) is checked before anything
+    is drawn; a malformed one (it ended in a traceback, or drew a figure from garbage) is one line, and the good
+    report already in --out stays byte-identical."""
+    report, _, _ = probe_run
+    bad = tmp_path / "bad.json"
+    bad.write_text(MALFORMED[case](report))
+    earlier = earlier_results(tmp_path / "out")
+    with pytest.raises(SystemExit) as stop:
+        probe.main(tyro.cli(probe.Args, args=["--replot", str(bad), "--out", str(tmp_path / "out")]))
+    message = str(stop.value.code)
+    assert message.startswith(f"error: --replot {bad}") and "\n" not in message, message
+    assert_unchanged(tmp_path / "out", earlier)
+
+
+def test_replot_writes_the_set_again_and_takes_only_out(probe_run, tmp_path):
+    report, out, _ = probe_run
+    again = tmp_path / "again"
+    earlier = earlier_results(again)
+    # flags a replot would ignore are refused (they were accepted and ignored), before anything is read or written
+    with pytest.raises(SystemExit, match="--episodes --delays would be ignored"):
+        probe.main(tyro.cli(probe.Args, args=["--replot", str(out / "probe.json"), "--out", str(again), *TINY[4:6],
+                                              "--delays", "1"]))  # fmt: skip
+    assert_unchanged(again, earlier)
+    probe.main(tyro.cli(probe.Args, args=["--replot", str(out / "probe.json"), "--out", str(again)]))
+    # the three files of the set, from the same report: the JSON as it was, the table and the figure made again
+    assert (again / "probe.json").read_bytes() == (out / "probe.json").read_bytes()
+    assert (again / "probe.md").read_text() == (out / "probe.md").read_text()
+    assert (again / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in again.iterdir()) == sorted(probe.OUTPUTS)
+
+
+def test_the_report_set_is_replaced_together(probe_run, tmp_path):
+    """A failure while the set is written (the disk full at the figure, the last file) replaces none of the earlier
+    report's files and leaves no temporary file; a link at a name is replaced, its target untouched (helm_utils
+    .files.replace_together, which the probe, cue_use.py and throughput.py write with)."""
+    from helm_utils.files import replace_together
+
+    report, out, _ = probe_run
+    folder = tmp_path / "out"
+    earlier = earlier_results(folder)
+    png = probe.figure(report)
+
+    def full_disk(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writes = {folder / "probe.json": lambda f: f.write(b"{}"), folder / "probe.md": lambda f: f.write(b"table")}
+    with pytest.raises(SystemExit) as stop:
+        replace_together(writes | {folder / "probe.png": full_disk})
+    message = f"error: could not write {folder}/probe.png: No space left on device; nothing was overwritten"
+    assert str(stop.value.code) == message
+    assert_unchanged(folder, earlier)
+    (tmp_path / "target").write_bytes(b"target")
+    (folder / "probe.md").unlink()
+    (folder / "probe.md").symlink_to(tmp_path / "target")
+    probe.write_report(report, folder, b"{}")
+    assert (tmp_path / "target").read_bytes() == b"target" and not (folder / "probe.md").is_symlink()
+    assert (folder / "probe.png").read_bytes() == png and (folder / "probe.json").read_bytes() == b"{}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import tyro
 
 import helm_ppo
 import helmv2_ppo
@@ -300,3 +301,211 @@ def test_async_envs_train_the_same_run(tmp_path):
         assert_same(asynchronous[part], sync[part], part)
     sync_logged.pop("charts/SPS"), async_logged.pop("charts/SPS")
     assert async_logged == sync_logged and "charts/episodic_return" in sync_logged
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark/throughput.py and speed.py: inputs checked before any measurement, outputs written safely (issue 24)
+# ---------------------------------------------------------------------------------------------
+
+
+def benchmark_module(name):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    return __import__(name)
+
+
+DOCS = "# Benchmarks\n\nbefore\n<!-- throughput:begin -->\nold table\n<!-- throughput:end -->\nafter\n"
+MEASURED = {"sps": 100.0, "rollout_sps": 120.0, "cpu_sps": 90.0, "env_ms_per_step": 1.5, "peak_rss_gb": 0.5}
+
+
+@pytest.fixture
+def throughput_setup(tmp_path, monkeypatch):
+    """throughput.py with its measurements faked (MEASURED), an earlier results file with a note, and a docs file."""
+    throughput = benchmark_module("throughput")
+    calls = []
+
+    def measured(args, *rest):
+        calls.append(rest)
+        return dict(MEASURED)
+
+    monkeypatch.setattr(throughput, "run_baseline", measured)
+    monkeypatch.setattr(throughput, "run_script", measured)
+    earlier = {"runs": {"before": throughput.json.loads(throughput.json.dumps(EARLIER_RUN))}, "note": "by hand"}
+    (tmp_path / "t.json").write_text(throughput.json.dumps(earlier, indent=1))
+    (tmp_path / "docs.md").write_text(DOCS)
+    argv = ["--tiny", "--scripts", "helm_ppo.py", "--n-layers", "2", "--repeats", "1", "--num-envs", "2"]
+    argv += ["--num-steps", "8", "--warmup-updates", "0", "--measured-updates", "1"]
+    argv += ["--out", str(tmp_path / "t.json"), "--docs", str(tmp_path / "docs.md")]
+    return throughput, argv, calls
+
+
+EARLIER_RUN = {
+    "date": "2026-01-01 00:00 UTC",
+    "command": "python benchmark/throughput.py",
+    "device": "x86_64",
+    "cpus": 2,
+    "threads": 1,
+    "repeats": 1,
+    "load_before": [1.0, 1.0, 1.0],
+    "load_after": None,
+    "steps_measured": 16,
+    "warmup_steps": 0,
+    "variants": {"env": dict(MEASURED, ratio_to_cnn_ppo=1.0, cpu_ratio_to_cnn_ppo=1.0)},
+    "all_runs": {"env": [MEASURED]},
+}
+
+
+def throughput_error(throughput, argv):
+    with pytest.raises(SystemExit) as stop:
+        throughput.main(tyro.cli(throughput.Args, args=argv))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+THROUGHPUT_CASES = [
+    (["--repeats", "0"], "--repeats must be in [1, 100]"),
+    (["--repeats", "1000000"], "--repeats must be in [1, 100]"),
+    (["--threads", "0"], "--threads must be in [1, 1024]"),
+    (["--num-envs", "0"], "--num-envs must be >= 1"),
+    (["--warmup-updates", "-1"], "--warmup-updates and --measured-updates must be at most"),
+    (["--label", ""], "--label must be a printable name"),
+    (["--scripts", "nope.py"], "--scripts: give one or more of"),
+    (["--n-layers", "0"], "--n-layers: distinct values in [1, 18]"),
+    (["--n-layers", "2", "2"], "--n-layers: distinct values"),
+    # the tool's own flags: a changed --num-envs in one loop made its SPS wrong, silently
+    (["--extra=--num-envs 4"], "--extra: --num-envs is not for a script here"),
+    (["--extra=--no-cuda"], "--extra: --no-cuda is not for a script here"),
+    (["--extra=--mem-len 0"], "variant helm_ppo.py --n-layer 2: --mem-len must be >= 1, got 0"),
+    (["--extra='unclosed"], '--extra "\'unclosed": No closing quotation'),
+    (["--env-id", "Nope-v0"], "unknown or unusable environment 'Nope-v0'"),
+    (["--num-envs", str(10**9)], "the rollout buffers alone take at least"),
+    (["--out", "{tmp}/link.json"], "link.json is a link, which an output never replaces"),
+    (["--out", "{tmp}"], "is not a plain file, which an output never replaces"),
+    (
+        ["--out", "{tmp}/bad.json"],
+        "{tmp}/bad.json is not of the expected structure: runs.x.variants.env.sps: Input should",
+    ),
+    (["--docs", "{tmp}/plain.md"], "has no <!-- throughput:begin --> ... <!-- throughput:end --> section"),
+    (["--docs", "{tmp}/missing.md"], "--docs {tmp}/missing.md does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv, phrase", THROUGHPUT_CASES, ids=[" ".join(a)[:30] for a, _ in THROUGHPUT_CASES])
+def test_throughput_refuses_bad_input_before_measuring(argv, phrase, throughput_setup, tmp_path):
+    """One line before the first measurement (they failed in a measured run, after the earlier ones, or never), and
+    the files it names untouched: a link's target, a malformed results file, a docs file without the section."""
+    throughput, base, calls = throughput_setup
+    (tmp_path / "target").write_text("someone's file")
+    (tmp_path / "link.json").symlink_to(tmp_path / "target")
+    bad = dict(EARLIER_RUN, variants={"env": dict(EARLIER_RUN["variants"]["env"], sps="fast")})
+    (tmp_path / "bad.json").write_text(throughput.json.dumps({"runs": {"x": bad}}))
+    (tmp_path / "plain.md").write_text("no section")
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert phrase.replace("{tmp}", str(tmp_path)) in throughput_error(throughput, [*base, *argv])
+    assert calls == []
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_throughput_replaces_results_and_docs_together(throughput_setup, tmp_path, monkeypatch):
+    throughput, argv, calls = throughput_setup
+    throughput.main(tyro.cli(throughput.Args, args=[*argv, "--label", "after"]))
+    results = throughput.json.loads((tmp_path / "t.json").read_text())
+    assert list(results["runs"]) == ["before", "after"] and results["note"] == "by hand"  # the earlier kept
+    assert results["runs"]["after"]["variants"]["helm_ppo.py --n-layer 2"]["ratio_to_cnn_ppo"] == 1.0
+    docs = (tmp_path / "docs.md").read_text()
+    assert docs.startswith("# Benchmarks\n\nbefore\n<!-- throughput:begin -->\n") and docs.endswith("end -->\nafter\n")
+    assert "**after**" in docs and "**before**" in docs and "old table" not in docs
+    assert len(calls) == 3  # env, cnn-ppo, helm_ppo.py --n-layer 2
+    good = {p: p.read_bytes() for p in tmp_path.iterdir()}
+
+    # a measurement that fails: nothing replaced
+    def failed(args, *rest):
+        throughput.fail("a run failed")
+
+    monkeypatch.setattr(throughput, "run_script", failed)
+    assert "a run failed" in throughput_error(throughput, [*argv, "--label", "failed"])
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == good
+
+    # the docs lose their section during the measurement: the results are not written without their table either
+    def docs_edited(args, *rest):
+        (tmp_path / "docs.md").write_text("rewritten meanwhile")
+        return dict(MEASURED)
+
+    monkeypatch.setattr(throughput, "run_script", docs_edited)
+    assert "has no <!-- throughput:begin -->" in throughput_error(throughput, [*argv, "--label", "late"])
+    assert (tmp_path / "t.json").read_bytes() == good[tmp_path / "t.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_throughput_report_checks_the_results_file(throughput_setup, tmp_path):
+    throughput, _, _ = throughput_setup
+    (tmp_path / "bad.json").write_text('{"runs": {"x": {"date": 1}}}')
+    argv = ["--report", "--out", str(tmp_path / "bad.json"), "--docs", str(tmp_path / "docs.md")]
+    assert "is not of the expected structure: runs.x.date: Input should be a valid string" in throughput_error(
+        throughput, argv
+    )
+    assert (tmp_path / "docs.md").read_text() == DOCS
+    # the repository's own results file passes, and --report gives the docs table it was made with
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    (tmp_path / "benchmarks.md").write_text(docs)
+    out = str(ROOT / "docs" / "results" / "throughput.json")
+    throughput.main(
+        tyro.cli(throughput.Args, args=["--report", "--out", out, "--docs", str(tmp_path / "benchmarks.md")])
+    )
+    assert (tmp_path / "benchmarks.md").read_text() == docs
+
+
+@pytest.fixture
+def speed_setup(monkeypatch):
+    speed = benchmark_module("speed")
+    calls = []
+
+    def measured(name):
+        def bench(args, device):
+            calls.append(name)
+            return {"measured": 1.0}
+
+        return bench
+
+    monkeypatch.setattr(speed, "bench_trxl", measured("trxl"))
+    monkeypatch.setattr(speed, "bench_cache", measured("cache"))
+    return speed, calls
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["--repeats", "0"], "--repeats must be in [1, 100000]"),
+        (["--cache-steps", "0"], "--cache-steps must be in [1, 100000]"),
+        (["--cache-steps", str(10**9)], "--cache-steps must be in [1, 100000]"),
+        (["--out", "{tmp}/link.json"], "link.json is a link, which an output never replaces"),
+        (["--out", "{tmp}/file/speed.json"], "lies inside {tmp}/file, which is not a folder"),
+        (["--only", "trxl", "--out", "{tmp}/bad.json"], "--out {tmp}/bad.json is not of the expected structure"),
+    ],
+)
+def test_speed_refuses_bad_input_before_measuring(argv, phrase, speed_setup, tmp_path):
+    speed, calls = speed_setup
+    (tmp_path / "target").write_text("someone's file")
+    (tmp_path / "link.json").symlink_to(tmp_path / "target")
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "bad.json").write_text('{"device": "cpu", "torch_threads": 1, "cache": {"hit_rate": "high"}}')
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        speed.main(tyro.cli(speed.Args, args=["--out", str(tmp_path / "speed.json"), *argv]))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and phrase.replace("{tmp}", str(tmp_path)) in message, message
+    assert calls == [] and {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_speed_only_keeps_the_other_section(speed_setup, tmp_path):
+    speed, calls = speed_setup
+    out = tmp_path / "speed.json"
+    out.write_text('{"device": "cpu", "torch_threads": 2, "cache": {"hit_rate": 0.5, "tokens_identical": true}}')
+    speed.main(tyro.cli(speed.Args, args=["--only", "trxl", "--out", str(out)]))
+    written = speed.json.loads(out.read_text())
+    assert written["cache"] == {"hit_rate": 0.5, "tokens_identical": True} and written["trxl"] == {"measured": 1.0}
+    assert calls == ["trxl"] and sorted(p.name for p in tmp_path.iterdir()) == ["speed.json"]
