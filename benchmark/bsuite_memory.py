@@ -247,7 +247,7 @@ def draw_frames(path):
     from helm_utils import bsuite_memory, env_suites
 
     episodes = []
-    for env_id, seed in (("bsuite/memory_len/2", 1), ("bsuite/memory_size/2", 4)):
+    for env_id, seed in (("bsuite/memory_len/2", 1), ("bsuite/memory_size/2", 6)):
         env = env_suites.make(env_id)
         frame, _ = env.reset(seed=seed)
         frames, done = [frame], False

@@ -33,8 +33,10 @@ PREFIX = "bsuite/"
 EXPERIMENTS = ("memory_len", "memory_size")
 SIZE = 32  # the frame is SIZE x SIZE pixels: enough for bsuite's 40 bits as 4x4 tiles, small for the CPU
 TIME_ROWS = 4  # the time-left bar's height, at the top
-# a context bit +1 white, -1 red, the query blue: +1 and -1 differ in brightness too, since HELM's encoder averages
-# the colour channels (red and green would both be grey 85 to it)
+# A context bit lights one of two lamps, the left one white for +1, the right one red for -1; the query is blue.
+# +1 and -1 differ in place, not only in colour or brightness: HELM's encoder averages the colour channels (red and
+# green would both be grey 85 to it) and compares directions (cosine), to which a brighter copy of the same pattern
+# is the same.
 ONE, ZERO, QUERY = (255, 255, 255), (255, 0, 0), (0, 0, 255)
 
 
@@ -80,8 +82,9 @@ def draw(observation, memory_length, num_bits):
     """bsuite's observation (1, 2 + num_bits): [time left, query, context] -> an RGB frame (SIZE, SIZE, 3) of uint8.
 
     - top TIME_ROWS rows: the time left t as a bar of round(t * SIZE) columns, of grey round(255 * t);
-    - below, a tile per bit, row by row: its upper half shows the context bit (white +1, red -1, black while
-      bsuite shows no context), its lower half is blue where that bit is queried. bsuite shows the query only in
+    - below, a tile per bit, row by row: its upper half shows the context bit, as a white lamp on its left for +1
+      or a red lamp on its right for -1 (black while bsuite shows no context), its lower half is blue where that
+      bit is queried. bsuite shows the query only in
       the observation of its timestep L - 1 (time left 1/L), as the queried bit's index; it shows 0 elsewhere, so
       the query's value alone cannot say whether it is shown: the time left says it."""
     time_left, query, context = float(observation[0, 0]), int(observation[0, 1]), observation[0, 2:]
@@ -91,8 +94,10 @@ def draw(observation, memory_length, num_bits):
     query_shown = np.isclose(time_left, 1 / memory_length)
     for bit in range(num_bits):
         top, left = TIME_ROWS + (bit // columns) * height, (bit % columns) * width
-        if context[bit] != 0:
-            frame[top : top + height // 2, left : left + width] = ONE if context[bit] > 0 else ZERO
+        if context[bit] > 0:
+            frame[top : top + height // 2, left : left + width // 2] = ONE
+        elif context[bit] < 0:
+            frame[top : top + height // 2, left + width // 2 : left + width] = ZERO
         if query_shown and bit == query:
             frame[top + height // 2 : top + height, left : left + width] = QUERY
     return frame
@@ -107,8 +112,10 @@ def read(frame, memory_length, num_bits):
     observation[0, 0] = time_left
     for bit in range(num_bits):
         top, left = TIME_ROWS + (bit // columns) * height, (bit % columns) * width
-        colour = tuple(frame[top, left])
-        observation[0, 2 + bit] = {ONE: 1.0, ZERO: -1.0}.get(colour, 0.0)
+        if tuple(frame[top, left]) == ONE:
+            observation[0, 2 + bit] = 1.0
+        elif tuple(frame[top, left + width - 1]) == ZERO:
+            observation[0, 2 + bit] = -1.0
         if tuple(frame[top + height // 2, left]) == QUERY:
             observation[0, 1] = bit
     return observation
