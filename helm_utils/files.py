@@ -2,7 +2,10 @@
 
 Two writers, the same care: write_atomically for a file a run owns and replaces (its checkpoints, the embeddings
 file, plots), write_new for an output beside others (enjoy.py's videos, heatmaps and traces), which never takes
-the place of an existing file. Neither follows a link planted at the file's name."""
+the place of an existing file. Neither follows a link planted at the file's name. A tool whose outputs belong
+together (a report's data, table and figure) checks where they go before its work (output_files) and replaces
+them as a set once all are written (replace_together); read_json reads a tool's JSON input with every key, type,
+length and bound checked."""
 
 import contextlib
 import errno
@@ -10,6 +13,7 @@ import itertools
 import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
 
 import torch
@@ -57,6 +61,105 @@ def output_dir(path, what):
     if not os.access(path, os.W_OK | os.X_OK):
         fail(f"cannot write into the output folder {path} ({what}): it is read-only")
     return path
+
+
+def output_files(folder, names, what):
+    """Before any work: where a tool's outputs `names` go, or one line naming `what` (the flag that chose it). Refused:
+    a folder that is a link (its target would be written into: give that folder), a file, one inside a file, one that
+    cannot be made or written into (tried: a folder made and removed again in it, or in the nearest existing folder
+    above it: a read-only file system, /proc, permissions); at any of `names`, a link, a folder or anything else that
+    is not a plain file (the writers replace a plain file, nothing else). Nothing is created: a tool whose work then
+    fails has written nothing. Returns the folder as a Path."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        fail(f"{what} {folder} is a link; outputs never go through a link: give the folder it points to")
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        where = "is not a folder" if existing == folder else f"lies inside {existing}, which is not a folder"
+        fail(f"{what} {folder} {where}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+    except OSError as e:
+        fail(f"{what} {folder}: cannot write into {existing}: {e.strerror or e}")
+    for name in names:
+        path = folder / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            kind = "a link" if path.is_symlink() else "not a plain file"
+            fail(f"{what}: {path} is {kind}, which an output never replaces; move it away or choose another {what}")
+    return folder
+
+
+def output_file(path, what):
+    """output_files for one file: `path` as a Path, or one line before any work."""
+    path = Path(path)
+    if not path.name or path.name in (".", ".."):
+        fail(f"{what} {path} names a folder, not a file")
+    return output_files(path.parent, [path.name], what) / path.name
+
+
+def replace_together(writes):
+    """Write files that belong together, {path: write(f)}, as write_atomically writes one, but rename none over its
+    path until all are written and fsynced: a failure (a full disk, an exception in a writer) replaces none of them
+    and leaves no temporary file. Then the renames, each replacing a name, never a link's target (a crash between
+    two of them, microseconds apart, would leave the earlier files of the set beside the later)."""
+    temps, replaced, path = {}, [], None
+    try:
+        for path in writes:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        for path, write in writes.items():
+            path = Path(path)
+            fd, temps[path] = new_file(path)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+            replaced.append(path)
+        for folder in {p.parent for p in temps}:
+            _fsync_dir(folder)
+    except OSError as e:
+        for tmp in temps.values():
+            _remove(tmp)
+        kept = f"; {', '.join(map(str, replaced))} already replaced" if replaced else "; nothing was overwritten"
+        fail(f"could not write {path}: {e.strerror or e}{kept}")
+    except BaseException:
+        for tmp in temps.values():
+            _remove(tmp)
+        raise
+
+
+MAX_JSON_BYTES = 100 * 2**20  # a tool's JSON input (a probe's report, throughput results): kilobytes, not this
+
+
+def read_json(path, schema, what):
+    """The JSON file `path` validated as `schema` (parse_json), or one line naming `what` and the problem; returns
+    (the validated content, the file's bytes)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            fail(
+                f"{what} {path} takes {path.stat().st_size:,} bytes, more than the {MAX_JSON_BYTES:,} such a file takes"
+            )
+        data = path.read_bytes()
+    except OSError as e:
+        fail(f"{what} {path} cannot be read: {e.strerror or e}")
+    return parse_json(data, schema, f"{what} {path}"), data
+
+
+def parse_json(data, schema, what):
+    """JSON text validated as `schema` (a type pydantic validates: TypedDicts, lists, tuples, Annotated bounds),
+    strictly: every key, type, length and bound checked, no NaN or infinity where a number is declared, before
+    anything uses it; or one line naming `what`, the first problem and where it lies (`results.2.delays.5`)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(schema).validate_json(data, strict=True)
+    except ValidationError as e:
+        problem = e.errors()[0]
+        where = ".".join(map(str, problem["loc"])) or "its top level"
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        fail(f"{what} is not of the expected structure: {where}: {problem['msg']}{more}")
 
 
 def new_file(path):
