@@ -216,16 +216,22 @@ def tyro_message(text):
     return " ".join(lines[1:] or lines).split(" Argument helptext:")[0][:300]
 
 
-def script_module(script, modules={}):  # noqa: B006 - a cache: each script is imported once
-    """The module of `script` (a baseline's file for its name), imported from its file, its __main__ not run."""
-    if script not in modules:
-        path = ROOT / script_file(script)
-        spec = importlib.util.spec_from_file_location(f"launched_{Path(path).stem}", path)
+def script_module(script):
+    """The module of `script` (a baseline's file for its name), imported from its file once, its __main__ not run.
+    Kept in sys.modules alone, not in a cache of this module's own: submitit pickles run_cell with what it refers
+    to, and a Slurm job imports the script itself."""
+    path = ROOT / script_file(script)
+    name = f"launched_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # tyro reads the help texts from the module's source
-        spec.loader.exec_module(module)
-        modules[script] = module
-    return modules[script]
+        sys.modules[name] = module  # tyro reads the help texts from the module's source
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def check_cell_flags(cell):
@@ -663,7 +669,7 @@ def submit(args, jobs, runs):
 def check_setup(args, workdir, runs):
     """What the launch itself needs, before any run: its counts in bounds, the grid's lists without repeats, the
     work directory, the interpreter, and runs/.launch/ with its folders (folders of the launcher's own: none a file
-    or a link; made here unless it is a dry run)."""
+    or a link; made by make_launch_folders once the cells are checked, unless it is a dry run)."""
     if not 1 <= args.workers <= MAX_WORKERS or not 0 <= args.threads_per_run <= MAX_THREADS:
         fail(f"--workers must be in [1, {MAX_WORKERS}] and --threads-per-run in [0, {MAX_THREADS}]")
     for name, (low, high) in SLURM_BOUNDS.items():
@@ -689,11 +695,15 @@ def check_setup(args, workdir, runs):
         path = runs.joinpath(".launch", *parts)
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             fail(f"{path} is {'a link' if path.is_symlink() else 'a file'}, not a folder of the launcher's own")
-        if not args.dry_run:
-            try:
-                launch_folder(runs, *parts)
-            except Blocked as e:
-                fail(str(e))
+
+
+def make_launch_folders(args, runs):
+    """runs/.launch/ and its folders, once every cell is checked (check_setup checked what lies there)."""
+    for parts in [(), ("locks",), ("incomplete",)] + ([("submitit",)] if args.cluster != "local" else []):
+        try:
+            launch_folder(runs, *parts)
+        except Blocked as e:  # a read-only or full file system
+            fail(str(e))
 
 
 def plan(args, cells, runs, threads):
@@ -762,6 +772,8 @@ def main(args):
         args.slurm_cpus_per_task if args.cluster == "slurm" else max(1, (os.cpu_count() or 1) // args.workers)
     )
     env = run_environment(threads)
+    if not args.dry_run:
+        make_launch_folders(args, runs)
     jobs, locks, blocked = [], [], []
     try:
         jobs, locks, blocked = plan(args, cells, runs, threads)
