@@ -421,17 +421,18 @@ def furthest_state(run_dir, cell):
             problems.append(f"{name} cannot be read ({type(e).__name__})")
             continue
         try:
-            why = checkpoints.refusal(ckpt, path, script_module(cell.script), cell.env_id)
+            refused = checkpoints.refusal(ckpt, path, script_module(cell.script), cell.env_id)
         except Exception as e:  # noqa: BLE001 - a structure check() does not expect: it is not taken either
-            why = f"it cannot be checked ({type(e).__name__})"
-        if why is None:
-            a = ckpt["args"]
-            own = {"run_name": run_dir.name, "env_id": cell.env_id, "seed": cell.seed, "exp_name": cell.exp_name}
-            found = {"run_name": ckpt["run_name"], **{key: a.get(key) for key in own if key != "run_name"}}
-            other = [f"{key} {found[key]!r}" for key in own if found[key] != own[key]]
-            why = f"it is of another run ({', '.join(other)})" if other else None
-        if why is not None:
-            problems.append(f"{name}: --resume refuses it: {why}" if "another run" not in why else f"{name}: {why}")
+            refused = f"it cannot be checked ({type(e).__name__})"
+        if refused is not None:
+            problems.append(f"{name}: --resume refuses it: {refused}")
+            continue
+        a = ckpt["args"]
+        own = {"run_name": run_dir.name, "env_id": cell.env_id, "seed": cell.seed, "exp_name": cell.exp_name}
+        found = {"run_name": ckpt["run_name"], **{key: a.get(key) for key in own if key != "run_name"}}
+        other = [f"{key} {found[key]!r}" for key in own if found[key] != own[key]]
+        if other:
+            problems.append(f"{name}: it is of another run ({', '.join(other)})")
             continue
         iteration = ckpt["iteration"]
         total = a["total_timesteps"] // (a["num_envs"] * a["num_steps"])
@@ -507,7 +508,7 @@ def cell_state(runs, cell, tidy=True):
             state, problems = furthest_state(run_dir, cell)
             why = "; ".join(problems) or "no checkpoint to continue from"
             if state is None and lock == "missing":
-                print(f"# left as it is: {run_dir} has no checkpoint and no lock file (is a run starting there?)")
+                print(f"# left as it is: {run_dir} has no lock file, and {why} (is a run starting there?)")
             elif state is None and tidy:
                 move_aside(runs, run_dir, why)
             elif state is None and problems:
@@ -690,26 +691,31 @@ def check_setup(args, workdir, runs):
         fail(f"--python {args.python} is not an executable file")
     if runs.exists() and not runs.is_dir():  # runs/ itself may be a link (to a larger disk), as for the scripts
         fail(f"{runs} is not a directory")
-    folders = [(), ("locks",), ("incomplete",)] + ([("submitit",)] if args.cluster != "local" else [])
-    for parts in folders:
+    for parts in launch_folders(args):
         path = runs.joinpath(".launch", *parts)
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             fail(f"{path} is {'a link' if path.is_symlink() else 'a file'}, not a folder of the launcher's own")
 
 
+def launch_folders(args):
+    """runs/.launch/ and its folders (as parts of a path below it): the logs, the cells' locks, the runs moved aside,
+    submitit's files."""
+    return [(), ("locks",), ("incomplete",)] + ([("submitit",)] if args.cluster != "local" else [])
+
+
 def make_launch_folders(args, runs):
     """runs/.launch/ and its folders, once every cell is checked (check_setup checked what lies there)."""
-    for parts in [(), ("locks",), ("incomplete",)] + ([("submitit",)] if args.cluster != "local" else []):
+    for parts in launch_folders(args):
         try:
             launch_folder(runs, *parts)
         except Blocked as e:  # a read-only or full file system
             fail(str(e))
 
 
-def plan(args, cells, runs, threads):
-    """Each cell's state, under its lock (held on return, unless a dry run), and its command printed: (the cells to
-    run, the locks held, counts, the cells blocked by what lies in their folders, each named in a warning)."""
-    jobs, locks, blocked = [], [], []
+def plan(args, cells, runs, threads, locks):
+    """Each cell's state, under its lock (added to `locks`, unless a dry run), and its command printed: (the cells to
+    run, the cells blocked by what lies in their folders, each named in a warning)."""
+    jobs, blocked = [], []
     counts = {"new": 0, "resume": 0, "finished": 0, "running": 0}
     for cell in cells:
         lock = None
@@ -745,7 +751,7 @@ def plan(args, cells, runs, threads):
         + (f", {counts['running']} running elsewhere" if counts["running"] else "")
         + (f", {len(blocked)} skipped (see the warnings)" if blocked else "")
     )
-    return jobs, locks, blocked
+    return jobs, blocked
 
 
 def fail_if_blocked(blocked, total):
@@ -776,7 +782,7 @@ def main(args):
         make_launch_folders(args, runs)
     jobs, locks, blocked = [], [], []
     try:
-        jobs, locks, blocked = plan(args, cells, runs, threads)
+        jobs, blocked = plan(args, cells, runs, threads, locks)
         if args.dry_run or not jobs:
             fail_if_blocked(blocked, len(cells))
             return
