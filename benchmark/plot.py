@@ -303,7 +303,10 @@ def load_runs(args):
     for path, note in notes:
         print(f"warning: {path}: {note}", file=sys.stderr)
     if not envs:
-        fail(f"no runs with logged episodes under {args.runs}" + (" (the warnings above say why)" if notes else ""))
+        hint = " (the warnings above say why)" if notes else ""
+        if next(Path(args.runs).glob("*tfevents*"), None) is not None:
+            hint = ": it holds event files itself; --runs is the folder that holds the run directories"
+        fail(f"no runs with logged episodes under {args.runs}{hint}")
     for flag, wanted, found in (("--env-ids", args.env_ids, envs), ("--scripts", args.scripts, scripts)):
         missing = [value for value in wanted if value not in found]
         if missing and len(missing) == len(wanted):

@@ -338,6 +338,7 @@ def test_a_nan_seed_is_left_out_of_the_table_and_named(plot, tmp_path, capsys):
         (["--env-ids", "Nothing-v0"], f"no run under {{runs}} is of --env-ids Nothing-v0; they are of {ENV}"),
         (["--scripts", "helm_ppo.py"], "--scripts helm_ppo.py: plot.py's script names are"),
         (["--reps", "100000", "--points", "101"], "--reps x --points must be at most 10,000,000"),
+        (["--runs", "{runs}/run1"], "it holds event files itself; --runs is the folder that holds the run"),
     ],
 )
 def test_plot_refuses_before_drawing(plot, argv, phrase, tmp_path):
