@@ -16,8 +16,6 @@ import secrets
 import tempfile
 from pathlib import Path
 
-import torch
-
 from helm_utils import fail
 
 MAX_NAME_BYTES = 200  # of a run directory's name; file systems allow 255, the rest is for suffixes
@@ -94,6 +92,9 @@ def output_file(path, what):
     path = Path(path)
     if not path.name or path.name in (".", ".."):
         fail(f"{what} {path} names a folder, not a file")
+    existing = next(p for p in path.parents if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        fail(f"{what} {path} lies inside {existing}, which is not a folder")
     return output_files(path.parent, [path.name], what) / path.name
 
 
@@ -327,6 +328,8 @@ def _remove(path):
 
 def read_state_dict(path):
     """Tensors of a safetensors or torch checkpoint file, all finite; never unpickles arbitrary objects."""
+    import torch  # here: the module's writers serve tools that run without torch (benchmark/gpu_check.py)
+
     try:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -339,17 +342,22 @@ def read_state_dict(path):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
         fail(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    validate_tensors(state, f"weights {path}", FLOATS)
+    validate_tensors(state, f"weights {path}", float_dtypes())
     return state
 
 
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+def float_dtypes():
+    import torch
+
+    return torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
 def validate_tensors(state, what, dtypes=None):
     """A state dict: a flat dict of named dense CPU tensors of real numbers (of `dtypes`, if given), none of
     them NaN or infinite. Loading casts a tensor to its parameter's dtype without a word (a complex one with
     a warning, dropping its imaginary part): a dtype other than the one used is refused here instead."""
+    import torch
+
     if not isinstance(state, dict):
         fail(f"{what} hold a {type(state).__name__}, not a dict of named tensors")
     for key, value in state.items():
@@ -358,7 +366,7 @@ def validate_tensors(state, what, dtypes=None):
         if value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized:
             fail(f"{what}: tensor {key} is a {value.layout} tensor on {value.device}, not a dense one")
         if value.is_complex() or (dtypes is not None and value.dtype not in dtypes):
-            wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes or FLOATS)
+            wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes or float_dtypes())
             fail(f"{what}: tensor {key} is {str(value.dtype).removeprefix('torch.')}, not {wanted}")
         if value.is_floating_point() and not torch.isfinite(value).all():
             fail(f"{what}: tensor {key} holds NaN or infinite values")
