@@ -668,11 +668,18 @@ def submit(args, jobs, runs):
 
 
 def check_setup(args, workdir, runs):
-    """What the launch itself needs, before any run: its counts in bounds, the grid's lists without repeats, the
-    work directory, the interpreter, and runs/.launch/ with its folders (folders of the launcher's own: none a file
-    or a link; made by make_launch_folders once the cells are checked, unless it is a dry run)."""
-    if not 1 <= args.workers <= MAX_WORKERS or not 0 <= args.threads_per_run <= MAX_THREADS:
-        fail(f"--workers must be in [1, {MAX_WORKERS}] and --threads-per-run in [0, {MAX_THREADS}]")
+    """What the launch itself needs, before any run: the work directory, the interpreter, runs/.launch/."""
+    if args.workers < 1 or args.threads_per_run < 0:
+        fail("--workers must be >= 1 and --threads-per-run >= 0")
+    if workdir.exists() and not workdir.is_dir():  # a new one is made with its runs/ (a study's own folder)
+        fail(f"--workdir {args.workdir} is not a directory")
+    if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+        fail(f"--python {args.python} is not an executable file")
+    # the counts bounded, the grid's lists without repeats (one cell, one lock), the launcher's folders checked (made
+    # by make_launch_folders once the cells are checked, unless it is a dry run)
+    if args.workers > MAX_WORKERS or args.threads_per_run > MAX_THREADS:
+        most, got = MAX_WORKERS, f"{args.workers} and {args.threads_per_run}"
+        fail(f"--workers and --threads-per-run must be at most {most}, got {got}")
     for name, (low, high) in SLURM_BOUNDS.items():
         if not low <= getattr(args, name) <= high:
             fail(f"--{name.replace('_', '-')} must be in [{low}, {high:,}], got {getattr(args, name)}")
@@ -685,10 +692,6 @@ def check_setup(args, workdir, runs):
     size = len(args.scripts) * len(args.env_ids) * len(args.seeds) * len(args.variants)
     if size > MAX_CELLS:
         fail(f"the grid has {size:,} runs (scripts x env ids x seeds x variants), more than {MAX_CELLS:,}")
-    if workdir.exists() and not workdir.is_dir():  # a new one is made with its runs/ (a study's own folder)
-        fail(f"--workdir {args.workdir} is not a directory")
-    if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
-        fail(f"--python {args.python} is not an executable file")
     if runs.exists() and not runs.is_dir():  # runs/ itself may be a link (to a larger disk), as for the scripts
         fail(f"{runs} is not a directory")
     for parts in launch_folders(args):

@@ -214,8 +214,8 @@ def test_configs_json_values_of_the_wrong_type(launch, script, flags, phrase, tm
 
 
 BAD_COUNTS = {
-    "workers": (["--workers", "100000"], "--workers must be in [1, 1024]"),
-    "threads": (["--threads-per-run", "-1"], "--threads-per-run in [0, 1024]"),
+    "workers": (["--workers", "100000"], "--workers and --threads-per-run must be at most 1024, got 100000 and 0"),
+    "threads": (["--threads-per-run", "5000"], "must be at most 1024, got 1 and 5000"),
     "slurm-mem": (["--slurm-mem-gb", "-1"], "--slurm-mem-gb must be in [1, 1,048,576]"),
     "slurm-time": (["--slurm-time-min", "0"], "--slurm-time-min must be in [1,"),
     "seed-twice": (["--seeds", "1", "1"], "--seeds lists 1 twice"),
