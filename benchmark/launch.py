@@ -20,7 +20,10 @@ stops the workers' runs cleanly: each saves a checkpoint first. Logs: runs/.laun
 Every cell's flags are parsed and checked by its script's own Args and check_args before any run starts. A cell
 is run by one launch at a time: a launch holds runs/.launch/locks/<cell>.lock while it has the cell queued or
 running, and a run (here or as a Slurm job) decides at its start, under that lock, whether to start, resume or
-skip its cell. A run directory whose script is alive (it holds the directory's .lock) is never touched.
+skip its cell. A run directory whose script is alive (it holds the directory's .lock) is never touched; a
+checkpoint counts only if the script's --resume would take it. A cell blocked by what lies in its folders (a link
+or a folder at a lock's or a log's name, a run directory that is a link) is skipped with a warning naming the file,
+the others run, and the launch ends with one error line.
 
 Local runs use a thread pool of --workers threads, each waiting on one run's process, with
 --threads-per-run BLAS/OpenMP threads per run (default: the cores divided among the workers).
@@ -31,11 +34,13 @@ import ast
 import concurrent.futures
 import contextlib
 import fcntl
+import glob
 import hashlib
 import importlib.util
 import io
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -52,6 +57,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from helm_utils import fail  # noqa: E402 - the repository root is not on the path when run as a script
+from helm_utils.files import open_plain, what_lies_at  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs.json"
 # the papers' baselines by name (docs/benchmarks.md): the file that runs each and the flags that make it that baseline
@@ -70,6 +76,21 @@ TINY = {
     "cnn_ppo.py": ["--d-model", "64"],
 }
 RESERVED = {"--exp-name", "--seed", "--env-id", "--resume"}
+# bounds of the launcher's own counts: a grid or a pool beyond them is a typo, not a study
+MAX_CELLS = 10_000
+MAX_WORKERS = MAX_THREADS = 1024
+SLURM_BOUNDS = {  # flag: (lowest, highest)
+    "slurm_gpus_per_task": (0, 64),
+    "slurm_cpus_per_task": (1, 1024),
+    "slurm_mem_gb": (1, 2**20),
+    "slurm_time_min": (1, 366 * 24 * 60),
+    "slurm_array_parallelism": (1, MAX_CELLS),
+}
+
+
+class Blocked(Exception):
+    """A cell that cannot run because of what lies in its folders; the message names the file. The cell is skipped
+    with a warning, the others go on, and the launch ends with one error line."""
 
 
 @dataclass
@@ -129,12 +150,19 @@ class Cell:
     exp_name: str
 
 
+MAX_CONFIGS_BYTES = 10 * 2**20  # configs.json is some 100 KB
+
+
 def read_configs(path=None):
     """benchmark/configs.json (or `path`), checked: {"configs": {env_id: {script: {"flags": {"--flag": value}}}}},
-    each value a string, a number or true (a flag without a value; "--no-x": true turns x off), no flag the launcher
-    sets. Other keys of an entry ("source", "not_flags", ...) are notes for people."""
+    each script one of SCRIPTS, each flag one of its script's, with a value of the flag's type: a whole number for
+    an int, a finite number for a float, true for a switch ("--x": true turns x on, "--no-x": true off), a string
+    for the rest (not one that starts with "-": it would read as a flag); no flag the launcher sets. Other keys of
+    an entry ("source", "not_flags", ...) are notes for people."""
     path = path or CONFIGS
     try:
+        if Path(path).stat().st_size > MAX_CONFIGS_BYTES:
+            fail(f"{path} takes {Path(path).stat().st_size:,} bytes, more than the {MAX_CONFIGS_BYTES:,} it may")
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError, RecursionError) as e:
         fail(f"{path} is not a readable JSON file ({' '.join(str(e).split())[:200]})")
@@ -147,15 +175,41 @@ def read_configs(path=None):
         for script, entry in by_script.items():
             flags = entry.get("flags") if isinstance(entry, dict) else None
             where = f"{path}: configs[{env_id!r}][{script!r}]"
+            if script not in SCRIPTS:
+                fail(f"{where}: {script!r} is not a script of the launcher ({' '.join(SCRIPTS)})")
             if not isinstance(flags, dict):
                 fail(f'{where} has no "flags" object')
+            fields = script_flags(script)
             for key, value in flags.items():
-                number = isinstance(value, (int, float, str)) and not isinstance(value, bool)
-                if not re.fullmatch(r"--[a-z0-9][a-z0-9-]*", key) or not (value is True or number):
-                    fail(f"{where}: {key!r}: {value!r} is not a flag with a string, a number or true")
                 if key in RESERVED:
                     fail(f"{where}: {key} is set by the launcher for each run")
+                problem = config_value_problem(fields, key, value)
+                if problem:
+                    fail(f"{where}: {key}: {value!r} {problem}")
     return configs
+
+
+def config_value_problem(fields, key, value):
+    """Why `"key": value` of configs.json is not a flag of the script whose fields are `fields` (script_flags) with
+    a value of its type, or None."""
+    if not isinstance(key, str) or not re.fullmatch(r"--[a-z0-9][a-z0-9-]*", key):
+        return "is not a flag (--name)"
+    switch = key.startswith("--no-") and fields.get("--" + key.removeprefix("--no-")) == "bool"
+    kind = "bool" if switch else fields.get(key)
+    if kind is None:
+        return "is not a flag of this script"
+    if kind == "bool":
+        return None if value is True else "is not true: a switch takes true (--x: true turns it on, --no-x: true off)"
+    if isinstance(value, bool):
+        return f"is not a value of this {kind} flag"
+    if kind == "int":
+        return None if isinstance(value, int) else "is not a whole number"
+    if kind in ("float", "float | None"):
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        return None if ok else "is not a finite number"
+    if not isinstance(value, str) or value.startswith("-") or not value.isprintable():
+        return f"is not a string of printable characters that does not start with '-' (the flag is {kind})"
+    return None
 
 
 def tyro_message(text):
@@ -165,16 +219,22 @@ def tyro_message(text):
     return " ".join(lines[1:] or lines).split(" Argument helptext:")[0][:300]
 
 
-def script_module(script, modules={}):  # noqa: B006 - a cache: each script is imported once
-    """The module of `script` (a baseline's file for its name), imported from its file, its __main__ not run."""
-    if script not in modules:
-        path = ROOT / script_file(script)
-        spec = importlib.util.spec_from_file_location(f"launched_{Path(path).stem}", path)
+def script_module(script):
+    """The module of `script` (a baseline's file for its name), imported from its file once, its __main__ not run.
+    Kept in sys.modules alone, not in a cache of this module's own: submitit pickles run_cell with what it refers
+    to, and a Slurm job imports the script itself."""
+    path = ROOT / script_file(script)
+    name = f"launched_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # tyro reads the help texts from the module's source
-        spec.loader.exec_module(module)
-        modules[script] = module
-    return modules[script]
+        sys.modules[name] = module  # tyro reads the help texts from the module's source
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def check_cell_flags(cell):
@@ -236,11 +296,18 @@ def script_file(script):
     return BASELINES.get(script, (script,))[0]
 
 
-def script_flags(script):
-    """The flags `script` takes, keyed as parse_flags keys them: one per field of its Args, read from its source."""
-    tree = ast.parse((ROOT / script_file(script)).read_text())
-    (args,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args"]
-    return {"--" + node.target.id.replace("_", "-") for node in args.body if isinstance(node, ast.AnnAssign)}
+def script_flags(script, cache={}):  # noqa: B006 - a cache: each script's source is parsed once
+    """The flags `script` takes, keyed as parse_flags keys them, each with its type as written ("int", "float",
+    "bool", "str | None", ...): one per field of its Args, read from its source."""
+    if script not in cache:
+        tree = ast.parse((ROOT / script_file(script)).read_text())
+        (args,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args"]
+        cache[script] = {
+            "--" + node.target.id.replace("_", "-"): ast.unparse(node.annotation)
+            for node in args.body
+            if isinstance(node, ast.AnnAssign)
+        }
+    return cache[script]
 
 
 def cell_name(script, env_id, variant, flags):
@@ -321,15 +388,21 @@ def bsuite_steps(script, env_id, flags, episodes):
 
 
 def run_dirs(runs, cell):
-    """The run directories of this cell: the scripts name them {env}__{exp_name}__{seed}__{suffix}."""
-    return sorted(p for p in runs.glob(f"*__{cell.exp_name}__{cell.seed}__*") if p.is_dir() and not p.is_symlink())
+    """The entries of runs/ named as this cell's run directories ({env}__{exp_name}__{seed}__{suffix}, as the
+    scripts name them), files aside: directories, and links (which block the cell: cell_state)."""
+    try:
+        found = sorted(runs.glob(f"*__{glob.escape(cell.exp_name)}__{cell.seed}__*"))
+    except OSError as e:
+        raise Blocked(f"cannot list {runs}: {e.strerror or e}") from None
+    return [p for p in found if p.is_symlink() or p.is_dir()]
 
 
 def try_lock(path, create=True):
-    """An exclusive flock on `path` (a descriptor to close to release it), or None if another process holds it;
-    "missing" if the file does not exist and create is off."""
+    """An exclusive flock on the plain file `path` (a descriptor to close to release it), or None if another process
+    holds it; "missing" if the file does not exist and create is off. A link, a folder or a FIFO at the name raises
+    NotAPlainFile (files.open_plain)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | (os.O_CREAT if create else 0), 0o644)
+        fd = open_plain(path, create=create)
     except FileNotFoundError:
         if not create:
             return "missing"
@@ -347,61 +420,123 @@ def release(lock):
         os.close(lock)
 
 
-def furthest_state(run_dir):
-    """(iteration, updates of the run, checkpoint file) of the furthest readable state of a run directory: its
-    checkpoint.pt, or model_final.pt (written at the end, with the same content) when that is unreadable. None if
-    neither can be read."""
+def furthest_state(run_dir, cell):
+    """((iteration, updates of the run, checkpoint file) of the furthest state of a run directory that the script's
+    --resume would take, or None; [why each checkpoint file there is not taken]). The files: its checkpoint.pt, and
+    model_final.pt (written at the end, with the same content) for when checkpoint.pt is damaged. Taken: a plain file
+    (not a FIFO: reading one would hang), read as a checkpoint, checked as --resume checks it (checkpoints.check: the
+    arguments of their types and in range, the counters consistent, ...), and of this cell's run (its run_name, env
+    id, seed and exp name): a checkpoint that names another run directory would be continued there."""
     import torch  # only here: a dry run of a new grid does not wait for it
 
-    best = None
+    from helm_utils import checkpoints
+
+    best, problems = None, []
     for name in ("checkpoint.pt", "model_final.pt"):
-        try:
-            ckpt = torch.load(run_dir / name, map_location="cpu", weights_only=True)
-            iteration = int(ckpt["iteration"])
-            a = ckpt["args"]
-            total = int(a["total_timesteps"]) // (int(a["num_envs"]) * int(a["num_steps"]))
-        except Exception:  # noqa: BLE001 - missing, or unreadable
+        path = run_dir / name
+        if not path.exists() and not path.is_symlink():
             continue
+        if not path.is_file():
+            problems.append(f"{name} is {what_lies_at(path) or 'not a plain file'}")
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, damaged or not a torch file at all
+            problems.append(f"{name} cannot be read ({type(e).__name__})")
+            continue
+        try:
+            refused = checkpoints.refusal(ckpt, path, script_module(cell.script), cell.env_id)
+        except Exception as e:  # noqa: BLE001 - a structure check() does not expect: it is not taken either
+            refused = f"it cannot be checked ({type(e).__name__})"
+        if refused is not None:
+            problems.append(f"{name}: --resume refuses it: {refused}")
+            continue
+        a = ckpt["args"]
+        own = {"run_name": run_dir.name, "env_id": cell.env_id, "seed": cell.seed, "exp_name": cell.exp_name}
+        found = {"run_name": ckpt["run_name"], **{key: a.get(key) for key in own if key != "run_name"}}
+        other = [f"{key} {found[key]!r}" for key in own if found[key] != own[key]]
+        if other:
+            problems.append(f"{name}: it is of another run ({', '.join(other)})")
+            continue
+        iteration = ckpt["iteration"]
+        total = a["total_timesteps"] // (a["num_envs"] * a["num_steps"])
         if best is None or iteration > best[0]:
-            best = (iteration, total, run_dir / name)
-    return best
+            best = (iteration, total, path)
+    return best, problems
+
+
+def launch_folder(runs, *parts):
+    """runs/.launch (or a folder in it), made if missing: a folder of the launcher's own, never one through a link
+    (its logs, locks and the runs moved aside would land in the link's target). Raises Blocked otherwise."""
+    folder = runs.joinpath(".launch", *parts)
+    for path in [runs.joinpath(".launch", *parts[:i]) for i in range(len(parts) + 1)]:
+        kind = "a link" if path.is_symlink() else "a file" if path.exists() and not path.is_dir() else None
+        if kind:
+            raise Blocked(f"{path} is {kind}, not a folder of the launcher's own; move it away")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Blocked(f"cannot create {folder}: {e.strerror or e}") from None
+    if folder.is_symlink() or not folder.is_dir():  # made by another process meanwhile
+        raise Blocked(f"{folder} is not a folder of the launcher's own; move it away")
+    return folder
 
 
 def move_aside(runs, run_dir, why):
     """Move a dead run directory to runs/.launch/incomplete/ (under a name of its own: nothing there is replaced)."""
-    aside = runs / ".launch" / "incomplete"
-    aside.mkdir(parents=True, exist_ok=True)
+    aside = launch_folder(runs, "incomplete")
     for n in itertools.count(1):
         target = aside / (run_dir.name if n == 1 else f"{run_dir.name}-{n}")
         try:
             target.mkdir()  # claimed; the rename replaces this empty directory
         except FileExistsError:
             continue
-        os.rename(run_dir, target)
+        except OSError as e:
+            raise Blocked(f"cannot move {run_dir} ({why}) to {aside}: {e.strerror or e}") from None
+        try:
+            os.rename(run_dir, target)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                target.rmdir()
+            raise Blocked(f"cannot move {run_dir} ({why}) to {target}: {e.strerror or e}") from None
         print(f"moved {run_dir} ({why}) to {target}")
         return
 
 
 def cell_state(runs, cell, tidy=True):
     """("new", None), ("resume", checkpoint), ("finished", checkpoint) or ("running", run directory), from the
-    cell's run directories.
+    cell's run directories; Blocked (its message names the file) when what lies there keeps the cell from running.
 
     A run directory whose .lock a process holds is alive (a run starting or under way): the cell is "running" and
     the directory is not touched. A directory without a lock file (a run in its first instant, or an old one) is
-    left as it is. Any other without a readable checkpoint (stopped before its first one, or a checkpoint.pt that
-    cannot be read and no model_final.pt) holds nothing to continue: it is moved to runs/.launch/incomplete/ (if
-    tidy), holding its lock meanwhile, so that the plots do not count it twice."""
+    left as it is. Any other without a checkpoint --resume takes (stopped before its first one, or a checkpoint.pt
+    that cannot be read or is refused and no model_final.pt) holds nothing to continue: it is moved to
+    runs/.launch/incomplete/ (if tidy; if not, a checkpoint refused is named in a warning), holding its lock
+    meanwhile, so that the plots do not count it twice. A run directory that is a link, or whose .lock is a link,
+    a folder or a FIFO (no script can lock it), blocks the cell: it is not ours to move, and a new run beside it
+    would be counted twice by the plots."""
     best = None
     for run_dir in run_dirs(runs, cell):
-        lock = try_lock(run_dir / ".lock", create=False)
+        if run_dir.is_symlink():
+            raise Blocked(f"{run_dir} is a link, not a run directory of its own: move it away to run this cell")
+        try:
+            lock = try_lock(run_dir / ".lock", create=False)
+        except OSError as e:
+            raise Blocked(
+                f"{run_dir / '.lock'} cannot be locked ({e.strerror or e}): no script can run in that directory; "
+                "move the directory away to run this cell"
+            ) from None
         if lock is None:
             return "running", run_dir
         try:
-            state = furthest_state(run_dir)
+            state, problems = furthest_state(run_dir, cell)
+            why = "; ".join(problems) or "no checkpoint to continue from"
             if state is None and lock == "missing":
-                print(f"# left as it is: {run_dir} has no checkpoint and no lock file (is a run starting there?)")
+                print(f"# left as it is: {run_dir} has no lock file, and {why} (is a run starting there?)")
             elif state is None and tidy:
-                move_aside(runs, run_dir, "no checkpoint to continue from")
+                move_aside(runs, run_dir, why)
+            elif state is None and problems:
+                print(f"warning: {run_dir}: {why}; it will be moved to {runs / '.launch' / 'incomplete'}")
             elif state is not None and (best is None or state[0] > best[0]):
                 best = state
         finally:
@@ -426,43 +561,58 @@ def log_path(runs, cell):
 
 
 def cell_id(cell):
-    return f"{cell.env_id}__{cell.exp_name}__{cell.seed}".replace("/", "_")
+    """The cell's name for its lock and log files: env, exp name and seed; an env id's "/" (a gymnasium namespace)
+    becomes "_", with a hash of the id so that two ids never share the files."""
+    name = f"{cell.env_id}__{cell.exp_name}__{cell.seed}"
+    if "/" in name:
+        name = name.replace("/", "_") + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
 
 
 def cell_lock(runs, cell, create=True):
     """runs/.launch/locks/<cell>.lock, held by the launch that has the cell queued or running: None if another
-    holds it ("missing" without create, if no launch ever made it)."""
+    holds it ("missing" without create, if no launch ever made it). Blocked where it cannot be taken: a link, a
+    folder or a FIFO at its name, a read-only file system."""
     path = runs / ".launch" / "locks" / f"{cell_id(cell)}.lock"
     try:
         if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            launch_folder(runs, "locks")
         return try_lock(path, create)
-    except OSError as e:  # a file where the folder belongs, a link at the lock's name, a read-only file system
-        fail(f"cannot lock {path}: {e.strerror or e}")
+    except OSError as e:
+        raise Blocked(f"cannot lock {path}: {e.strerror or e}") from None
 
 
 def open_log(log):
-    """The cell's log, appended to; a link at its name is not followed."""
-    return os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-
-
-def run_cell(args, cell, runs, workdir, env, locked=False):
-    """One cell's run: under the cell's lock (already held by this launch if locked), decide anew whether it is new,
-    to resume or finished, then run it, its output appended to its log. Returns the run's exit status, or
-    "finished" / "running" (another launch has it) when there was nothing to run."""
-    lock = None if locked else cell_lock(runs, cell)
-    if lock is None and not locked:
-        return "running"
+    """The cell's log, appended to: a plain file of its own (files.open_plain: no link followed); Blocked if not."""
     try:
+        return open_plain(log, append=True)
+    except OSError as e:
+        raise Blocked(f"cannot write the log {log}: {e.strerror or e}") from None
+
+
+def warn_blocked(cell, blocked):
+    print(f"warning: {cell.script} {cell.env_id} seed {cell.seed} is skipped: {blocked}", file=sys.stderr)
+
+
+def run_cell(args, cell, runs, workdir, env):
+    """One cell's run: under the cell's lock, decide anew whether it is new, to resume or finished, then run it, its
+    output appended to its log. Returns the run's exit status, or "finished" / "running" (another launch has it)
+    when there was nothing to run, "blocked" (and a warning) when what lies in its folders keeps it from running."""
+    lock = None
+    try:
+        lock = cell_lock(runs, cell)
+        if lock is None:
+            return "running"
         state, checkpoint = cell_state(runs, cell)
         if state in ("finished", "running"):
             return state
-        log = log_path(runs, cell)
-        fd = open_log(log)
-        with os.fdopen(fd, "a") as out:
+        with os.fdopen(open_log(log_path(runs, cell)), "a") as out:
             return subprocess.run(
                 command(args, cell, checkpoint), cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
             ).returncode
+    except Blocked as e:
+        warn_blocked(cell, e)
+        return "blocked"
     finally:
         release(lock)
 
@@ -485,13 +635,20 @@ class LocalPool:
         with self.lock:
             if self.stopping:
                 return None
-            state, checkpoint = cell_state(runs, cell)
-            if state in ("finished", "running"):
-                return state
-            with os.fdopen(open_log(log_path(runs, cell)), "a") as out:
-                proc = subprocess.Popen(
-                    command(args, cell, checkpoint), cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
-                )
+            try:
+                state, checkpoint = cell_state(runs, cell)
+                if state in ("finished", "running"):
+                    return state
+                with os.fdopen(open_log(log_path(runs, cell)), "a") as out:
+                    try:
+                        proc = subprocess.Popen(
+                            command(args, cell, checkpoint), cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
+                        )
+                    except OSError as e:
+                        raise Blocked(f"cannot start {args.python}: {e.strerror or e}") from None
+            except Blocked as e:  # what lies in its folders changed since the launch checked them
+                warn_blocked(cell, e)
+                return "blocked"
             self.running.add(proc)
         returncode = proc.wait()
         with self.lock:
@@ -544,9 +701,94 @@ def check_setup(args, workdir, runs):
         fail(f"--workdir {args.workdir} is not a directory")
     if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
         fail(f"--python {args.python} is not an executable file")
-    for folder in (runs, runs / ".launch"):
-        if folder.exists() and not folder.is_dir():
-            fail(f"{folder} is not a directory")
+    # the counts bounded, the grid's lists without repeats (one cell, one lock), the launcher's folders checked (made
+    # by make_launch_folders once the cells are checked, unless it is a dry run)
+    if args.workers > MAX_WORKERS or args.threads_per_run > MAX_THREADS:
+        most, got = MAX_WORKERS, f"{args.workers} and {args.threads_per_run}"
+        fail(f"--workers and --threads-per-run must be at most {most}, got {got}")
+    for name, (low, high) in SLURM_BOUNDS.items():
+        if not low <= getattr(args, name) <= high:
+            fail(f"--{name.replace('_', '-')} must be in [{low}, {high:,}], got {getattr(args, name)}")
+    for name in ("scripts", "env_ids", "seeds", "variants"):
+        values = getattr(args, name)
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if not values or repeated:
+            flag = f"--{name.replace('_', '-')}"
+            fail(f"{flag} lists {' '.join(repeated)} twice: each cell once" if repeated else f"{flag} lists nothing")
+    size = len(args.scripts) * len(args.env_ids) * len(args.seeds) * len(args.variants)
+    if size > MAX_CELLS:
+        fail(f"the grid has {size:,} runs (scripts x env ids x seeds x variants), more than {MAX_CELLS:,}")
+    if runs.exists() and not runs.is_dir():  # runs/ itself may be a link (to a larger disk), as for the scripts
+        fail(f"{runs} is not a directory")
+    for parts in launch_folders(args):
+        path = runs.joinpath(".launch", *parts)
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            fail(f"{path} is {'a link' if path.is_symlink() else 'a file'}, not a folder of the launcher's own")
+
+
+def launch_folders(args):
+    """runs/.launch/ and its folders (as parts of a path below it): the logs, the cells' locks, the runs moved aside,
+    submitit's files."""
+    return [(), ("locks",), ("incomplete",)] + ([("submitit",)] if args.cluster != "local" else [])
+
+
+def make_launch_folders(args, runs):
+    """runs/.launch/ and its folders, once every cell is checked (check_setup checked what lies there)."""
+    for parts in launch_folders(args):
+        try:
+            launch_folder(runs, *parts)
+        except Blocked as e:  # a read-only or full file system
+            fail(str(e))
+
+
+def plan(args, cells, runs, threads, locks):
+    """Each cell's state, under its lock (added to `locks`, unless a dry run), and its command printed: (the cells to
+    run, the cells blocked by what lies in their folders, each named in a warning)."""
+    jobs, blocked = [], []
+    counts = {"new": 0, "resume": 0, "finished": 0, "running": 0}
+    for cell in cells:
+        lock = None
+        try:
+            lock = cell_lock(runs, cell, create=not args.dry_run)
+            state, checkpoint = ("running", None) if lock is None else cell_state(runs, cell, tidy=False)
+            if state in ("new", "resume"):
+                kind = what_lies_at(log_path(runs, cell))
+                if kind:
+                    raise Blocked(f"its log {log_path(runs, cell)} is {kind}, not a file of its own; move it away")
+        except Blocked as e:
+            release(lock)
+            warn_blocked(cell, e)
+            blocked.append(cell)
+            continue
+        if args.dry_run:
+            release(lock)
+        else:
+            locks.append(lock)
+        counts[state] += 1
+        if state == "running":
+            where = "in another launch" if lock is None else str(checkpoint)
+            print(f"# running {where}: {cell.env_id} {cell.exp_name} seed {cell.seed}")
+            continue
+        if state == "finished":
+            print(f"# finished: {cell.env_id} {cell.exp_name} seed {cell.seed} ({checkpoint.parent.name})")
+            continue
+        line = f"OMP_NUM_THREADS={threads} " + shlex.join(command(args, cell, checkpoint))
+        print(("# resume: " if state == "resume" else "") + line if args.dry_run else f"[{state}] {line}")
+        jobs.append(cell)
+    print(
+        f"# {len(cells)} runs: {counts['new']} new, {counts['resume']} to resume, {counts['finished']} finished"
+        + (f", {counts['running']} running elsewhere" if counts["running"] else "")
+        + (f", {len(blocked)} skipped (see the warnings)" if blocked else "")
+    )
+    return jobs, blocked
+
+
+def fail_if_blocked(blocked, total):
+    if blocked:
+        fail(
+            f"{len(blocked)} of {total} runs were skipped: what lies in their folders keeps them from running "
+            "(the warnings above name each file)"
+        )
 
 
 def main(args):
@@ -566,38 +808,12 @@ def main(args):
     )
     env = run_environment(threads)
     if not args.dry_run:
-        try:
-            (runs / ".launch").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create {runs / '.launch'}: {e.strerror or e}")
-    jobs, locks, counts = [], [], {"new": 0, "resume": 0, "finished": 0, "running": 0}
+        make_launch_folders(args, runs)
+    jobs, locks, blocked = [], [], []
     try:
-        for cell in cells:
-            lock = cell_lock(runs, cell, create=not args.dry_run)
-            state, checkpoint = ("running", None) if lock is None else cell_state(runs, cell, tidy=False)
-            if args.dry_run:
-                release(lock)
-            else:
-                locks.append(lock)
-            counts[state] += 1
-            if state == "running":
-                where = "in another launch" if lock is None else str(checkpoint)
-                print(f"# running {where}: {cell.env_id} {cell.exp_name} seed {cell.seed}")
-                continue
-            if state == "finished":
-                print(f"# finished: {cell.env_id} {cell.exp_name} seed {cell.seed} ({checkpoint.parent.name})")
-                continue
-            line = f"OMP_NUM_THREADS={threads} " + shlex.join(command(args, cell, checkpoint))
-            print(("# resume: " if state == "resume" else "") + line if args.dry_run else f"[{state}] {line}")
-            log = log_path(runs, cell)
-            if log.is_symlink():
-                fail(f"{log} is a link; a launch's log is a file of its own")
-            jobs.append(cell)
-        print(
-            f"# {len(cells)} runs: {counts['new']} new, {counts['resume']} to resume, {counts['finished']} finished"
-            + (f", {counts['running']} running elsewhere" if counts["running"] else "")
-        )
+        jobs, blocked = plan(args, cells, runs, threads, locks)
         if args.dry_run or not jobs:
+            fail_if_blocked(blocked, len(cells))
             return
         if args.cluster == "local":
             pool = LocalPool(args.workers)
@@ -611,6 +827,7 @@ def main(args):
             locks = []
             codes = submit(args, [(args, cell, runs, str(workdir), env) for cell in jobs], runs)
             if codes is None:
+                fail_if_blocked(blocked, len(cells))
                 return
     finally:
         for lock in locks:
@@ -618,17 +835,21 @@ def main(args):
     # a run stopped by a signal exits with 128 + the signal's number, after saving its checkpoint
     skipped = sum(code in ("finished", "running") for code in codes)
     stopped = sum(code is None or code in (128 + signal.SIGINT, 128 + signal.SIGTERM) for code in codes)
-    failed = [(cell, code) for cell, code in zip(jobs, codes) if code not in (0, None, 130, 143, "finished", "running")]
+    blocked += [cell for cell, code in zip(jobs, codes) if code == "blocked"]
+    done = (0, None, 130, 143, "finished", "running", "blocked")
+    failed = [(cell, code) for cell, code in zip(jobs, codes) if code not in done]
     for cell, code in failed:
         print(
             f"exit {code}: {cell.script} {cell.env_id} seed {cell.seed} (log: {log_path(runs, cell)})", file=sys.stderr
         )
+    ran = len(jobs) - len(failed) - stopped - skipped - sum(code == "blocked" for code in codes)
     print(
-        f"# done: {len(jobs) - len(failed) - stopped - skipped} ran to the end, {len(failed)} failed, {stopped} stopped"
+        f"# done: {ran} ran to the end, {len(failed)} failed, {stopped} stopped"
         + (f", {skipped} done or running elsewhere meanwhile" if skipped else "")
     )
     if failed:
         fail(f"{len(failed)} of {len(jobs)} runs failed: the last lines of their logs say why")
+    fail_if_blocked(blocked, len(cells))
     if stopped:
         sys.exit(1)
 

@@ -21,15 +21,23 @@ there, of its last num_envs episodes. Writes, into --out:
 
 Every run directory under --runs is either in the figures and the table or named, with the reason, in a warning
 and at the end of the table: no event file, an event file that fails its checksums (a reader stops there, so the
-events after it are missing: named even when the run is kept), no hyperparameters, no episode. The files in --out
-are replaced atomically (a link at a file's name is replaced, its target never written).
+events after it are missing: named even when the run is kept) or that is a dangling link, a folder or a FIFO (not
+read), no hyperparameters, no episode, and values no mean may take in: a NaN or infinite return (the seed's final
+return and its group's mean would be NaN), a NaN time or SPS, a step <= 0, a hyperparameter plot.py reads that is
+not of the form the scripts log. Every argument, --out included (not a link, not a file, no run's folder), is
+checked before anything is read; the figures and the table are made in memory and replace those in --out together,
+once all are made (helm_utils.files.replace_together): an error half-way replaces none (docs/benchmarks.md).
 
 MiniGrid and MiniWorld returns lie in [0, 1], so the aggregate uses raw returns (no normalisation).
 """
 
+import hashlib
+import io
 import math
+import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,15 +140,29 @@ def training_time(wall_times, start):
     return np.cumsum(np.where(gaps > PAUSE_S, 0.0, gaps))
 
 
-def corrupt_event_files(path):
-    """[(event file, records read before it, the failure)] of the event files of a run directory that fail their
-    checksums: every reader (TensorBoard's too) stops at such a record, so what follows it is missing. A record cut
-    short at the end of a file (a process killed while writing) is normal and not reported."""
+def event_files(path):
+    """(the event files of a run directory that can be read, [why each other one is not read]): plain files, or
+    links to them; a dangling link, a folder, a FIFO (reading one would hang) at an event file's name is named."""
+    from helm_utils.files import what_lies_at
+
+    readable, skipped = [], []
+    for events in sorted(path.glob("*tfevents*")):
+        if events.is_file():
+            readable.append(events)
+        else:
+            skipped.append(f"{events.name} is {what_lies_at(events) or 'not a plain file'}: not read")
+    return readable, skipped
+
+
+def corrupt_event_files(files):
+    """[(event file, records read before it, the failure)] of the event files `files` (of a run directory) that
+    fail their checksums: every reader (TensorBoard's too) stops at such a record, so what follows it is missing.
+    A record cut short at the end of a file (a process killed while writing) is normal and not reported."""
     from tensorboard.compat.tensorflow_stub import errors
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
 
     found = []
-    for events in sorted(path.glob("*tfevents*")):
+    for events in files:
         reader, n = PyRecordReader_New(str(events)), 0
         try:
             while True:
@@ -161,14 +183,37 @@ def load_run(path, final_fraction):
     return read_run(path, final_fraction)[0]
 
 
-def read_run(path, final_fraction):
-    """(Run, None), or (None, why the run is left out)."""
+def accumulate(files):
+    """TensorBoard's EventAccumulator over the event files `files` of one run, in the order TensorBoard reads a run
+    directory (by name; a resumed run's purge applies to its earlier files), and over nothing else: it reads a
+    private folder of links to them, so a folder or a FIFO at an event file's name in the run is never opened."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    if not list(path.glob("*tfevents*")):
+    with tempfile.TemporaryDirectory(prefix="plot-events-") as folder:
+        for events in files:
+            os.symlink(events.resolve(), Path(folder) / events.name)
+        acc = EventAccumulator(folder, size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+    return acc
+
+
+# the hyperparameters plot.py reads as numbers or switches, as the scripts log them (str() of the value)
+HYPERPARAMETER_FORMATS = {"num_envs": r"[1-9][0-9]{0,8}", "n_layer": r"[0-9]{1,6}", "lstm": r"True|False"}
+
+
+def read_run(path, final_fraction):
+    """(Run, None), or (None, why the run is left out). Left out as well: a run whose values plot.py uses are not
+    what the scripts log (a NaN or infinite episode return, SPS or time, a step <= 0, a hyperparameter it reads of
+    the wrong form): a mean over seeds with it would be NaN or wrong without a word."""
+    from helm_utils.files import MAX_NAME_BYTES
+
+    files, _ = event_files(path)
+    if not files:
         return None, "no event file"
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
+    try:
+        acc = accumulate(files)
+    except Exception as e:  # noqa: BLE001 - a damaged record TensorBoard's reader does not expect
+        return None, f"its event files cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
     tags = acc.Tags()
     if "hyperparameters/text_summary" not in tags["tensors"]:
         return None, "no hyperparameters logged (not a run of these scripts, or its event file is unreadable)"
@@ -181,18 +226,37 @@ def read_run(path, final_fraction):
         return None, "its hyperparameters cannot be read"
     if not args.get("env_id"):
         return None, "its hyperparameters name no env_id"
+    if len(args["env_id"].encode()) > MAX_NAME_BYTES or not args["env_id"].isprintable():
+        return None, f"its env_id {args['env_id'][:60]!r}... is not one a run name can hold"
+    for name, form in HYPERPARAMETER_FORMATS.items():
+        if name in args and not re.fullmatch(form, args[name]):
+            return None, f"its hyperparameter {name} is {args[name][:60]!r}, not of the form the scripts log"
     script = next((name for arg, name in SCRIPT_BY_ARG.items() if arg in args), "unknown")
     if script == "lstm_ppo" and args.get("lstm") == "False":
         script = "cnn_ppo"  # the baselines' CNN-PPO: lstm_ppo.py --no-lstm
     episodes = acc.Scalars("charts/episodic_return")
     sps = acc.Scalars("charts/SPS") if "charts/SPS" in tags["scalars"] else []
-    wall = np.array([e.wall_time for e in episodes])
+    steps = np.array([e.step for e in episodes])
+    returns = np.array([e.value for e in episodes], dtype=float)
+    wall = np.array([e.wall_time for e in episodes], dtype=float)
+    bad = ~np.isfinite(returns)
+    if bad.any():
+        return None, (
+            f"{bad.sum()} of its {len(returns)} episode returns are NaN or infinite (the first at step "
+            f"{steps[bad][0]:,}): its final return and the mean over seeds would be NaN"
+        )
+    if (steps <= 0).any():
+        return None, f"an episode is logged at step {steps.min():,} (the scripts log from step 1 on)"
+    if not np.isfinite(wall).all() or not math.isfinite(text.wall_time):
+        return None, "its events have NaN or infinite times"
+    if sps and not (math.isfinite(sps[-1].value) and sps[-1].value >= 0):
+        return None, f"its last charts/SPS is {sps[-1].value}, not a speed"
     return Run(
         path=path,
         script=script,
         args=args,
-        steps=np.array([e.step for e in episodes]),
-        returns=np.array([e.value for e in episodes]),
+        steps=steps,
+        returns=returns,
         times=training_time(wall, min(text.wall_time, wall[0])),
         last_step=max([e.step for e in episodes] + [e.step for e in sps]),
         sps=float(sps[-1].value) if sps else math.nan,
@@ -201,25 +265,59 @@ def read_run(path, final_fraction):
 
 
 def load_runs(args):
-    """(runs, [(run directory, why it is left out or incomplete)]); each of the latter is also a warning."""
-    runs, notes = [], []
+    """(runs, [(run directory, why it is left out or incomplete)]); each of the latter is also a warning. A run
+    directory is every folder under --runs but the hidden ones (runs/.launch) and --out (check_args made sure it is
+    no run's). Filtered by --env-ids and --scripts: a filter that matches no run is one line, one that matches
+    nothing of one of its values a warning."""
+    from helm_utils import fail
+
+    runs, notes, envs, scripts = [], [], set(), set()
     out = Path(args.out).resolve()
-    for path in sorted(Path(args.runs).iterdir()):
-        if not path.is_dir() or path.name.startswith(".") or path.resolve() == out:
+    try:
+        entries = sorted(p for p in Path(args.runs).iterdir() if not p.name.startswith("."))
+    except OSError as e:
+        fail(f"--runs {args.runs} cannot be listed: {e.strerror or e}")
+    for i, path in enumerate(entries):
+        if i and i % 100 == 0:
+            print(f"# read {i} of {len(entries)} entries of {args.runs}", file=sys.stderr)
+        if not path.is_dir() or path.resolve() == out:
             continue
-        for events, n, what in corrupt_event_files(path):
-            notes.append((path, f"{events}: {what} after {n} records; the events after it are missing"))
-        run, why = read_run(path, args.final_fraction)
+        try:
+            files, skipped = event_files(path)
+            notes += [(path, note) for note in skipped]
+            for events, n, what in corrupt_event_files(files):
+                notes.append((path, f"{events}: {what} after {n} records; the events after it are missing"))
+            run, why = read_run(path, args.final_fraction)
+        except OSError as e:  # moved away meanwhile (the launcher tidies runs/ up), or unreadable
+            run, why = None, f"it cannot be read ({e.strerror or e})"
         if run is None:
             notes.append((path, f"left out: {why}"))
             continue
-        if (args.env_ids and run.args.get("env_id") not in args.env_ids) or (
+        envs.add(run.args["env_id"])
+        scripts.add(run.script)
+        if (args.env_ids and run.args["env_id"] not in args.env_ids) or (
             args.scripts and run.script not in args.scripts
         ):
             continue
         runs.append(run)
     for path, note in notes:
         print(f"warning: {path}: {note}", file=sys.stderr)
+    if not envs:
+        hint = " (the warnings above say why)" if notes else ""
+        if next(Path(args.runs).glob("*tfevents*"), None) is not None:
+            hint = ": it holds event files itself; --runs is the folder that holds the run directories"
+        fail(f"no runs with logged episodes under {args.runs}{hint}")
+    for flag, wanted, found in (("--env-ids", args.env_ids, envs), ("--scripts", args.scripts, scripts)):
+        missing = [value for value in wanted if value not in found]
+        if missing and len(missing) == len(wanted):
+            fail(f"no run under {args.runs} is of {flag} {' '.join(missing)}; they are of {' '.join(sorted(found))}")
+        for value in missing:
+            print(f"warning: no run under {args.runs} is of {flag} {value}", file=sys.stderr)
+    if not runs:
+        fail(
+            f"no run under {args.runs} is of both --env-ids {' '.join(args.env_ids)} "
+            f"and --scripts {' '.join(args.scripts)}"
+        )
     return runs, notes
 
 
@@ -262,7 +360,10 @@ def bootstrap_ci(samples, reps, rng):
     """95% percentile bootstrap interval of the mean over axis 0 (the seeds), for each column."""
     samples = np.asarray(samples, dtype=float)
     n = samples.shape[0]
-    means = samples[rng.integers(0, n, size=(reps, n))].mean(axis=1)  # NaN where a seed has no value yet
+    draws = rng.integers(0, n, size=(reps, n))
+    chunk = max(1, MAX_BOOTSTRAP // samples.size)  # resamples at a time: (chunk, seeds, points) in memory
+    # NaN where a seed has no value yet
+    means = np.concatenate([samples[draws[i : i + chunk]].mean(axis=1) for i in range(0, reps, chunk)])
     return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
 
 
@@ -321,7 +422,7 @@ def plot_curves(groups, env_id, axis, args, rng, out):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0, 0].set_ylabel("episodic return (mean, 95% bootstrap CI)")
-    save(fig, out / f"{axis}__{safe_name(env_id)}")
+    out.figure(fig, f"{axis}__{safe_name(env_id)}")
 
 
 def plot_aggregate(groups, args, out):
@@ -335,6 +436,9 @@ def plot_aggregate(groups, args, out):
     matrices = {}
     for name, by_env in scores.items():
         n = min(len(v) for v in by_env.values())  # the same number of seeds in every env (a matrix)
+        if any(len(v) > n for v in by_env.values()):
+            counts = ", ".join(f"{len(v)} in {env}" for env, v in sorted(by_env.items()))
+            print(f"warning: aggregate: {name} has {counts}: its IQM takes the first {n} of each", file=sys.stderr)
         matrices[name] = np.array([v[:n] for v in by_env.values()], dtype=float).T  # (seeds, envs)
     estimates, intervals = rly.get_interval_estimates(
         matrices, lambda m: np.array([metrics.aggregate_iqm(m)]), reps=args.reps
@@ -347,18 +451,23 @@ def plot_aggregate(groups, args, out):
     ax.set_yticks(range(len(names)), [f"{n} ({matrices[n].shape[1]} envs)" for n in names], fontsize=7)
     ax.set_xlabel("IQM of final return over seeds x envs (95% stratified bootstrap CI)")
     ax.grid(alpha=0.3)
-    save(fig, out / "aggregate")
+    out.figure(fig, "aggregate")
     return estimates, intervals
+
+
+def pruning_cells(groups):
+    """{(script, env): {n_layer: [runs]}} of the scripts and envs whose runs differ in n_layer."""
+    by_cell = {}
+    for (script, env, _), group in groups.items():
+        for run in group:
+            if re.fullmatch(r"[0-9]+", str(run.args.get("n_layer", ""))):  # the baselines have no Transformer-XL
+                by_cell.setdefault((script, env), {}).setdefault(int(run.args["n_layer"]), []).append(run)
+    return {k: v for k, v in by_cell.items() if len(v) > 1}
 
 
 def plot_pruning(groups, out, rng, reps):
     """Final return and SPS against n_layer, for each script and env whose runs differ in n_layer."""
-    by_cell = {}
-    for (script, env, _), group in groups.items():
-        for run in group:
-            if str(run.args.get("n_layer", "")).isdigit():  # the baselines have no Transformer-XL
-                by_cell.setdefault((script, env), {}).setdefault(int(run.args["n_layer"]), []).append(run)
-    cells = {k: v for k, v in by_cell.items() if len(v) > 1}
+    cells = pruning_cells(groups)
     if not cells:
         return False
     fig, (ax_ret, ax_sps) = plt.subplots(1, 2, figsize=(10, 4))
@@ -377,7 +486,7 @@ def plot_pruning(groups, out, rng, reps):
     ax_ret.legend(fontsize=7)
     for ax in (ax_ret, ax_sps):
         ax.grid(alpha=0.3)
-    save(fig, out / "pruning")
+    out.figure(fig, "pruning")
     return True
 
 
@@ -391,8 +500,9 @@ def final_table(groups, notes=()):
         std = finals.std(ddof=1) if len(finals) > 1 else 0.0
         steps = sorted({r.last_step for r in group})
         lo, hi = t_interval(finals)
+        interval = f"[{lo:.3f}, {hi:.3f}]" if len(finals) > 1 else "- (one seed)"
         lines.append(
-            f"| {script} | {env} | {label or '-'} | {finals.mean():.3f} ± {std:.3f} | [{lo:.3f}, {hi:.3f}] "
+            f"| {script} | {env} | {label or '-'} | {finals.mean():.3f} ± {std:.3f} | {interval} "
             f"| {len(group)} | {', '.join(f'{s:,}' for s in steps)} |"
         )
     if notes:
@@ -401,7 +511,37 @@ def final_table(groups, notes=()):
     return "\n".join(lines) + "\n"
 
 
+class Outputs:
+    """The files of one plot.py call, made in memory and written together once all are made
+    (files.replace_together): a failure half-way (a full disk, an error in a figure) replaces none of the files an
+    earlier call wrote, and the figures and the table in --out are always of the same call."""
+
+    def __init__(self, folder):
+        self.folder, self.files = Path(folder), {}
+
+    def figure(self, fig, stem):
+        fig.tight_layout()
+        for ext in ("png", "svg"):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=ext, dpi=120)
+            self.files[f"{stem}.{ext}"] = buffer.getvalue()
+        plt.close(fig)
+
+    def text(self, name, text):
+        self.files[name] = text.encode()
+
+    def write(self):
+        from helm_utils.files import output_files, replace_together
+
+        output_files(self.folder, self.files, "--out")  # as checked before the work; anything new there: one line
+        replace_together(
+            {self.folder / name: (lambda f, data=data: f.write(data)) for name, data in self.files.items()}
+        )
+
+
 def save(fig, stem):
+    """A figure as stem.png and stem.svg, each written atomically: for a tool that draws a figure of its own
+    (benchmark/bsuite_memory.py); plot.py's own figures go through Outputs, as one set."""
     from helm_utils.files import write_atomically
 
     fig.tight_layout()
@@ -410,47 +550,90 @@ def save(fig, stem):
     plt.close(fig)
 
 
+# the names plot.py writes, to tell an earlier call's outputs that this one does not replace
+OUTPUT_NAME = re.compile(r"(steps__.+|time__.+|aggregate|pruning)\.(png|svg)|final_returns\.md")
+
+
+def output_names(groups):
+    """The names of the files this call writes into --out, known before anything is drawn."""
+    stems = [f"{axis}__{safe_name(env)}" for env in sorted({env for _, env, _ in groups}) for axis in ("steps", "time")]
+    stems += ["aggregate"] + (["pruning"] if pruning_cells(groups) else [])
+    return [f"{stem}.{ext}" for stem in stems for ext in ("png", "svg")] + ["final_returns.md"]
+
+
 def safe_name(env_id):
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", env_id)
+    """env_id in a file name: a character other than a letter, a digit, _, . or - becomes _, and the name then ends
+    in a hash of the id, so that two env ids never share a figure's file."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", env_id)
+    return name if name == env_id else f"{name}-{hashlib.sha1(env_id.encode()).hexdigest()[:8]}"
+
+
+KNOWN_SCRIPTS = ("shelm_ppo", "helm_ppo", "helmv2_ppo", "lstm_ppo", "cnn_ppo", "unknown")
+MAX_BOOTSTRAP = 10**7  # --reps x --points: the bootstrap's means of a curve, 80 MB
 
 
 def check_args(args):
+    """Every argument, before anything is read: the counts in range, --runs a folder, --scripts names plot.py
+    gives, and --out a folder that can be written (files.output_files: not a link, not a file, not read-only) and
+    is no run's folder (it would be left out of the plots)."""
     from helm_utils import fail
+    from helm_utils.files import output_files
 
     if not Path(args.runs).is_dir():
         fail(f"--runs {args.runs} is not a directory")
     if not 1 <= args.reps <= MAX_REPS or not 1 <= args.points <= MAX_POINTS:
         fail(f"--reps and --points must be in [1, {MAX_REPS:,}], got {args.reps} and {args.points}")
+    if args.reps * args.points > MAX_BOOTSTRAP:
+        fail(
+            f"--reps x --points must be at most {MAX_BOOTSTRAP:,} (the bootstrap holds that many means of a curve), "
+            f"got {args.reps:,} x {args.points:,}"
+        )
     if not 0 < args.final_fraction <= 1:
         fail(f"--final-fraction must be in (0, 1], got {args.final_fraction}")
     if not 0 <= args.seed < 2**32:
         fail(f"--seed must be >= 0 and < 2**32, got {args.seed}")
+    unknown = [s for s in args.scripts if s not in KNOWN_SCRIPTS]
+    if unknown:
+        fail(f"--scripts {' '.join(unknown)}: plot.py's script names are {' '.join(KNOWN_SCRIPTS)} (no .py)")
+    out = output_files(args.out, [], "--out")
+    if out.is_dir() and next(out.glob("*tfevents*"), None) is not None:
+        fail(
+            f"--out {args.out} holds event files: it is a run's folder, which plot.py would then leave out; "
+            "the plots go to a folder of their own"
+        )
 
 
 def main(args):
-    from helm_utils import fail
-    from helm_utils.files import output_dir, write_atomically
+    from helm_utils.files import output_files
 
     check_args(args)
     runs, notes = load_runs(args)
-    if not runs:
-        fail(f"no runs with logged episodes under {args.runs}")
-    out = output_dir(args.out, "--out")
-    rng = np.random.default_rng(args.seed)
     groups, varying = group_runs(runs)
+    out = Outputs(args.out)
+    output_files(out.folder, output_names(groups), "--out")  # a link or a folder at a name: one line, nothing drawn
+    rng = np.random.default_rng(args.seed)
     for env_id in sorted({env for _, env, _ in groups}):
         for axis in ("steps", "time"):
             plot_curves(groups, env_id, axis, args, rng, out)
     plot_aggregate(groups, args, out)
     plot_pruning(groups, out, rng, args.reps)
     table = final_table(groups, notes)
-    write_atomically(out / "final_returns.md", lambda f: f.write(table.encode()))
+    out.text("final_returns.md", table)
+    out.write()
+    earlier = sorted(p.name for p in out.folder.iterdir() if OUTPUT_NAME.fullmatch(p.name) and p.name not in out.files)
+    if earlier:
+        print(
+            f"warning: {out.folder} also holds {', '.join(earlier)} of an earlier plot.py, not of these runs "
+            "(left as they are)",
+            file=sys.stderr,
+        )
     print(table, end="")
-    print(f"{len(runs)} runs in {len(groups)} groups (differing: {', '.join(varying) or 'nothing'}); figures in {out}")
+    print(
+        f"{len(runs)} runs in {len(groups)} groups (differing: {', '.join(varying) or 'nothing'}); "
+        f"figures in {out.folder}"
+    )
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     main(tyro.cli(Args))

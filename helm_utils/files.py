@@ -268,6 +268,50 @@ class NewFile:
         _remove(self.tmp)
 
 
+class NotAPlainFile(OSError):
+    """What open_plain raises where a link, a folder, a FIFO or a device lies at a file's name."""
+
+
+def what_lies_at(path):
+    """None where `path` is absent or a plain file; otherwise what lies there instead, in words ("a link", "a
+    folder", ...): a name a tool writes or locks that holds something else (the link itself, not its target)."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        return "a link" if os.path.exists(path) else "a dangling link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return None if stat.S_ISREG(mode) else "not a plain file (a FIFO, a socket or a device)"
+
+
+def open_plain(path, append=False, create=True):
+    """A descriptor for writing to the plain file `path` (a log appended to, a lock file): created if missing with
+    create (else FileNotFoundError), never through a link at its name, never a folder, FIFO or device (opened
+    without blocking, then checked: a FIFO with no reader would hang the open). Raises NotAPlainFile naming what
+    lies there instead, OSError for other failures."""
+    import stat
+
+    kind = what_lies_at(path)
+    if kind:
+        raise NotAPlainFile(errno.EINVAL, f"it is {kind}", str(path))
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_CREAT if create else 0) | (os.O_APPEND if append else 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:  # something else took the name since the look above
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise NotAPlainFile(e.errno, f"it is {what_lies_at(path) or 'not a plain file'}", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotAPlainFile(errno.EINVAL, "it is not a plain file", str(path))
+    os.set_blocking(fd, True)
+    return fd
+
+
 def _fsync_dir(folder):
     directory = os.open(folder, os.O_RDONLY)  # the rename itself survives a power cut too
     try:

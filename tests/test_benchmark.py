@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,9 +326,9 @@ def launch_main(launch_module, workdir, *argv):
     return launch_module.main(args)
 
 
-def test_launch_leaves_live_and_finished_runs_alone(launch_module, tmp_path):
+def test_launch_leaves_live_runs_alone(launch_module, tmp_path):
     """A run directory without a checkpoint whose script is alive (it holds the .lock) is not moved; one whose
-    script is gone is; a finished run whose checkpoint.pt cannot be read but whose model_final.pt can is finished."""
+    script is gone is."""
     cell = launch_module.Cell("helm_ppo.py", "MiniGrid-Empty-5x5-v0", 1, "default", (), "helm_ppo-default-0123abcd")
     runs = tmp_path / "runs"
     live = runs / f"MiniGrid-Empty-5x5-v0__{cell.exp_name}__1__100"
@@ -341,15 +342,61 @@ def test_launch_leaves_live_and_finished_runs_alone(launch_module, tmp_path):
         os.close(lock)
     assert launch_module.cell_state(runs, cell) == ("new", None)  # its script is gone: nothing to continue
     assert not live.exists() and (runs / ".launch" / "incomplete" / live.name).is_dir()
-    done = runs / f"MiniGrid-Empty-5x5-v0__{cell.exp_name}__1__200"
-    done.mkdir()
-    (done / ".lock").touch()
-    (done / "checkpoint.pt").write_bytes(b"damaged")
-    torch.save(
-        {"iteration": 2, "args": {"total_timesteps": 64, "num_envs": 2, "num_steps": 16}}, done / "model_final.pt"
+
+
+def launched_cell(launch_module, seed):
+    """The launcher's cell of the `launched` fixture's first grid for `seed` (the same flags, the same name)."""
+    args, unknown = tyro.cli(
+        launch_module.Args, args=[*SMALL, "--seeds", str(seed), "--total-timesteps", "1024"], return_unknown_args=True
     )
-    assert launch_module.cell_state(runs, cell) == ("finished", done / "model_final.pt")
-    assert done.is_dir()
+    args.extra = list(unknown)
+    (cell,) = launch_module.make_grid(args, {})
+    return cell
+
+
+def edit_args(**changes):
+    return lambda ckpt: ckpt["args"].update(changes)
+
+
+NOT_RESUMABLE = {  # checkpoint.pt changed so: --resume would refuse it, or it is another run's
+    "num-envs-a-string": (edit_args(num_envs="4"), "--resume refuses it: checkpoint"),
+    "total-timesteps-a-float": (edit_args(total_timesteps=1024.0), "argument total_timesteps is 1024.0, not <class"),
+    "iteration-beyond-the-run": (lambda ckpt: ckpt.update(iteration=99), "inconsistent counters"),
+    "another-seed": (edit_args(seed=5), "it is of another run (seed 5)"),
+    "another-run-directory": (lambda ckpt: ckpt.update(run_name="elsewhere"), "another run (run_name 'elsewhere')"),
+}
+
+
+def test_launch_takes_a_checkpoint_only_as_resume_takes_it(launched, launch_module, tmp_path, capsys):
+    """A copy of a finished run of the launched grid: finished as it is. Its checkpoint.pt with arguments of the
+    wrong type, counters beyond the run, or of another run (seed, run directory): named in a warning, and the run
+    directory is moved aside, not taken as finished (or resumed where --resume would refuse it or write elsewhere).
+    A damaged checkpoint.pt beside a good model_final.pt: finished by model_final.pt."""
+    workdir, _ = launched
+    cell = launched_cell(launch_module, 1)
+    (source,) = workdir.glob(f"runs/*__{cell.exp_name}__1__*")
+    runs = tmp_path / "good" / "runs"
+    shutil.copytree(source, runs / source.name)
+    assert launch_module.cell_state(runs, cell) == ("finished", runs / source.name / "checkpoint.pt")
+    for name, (edit, phrase) in NOT_RESUMABLE.items():
+        runs = tmp_path / name / "runs"
+        run_dir = runs / source.name
+        shutil.copytree(source, run_dir)
+        ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, run_dir / "checkpoint.pt")
+        assert launch_module.cell_state(runs, cell, tidy=False) == ("new", None), name
+        out = capsys.readouterr().out
+        assert f"warning: {run_dir}: checkpoint.pt: " in out and phrase in out, (name, out)
+        assert launch_module.cell_state(runs, cell) == ("new", None)
+        assert not run_dir.exists() and (runs / ".launch" / "incomplete" / source.name / "checkpoint.pt").is_file()
+    runs = tmp_path / "final" / "runs"
+    run_dir = runs / source.name
+    shutil.copytree(source, run_dir)
+    shutil.copy(run_dir / "checkpoint.pt", run_dir / "model_final.pt")  # what --save-model writes at the end
+    (run_dir / "checkpoint.pt").write_bytes(b"damaged")
+    assert launch_module.cell_state(runs, cell) == ("finished", run_dir / "model_final.pt")
+    assert "checkpoint.pt cannot be read" not in capsys.readouterr().out  # the run is whole: nothing to say
 
 
 def test_a_cell_is_run_by_one_launch_at_a_time(launch_module, tmp_path, capsys):
@@ -381,7 +428,10 @@ BAD_CONFIGS = {
         '{"configs": {"MiniGrid-Empty-5x5-v0": {"helm_ppo.py": {"flags": {"--seed": 3}}}}}',
         "--seed is set",
     ),
-    "nested-value": ('{"configs": {"E": {"helm_ppo.py": {"flags": {"--num-envs": {"a": 1}}}}}}', "is not a flag with"),
+    "nested-value": (
+        '{"configs": {"E": {"helm_ppo.py": {"flags": {"--num-envs": {"a": 1}}}}}}',
+        "is not a whole number",
+    ),
 }
 
 
@@ -463,7 +513,7 @@ def test_plot_names_every_run_it_leaves_out(tmp_path, capsys):
         (["--points", "0"], "--reps and --points must be in [1, 100,000]"),
         (["--final-fraction", "nan"], "--final-fraction must be in (0, 1]"),
         (["--seed", "-1"], "--seed must be >= 0"),
-        (["--out", "{runs}/run1/events"], "as the output folder (--out)"),
+        (["--out", "{runs}/run1/events"], "/run1/events is not a folder"),
     ],
 )
 def test_plot_refuses_bad_arguments(argv, phrase, tmp_path):
