@@ -4,7 +4,9 @@
 # memory agents beside their ablated twins (--ablate-memory) and the baselines LSTM-PPO and CNN-PPO, then bsuite's
 # CSVs, scores and the success figure (benchmark/bsuite_memory.py). Settings are bsuite's ids: memory_len/9 is
 # length 10, memory_size/2 three bits (docs/environments.md). Each run lasts a number of episodes, as bsuite counts
-# its experiments (launch.py --bsuite-episodes); the PPO settings are the scripts' defaults but for --num-steps 32.
+# its experiments (launch.py --bsuite-episodes). Every agent has the same PPO settings: the scripts' defaults (the
+# published MiniGrid-Memory configuration) but for --num-steps 32 and --learning-rate 5e-4 (the published rates
+# differ per agent, tuned for MiniGrid: HELM 1e-4, HELMv2 3e-4, SHELM 5e-4, LSTM-PPO 5e-5; docs/benchmarks.md).
 #
 #   bash benchmark/bsuite_memory.sh             CPU preset (2 cores, about 3 hours): the tiny random models with
 #                                               2 layers, lengths 1 3 5 10 20 30 (30 is beyond the Transformer-XL's
@@ -39,13 +41,14 @@ if [ "$full" = true ]; then
     ids=()
     for i in $(seq 0 22); do ids+=("bsuite/memory_len/$i"); done
     for i in $(seq 0 16); do ids+=("bsuite/memory_size/$i"); done
-    common=(--workdir "$study" --seeds 1 2 3 --bsuite-episodes 10000 --num-steps 32 --env-ids "${ids[@]}")
+    common=(--workdir "$study" --seeds 1 2 3 --bsuite-episodes 10000 --num-steps 32 --learning-rate 5e-4
+        --env-ids "${ids[@]}")
     "$PYTHON" benchmark/launch.py "${common[@]}" --n-layer 2 "${memory_scripts[@]}" "$@"
     "$PYTHON" benchmark/launch.py "${common[@]}" --d-model 1024 "${baselines[@]}" "$@"
 else
     episodes=${EPISODES:-3000}
     common=(--workdir "$study" --seeds 1 2 3 --workers 2 --threads-per-run 1 --bsuite-episodes "$episodes"
-        --num-steps 32)
+        --num-steps 32 --learning-rate 5e-4)
     # first the settings of the question (is the memory used?), then the rest of the curves
     for ids in "bsuite/memory_len/2 bsuite/memory_len/9" \
         "bsuite/memory_len/0 bsuite/memory_len/4 bsuite/memory_len/13 bsuite/memory_len/15 bsuite/memory_size/0 \
