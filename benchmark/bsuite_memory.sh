@@ -11,8 +11,9 @@
 #   bash benchmark/bsuite_memory.sh             CPU preset (2 cores, about 3 hours): the tiny random models with
 #                                               2 layers, lengths 1 3 5 10 20 30 (30 is beyond the Transformer-XL's
 #                                               reach, 2 x 14 steps) and 30 with --mem-len 16 (within it), bits 1 2 3
-#                                               5, 3 seeds, EPISODES episodes per run; and HELM at real size
-#                                               (random-wt103 weights, 2 layers) at lengths 3 and 10
+#                                               5, 3 seeds (5 at lengths 3 and 10), EPISODES (3000)
+#                                               episodes per run; and HELM at real size (random-wt103
+#                                               weights, 2 layers) at lengths 3 and 10
 #   bash benchmark/bsuite_memory.sh --full      for a cluster: bsuite's whole sweep (23 lengths up to 100, 17 sizes
 #                                               up to 40 bits), 10,000 episodes per run as bsuite, the real
 #                                               pretrained models with 2 layers, 3 seeds
@@ -47,17 +48,19 @@ if [ "$full" = true ]; then
     "$PYTHON" benchmark/launch.py "${common[@]}" --d-model 1024 "${baselines[@]}" "$@"
 else
     episodes=${EPISODES:-3000}
-    common=(--workdir "$study" --seeds 1 2 3 --workers 2 --threads-per-run 1 --bsuite-episodes "$episodes"
-        --num-steps 32 --learning-rate 5e-4)
-    # first the settings of the question (is the memory used?), then the rest of the curves
-    for ids in "bsuite/memory_len/2 bsuite/memory_len/9" \
-        "bsuite/memory_len/0 bsuite/memory_len/4 bsuite/memory_len/13 bsuite/memory_len/15 bsuite/memory_size/0 \
-bsuite/memory_size/1 bsuite/memory_size/2 bsuite/memory_size/4"; do
-        # shellcheck disable=SC2086 # the ids are words
-        "$PYTHON" benchmark/launch.py "${common[@]}" --env-ids $ids --tiny --n-layer 2 "${memory_scripts[@]}" "$@"
-        # shellcheck disable=SC2086
-        "$PYTHON" benchmark/launch.py "${common[@]}" --env-ids $ids --tiny "${baselines[@]}" "$@"
+    common=(--workdir "$study" --workers 2 --threads-per-run 1 --bsuite-episodes "$episodes" --num-steps 32
+        --learning-rate 5e-4)
+    # first the settings of the question, with 5 seeds (does each memory beat its ablation at lengths 3 and 10?),
+    # then the rest of the curves with 3
+    key=(--seeds 1 2 3 4 5 --env-ids bsuite/memory_len/2 bsuite/memory_len/9)
+    rest=(--seeds 1 2 3 --env-ids bsuite/memory_len/0 bsuite/memory_len/4 bsuite/memory_len/13 bsuite/memory_len/15
+        bsuite/memory_size/0 bsuite/memory_size/1 bsuite/memory_size/2 bsuite/memory_size/4)
+    for grid in key rest; do
+        settings=("${grid}[@]")
+        "$PYTHON" benchmark/launch.py "${common[@]}" "${!settings}" --tiny --n-layer 2 "${memory_scripts[@]}" "$@"
+        "$PYTHON" benchmark/launch.py "${common[@]}" "${!settings}" --tiny "${baselines[@]}" "$@"
     done
+    common+=(--seeds 1 2 3)
     # the reach moved: with --mem-len 16, two layers read 2 x 15 = 30 steps back, enough for length 30
     "$PYTHON" benchmark/launch.py "${common[@]}" --env-ids bsuite/memory_len/15 --tiny --n-layer 2 --mem-len 16 \
         --scripts helm_ppo.py helmv2_ppo.py shelm_ppo.py --variants "mem16:" "$@"

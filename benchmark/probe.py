@@ -13,8 +13,9 @@ No RL, nothing trained but linear classifiers (docs/probe.md):
    without ever facing the corridor back to the cue, and walks to one of the two end objects at random.
    MiniWorld-TMaze/YMaze (label: the arm the box is in): a scripted policy walks to the junction, looks
    into both arms, turns round, walks back down the stem and turns to and fro there until the time limit.
-   Memory Gym's MortarMayhem (label: the first command): a random policy. The policy never depends on the
-   label.
+   Memory Gym's MortarMayhem (label: the first command): a random policy. bsuite's memory_len and memory_size
+   (label: the first context bit): a random policy (no action matters before the last). The policy never
+   depends on the label.
 2. Each script (imported, not copied) runs its own frozen pipeline over the lanes, exactly as its training
    loop does: `init_memory`, then at every step `reset_memory` where an episode has just begun, the
    script's `encoder`, its Transformer-XL, `memory_readout`. The read-out at step t is what the agent
@@ -302,7 +303,24 @@ class MortarMayhem:
         return 0 <= frame < len(shown) and all(c == first for c in shown[: frame + 1])
 
 
+class BsuiteMemory:
+    """bsuite's memory_len and memory_size (helm_utils/bsuite_memory.py): the label is the first context bit (-1 or
+    +1), in view in the observations that show the context, the first two of an episode (bsuite's clock is at most
+    1 after the reset and the first step). No action matters before the last one: a random policy."""
+
+    classes = ("-1", "+1")
+    has_script = False
+
+    def label(self, u):
+        return int(u._env._context[0])  # bsuite's MemoryChain (shimmy's binding holds it): 0 for -1, 1 for +1
+
+    def in_view(self, u):
+        return u._env._timestep <= 1
+
+
 def cue_task(env_id):
+    if env_id.startswith("bsuite/memory_"):
+        return BsuiteMemory()
     if env_id.startswith(("MiniGrid-Memory", "HELM-PassiveMemory")):
         return MiniGridMemory()
     if re.match(r"MiniWorld-[TY]Maze(-v\d+)?$", env_id):
@@ -311,7 +329,7 @@ def cue_task(env_id):
         return MortarMayhem()
     fail(
         f"{env_id}: the probe knows the cue of MiniGrid-Memory*, HELM-PassiveMemory*, MiniWorld-TMaze/YMaze (not "
-        "their Left/Right variants: one class) and MortarMayhem(-Grid)-v0"
+        "their Left/Right variants: one class), MortarMayhem(-Grid)-v0 and bsuite/memory_len|memory_size/<i>"
     )
 
 
