@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tyro
 
-from helm_utils import checkpoints, fail
+from helm_utils import checkpoints, env_suites, fail
 from helm_utils.arguments import new_run_name, resume_args
 
 RUNS = Path("runs")  # every run directory lies under it, relative to the working directory
@@ -119,6 +119,9 @@ class Run:
         self.nonfinite_in_row = 0
         self.stop = StopRequest()  # from here on a signal is saved for: the run directory is about to exist
         self.dir, self.lock = claim_run_dir(self.name, self.new)
+        envs = reward_norm.unwrapped  # the vector env under the wrappers: with --async-envs, a dead worker's line
+        if isinstance(envs, env_suites.AsyncVectorEnv):  # says where the run's last good state is
+            envs.checkpoint_note = self.checkpoint_note
         self.name = self.dir.relative_to(RUNS).as_posix()
         # another process may have written the run's checkpoints between __init__ and the claim
         written = any((self.dir / name).exists() for name in CHECKPOINT_FILES)
@@ -196,9 +199,12 @@ class Run:
             note = f"; --resume refuses it: {refused}" if refused else ""
         checkpoints.save(path, ckpt)
         self.writer.close()
+        fail(f"{reason}; state saved to {path} ({self.checkpoint_note()}){note}")
+
+    def checkpoint_note(self):
+        """Where the run's last good state is, for a line that stops the run."""
         last = self.dir / "checkpoint.pt"
-        before = f"last periodic checkpoint: {last}" if last.exists() else "no periodic checkpoint before it"
-        fail(f"{reason}; state saved to {path} ({before}){note}")
+        return f"last periodic checkpoint: {last}" if last.exists() else "no periodic checkpoint before it"
 
     def update_done(self, iteration, global_step):
         """After update `iteration` is logged: model_best.pt when the mean of the last 100 returns improved
