@@ -27,6 +27,16 @@ RESUME_OVERRIDES = (
 )
 # Arguments a run computes from the others (filled in by runs.parse): never compared, never given.
 COMPUTED = ("batch_size", "minibatch_size", "num_iterations")
+# Arguments added after checkpoints were first written (format helm-checkpoint/1), with the value that gives a
+# checkpoint written before them the run it had: the behaviour of the code before the argument existed (which
+# is not always today's default). A checkpoint that lacks another argument is completed only from what it
+# records itself (checkpoints.complete_args). Add an argument here when you add it to the scripts.
+ADDED_LATER = {
+    "ablate_memory": False,  # the memory was never ablated
+    "frozen_dtype": "float32",  # the frozen models were float32 (auto now picks bfloat16 where it is fast)
+    "observation_cache_size": 0,  # no cache (a speed-up only: the outputs are the same with one)
+    "prompts": (),  # SHELM embedded the bare words
+}
 FLOAT32_MAX = torch.finfo(torch.float32).max  # the numbers below become float32 tensors or scale them
 INT64_MAX = 2**63 - 1  # env steps are tensorboard steps (int64)
 
