@@ -146,8 +146,12 @@ def trxl_config(args):
 
 def script_of(args):
     """The training script whose Args these are (the file run as __main__, or imported): the estimate builds its
-    own networks (docs/layout.md: a script hands itself to the package)."""
-    return sys.modules[type(args).__module__]
+    own networks (docs/layout.md: a script hands itself to the package). A script loaded without an import must be
+    put in sys.modules first, as importlib's recipe for loading a file does."""
+    script = sys.modules.get(type(args).__module__)
+    if getattr(script, "Args", None) is not type(args):
+        raise LookupError(f"the script of {type(args).__module__}.Args is not in sys.modules: import it, or add it")
+    return script
 
 
 @functools.lru_cache(maxsize=32)
@@ -251,11 +255,30 @@ def tensor_bytes(tensor):
     return tensor.numel() * tensor.element_size()
 
 
+BEYOND_INT64 = 2**63  # bytes of a tensor whose size torch cannot even compute (it overflows int64)
+
+
+@contextlib.contextmanager
+def beyond_int64():
+    """Lets a tensor too large for torch to compute its size (on meta too) pass as OverflowError: no machine holds
+    it, and the caller counts BEYOND_INT64 bytes."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        raise OverflowError(str(e)) from None
+
+
 @functools.lru_cache(maxsize=64)
 def agent_parameters(script, obs_shape, action_dims, width, lstm):
-    """The parameters of the script's own Agent for these spaces and widths (lstm: the baseline's LSTM size)."""
-    with on_meta():
-        return parameters(script.Agent(obs_shape, action_dims, width, *lstm))
+    """The parameters of the script's own Agent for these spaces and widths (lstm: the baseline's LSTM size);
+    BEYOND_INT64 where one of its tensors is too large for torch to compute its size."""
+    try:
+        with on_meta(), beyond_int64():
+            return parameters(script.Agent(obs_shape, action_dims, width, *lstm))
+    except OverflowError:
+        return BEYOND_INT64
 
 
 @functools.lru_cache(maxsize=64)
@@ -268,13 +291,17 @@ def frozen_sizes(script, tiny, n_layer, mem_len, num_envs, memory_reset, dtype, 
     with on_meta():
         trxl = script.TransformerXL(config, n_layer, mem_len)
         one_layer = script.TransformerXL(config, 1, mem_len)
-        frozen = parameters(trxl)
-        mems, _ = script.init_memory(trxl.to(dtype), num_envs, memory_reset, torch.device("meta"))
-        one_mems, memory_mask = script.init_memory(one_layer.to(dtype), num_envs, memory_reset, torch.device("meta"))
-        inputs = torch.zeros(tokens, num_envs, trxl.d_model)
-    with torch.no_grad(), PeakBytes() as step:
-        _, new_mems, _ = one_layer(inputs, one_mems, memory_mask)
-        written = new_mems.untyped_storage().nbytes()  # the memories it writes: counted with the memories
+    frozen = parameters(trxl)  # mem_len sizes no parameter
+    try:
+        with on_meta(), beyond_int64():
+            mems, _ = script.init_memory(trxl.to(dtype), num_envs, memory_reset, torch.device("meta"))
+            one_mems, mask = script.init_memory(one_layer.to(dtype), num_envs, memory_reset, torch.device("meta"))
+            inputs = torch.zeros(tokens, num_envs, trxl.d_model)
+        with torch.no_grad(), PeakBytes() as step, beyond_int64():
+            _, new_mems, _ = one_layer(inputs, one_mems, mask)
+            written = new_mems.untyped_storage().nbytes()  # the memories it writes: counted with the memories
+    except OverflowError:
+        return frozen, BEYOND_INT64, BEYOND_INT64
     return frozen, 2 * tensor_bytes(mems), step.peak - written
 
 

@@ -188,17 +188,32 @@ class AsyncVectorEnv(gym.vector.AsyncVectorEnv):
         fail(f"env worker {index} of {self.num_envs} (pid {pid}) {what}; the run stops here ({note})")
 
     def dead_worker(self, error):
-        """A pipe to a worker broke (`error`): the worker that ended, named with how it ended."""
+        """A pipe to a worker broke (`error`): the worker that ended, named with its own report of what failed if it
+        made one (an env that could not be made), else with how it ended (a signal, an exit status)."""
         sentinels = {process.sentinel: i for i, process in enumerate(self.processes)}
         ready = multiprocessing.connection.wait(list(sentinels), timeout=WORKER_FAILURE_WAIT)
         if not ready:  # not a worker's end: the pipe itself failed
             self.stop_workers()
             fail(f"the pipe to an env worker failed ({type(error).__name__}: {error})")
+        report = self.error_report(timeout=0.5)
+        if report is not None:
+            self.worker_failed(*report)
         index = sentinels[ready[0]]
         self.processes[index].join()
         code = self.processes[index].exitcode
         signals = {-s.value: s.name for s in signal.Signals}
         self.worker_failed(index, f"was killed by {signals[code]}" if code in signals else f"exited with status {code}")
+
+    def error_report(self, timeout=WORKER_FAILURE_WAIT):
+        """(worker index, "failed: <exception>") of the next error a worker reported, or None: none came in time,
+        or one that cannot be read here (unpickled)."""
+        try:
+            index, kind, value, _ = self.error_queue.get(timeout=timeout)
+        except Exception:  # noqa: BLE001 - none in time (queue.Empty), or a report that cannot be unpickled here
+            return None
+        name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        message = " ".join(str(value).split()).removeprefix("error: ")[:300]
+        return (index if index in range(self.num_envs) else 0), f"failed: {name}: {message}"
 
     def _raise_if_errors(self, successes):
         """A worker that raised (it reported the error and ended): one line naming it, not gymnasium's log of
@@ -206,13 +221,7 @@ class AsyncVectorEnv(gym.vector.AsyncVectorEnv):
         if all(successes):
             return
         index = list(successes).index(False)
-        try:
-            _, kind, value, _ = self.error_queue.get(timeout=WORKER_FAILURE_WAIT)
-        except Exception:  # noqa: BLE001 - no report in time, or one that cannot be unpickled here
-            kind, value = "an error", "its report could not be read"
-        name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-        message = " ".join(str(value).split()).removeprefix("error: ")[:300]
-        self.worker_failed(index, f"failed: {name}: {message}")
+        self.worker_failed(*(self.error_report() or (index, "failed (its report of the error could not be read)")))
 
     def close_extras(self, timeout=None, terminate=False):
         """The workers closed (they close their envs, which writes a video under way) and ended; a worker that died
@@ -240,5 +249,15 @@ def _worker_failures(method):
     return checked
 
 
-for _name in ["reset_async", "reset_wait", "step_async", "step_wait", "call_async", "call_wait", "set_attr"]:
+_CALLS = [
+    "_check_spaces",
+    "reset_async",
+    "reset_wait",
+    "step_async",
+    "step_wait",
+    "call_async",
+    "call_wait",
+    "set_attr",
+]
+for _name in _CALLS:
     setattr(AsyncVectorEnv, _name, _worker_failures(getattr(gym.vector.AsyncVectorEnv, _name)))

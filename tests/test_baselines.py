@@ -371,6 +371,10 @@ def test_a_d_model_beyond_memory_is_refused_before_anything_is_built(network, ma
     assert code.startswith(f"error: {flags}: the agent's weights, gradients and AdamW moments alone take at least")
     assert code.endswith("more than the 8.0 GB of memory here; choose smaller values")
     assert elapsed < 5, elapsed  # milliseconds of estimate; the rest is tyro (seconds only on a crowded machine)
+    code = train(tmp_path / "cli", *SMALL, *lstm, "--d-model", 10**17)  # a layer whose size overflows int64
+    assert code.startswith(f"error: --d-model {10**17}") and code.endswith(
+        "more than the 8.0 GB of memory here; choose smaller values"
+    )
 
     ckpt = load(getattr(made, network) / "checkpoint.pt")
     ckpt["args"]["d_model"] = HUGE_D_MODEL  # the weights stay 32 wide: loading them would fail only after the build
