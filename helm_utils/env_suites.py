@@ -142,7 +142,7 @@ def env_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, aut
         async_vector_env._async_worker(
             index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore
         )
-    except (EOFError, OSError):  # the main process closed its end or is gone: nobody to report to
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the main process is gone: nobody to report to
         pass
     except BaseException as e:  # noqa: BLE001 - making the env failed (a one-line error included): report it
         with contextlib.suppress(Exception):
@@ -177,7 +177,8 @@ class AsyncVectorEnv(gym.vector.AsyncVectorEnv):
             if process.is_alive():
                 process.kill()
         for process in self.processes:
-            process.join()
+            if process.pid is not None:  # started
+                process.join()
         self.closed = True  # nothing left to close (gymnasium's __del__ would wait on the dead workers)
 
     def worker_failed(self, index, what):
