@@ -190,8 +190,9 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
 def make_envs(args, run_name):
     """Vector env that resets a finished episode within the same step, so the observation after a
     done is already the new episode's first one: no transition across a reset enters the buffer.
-    With --async-envs each env steps in a process of its own (docs/benchmarks.md: the GPU's bound)."""
-    vector_env = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
+    With --async-envs each env steps in a process of its own (docs/benchmarks.md: the GPU's bound), which leaves
+    the signals to the main process and stops the run in one line if it dies (helm_utils.env_suites)."""
+    vector_env = env_suites.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
     envs = vector_env(
         [make_env(args.env_id, i, args.capture_video, run_name) for i in range(args.num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from helm_utils import InputError, env_suites, fail
-from helm_utils.arguments import COMPUTED, RESUME_OVERRIDES
+from helm_utils.arguments import ADDED_LATER, COMPUTED, RESUME_OVERRIDES, flag
 from helm_utils.files import validate_run_name, validate_tensors, write_atomically
 
 FORMAT = "helm-checkpoint/1"
@@ -106,6 +106,16 @@ def check(ckpt, path, script, env_id=None):
             fail(f"checkpoint {path} is malformed: {key} is {found}")
     # the env id first: a file made elsewhere names no module to import, not even for the checks below
     env_suites.check_env_id_from_file(ckpt["args"].get("env_id"), f"checkpoint {path}", env_id)
+    ckpt["args"], completed, lacking = complete_args(ckpt, script)
+    if lacking:
+        fail(
+            f"checkpoint {path} lacks {', '.join(map(flag, lacking))}, which it records "
+            "nowhere else: today's default in its place would change the run it holds (docs/reliability.md, old "
+            "checkpoints)"
+        )
+    if completed:
+        taken = ", ".join(f"{flag(name)} {value!r}" for name, value in completed.items())
+        print(f"checkpoint {path} lacks arguments, taken from what it records or as the code was before them: {taken}")
     args = checkpoint_args(ckpt["args"], path, script)
     validate_run_name(ckpt["run_name"], f"checkpoint {path}: run_name")
     if ckpt["wandb_id"] is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", ckpt["wandb_id"]):
@@ -286,6 +296,58 @@ def may_write_output_dirs(args, saved, output_dirs):
     paths = [Path(getattr(args, name)) for name in output_dirs]
     inside = [not path.is_absolute() and ".." not in path.parts for path in paths]
     return all(ok or getattr(args, name) != saved.get(name) for ok, name in zip(inside, output_dirs))
+
+
+def recorded_sizes(saved, ckpt):
+    """The run's sizes that a checkpoint records besides its arguments, where they are positive integers: the
+    batch (the computed batch_size, and global_step / iteration), the minibatch and the number of updates."""
+    recorded = {k: saved[k] for k in COMPUTED if is_number(saved.get(k), 1) and isinstance(saved[k], int)}
+    iteration, step = ckpt.get("iteration"), ckpt.get("global_step")
+    if not (is_number(iteration, 1) and isinstance(iteration, int) and isinstance(step, int) and step % iteration == 0):
+        return recorded
+    # the counters say the batch as well: both or neither
+    return recorded if recorded.setdefault("batch_size", step // iteration) == step // iteration else {}
+
+
+def complete_args(ckpt, script):
+    """(the checkpoint's arguments with those it lacks filled in, {name: value} of those filled in that define the
+    run, [names that cannot be]) for a checkpoint written before some of this script's arguments existed. Filled in:
+    the arguments a resumed run takes from its command line anyway (RESUME_OVERRIDES, the output directories,
+    resume) and the computed ones, with their defaults; those added later (ADDED_LATER), with the value that gives
+    the run as it was; and the run's sizes, from what the checkpoint records besides (recorded_sizes): the batch
+    and update counts give --total-timesteps, --num-envs or --num-steps, the minibatch size --num-minibatches
+    (where one value alone fits), and the optimizer's learning rate --learning-rate (without --anneal-lr). Any
+    other argument defines the run and is not recorded elsewhere: today's default in its place would silently
+    make another run (a 4-update run became one of 31,250 updates), so it cannot be filled in."""
+    saved, fields = ckpt["args"], [f.name for f in dataclasses.fields(script.Args)]
+    missing = [name for name in fields if name not in saved]
+    if not missing:
+        return saved, {}, []
+    defaults = dataclasses.asdict(script.Args())
+    args = dict(saved)
+    for name in missing:
+        if name in (*RESUME_OVERRIDES, *COMPUTED, *script.OUTPUT_DIRS, "resume"):
+            args[name] = defaults[name]
+    completed = {name: ADDED_LATER[name] for name in missing if name in ADDED_LATER}
+    recorded = recorded_sizes(saved, ckpt)
+    batch, minibatch, updates = (recorded.get(k) for k in COMPUTED)
+    envs, steps = args.get("num_envs"), args.get("num_steps")
+    if batch and "num_envs" in missing and is_number(steps, 1) and batch % steps == 0:
+        completed["num_envs"] = batch // steps
+    if batch and "num_steps" in missing and is_number(envs, 1) and batch % envs == 0:
+        completed["num_steps"] = batch // envs
+    if batch and updates and "total_timesteps" in missing:
+        completed["total_timesteps"] = batch * updates
+    if batch and minibatch and "num_minibatches" in missing:
+        fewest, most = batch // (minibatch + 1) + 1, batch // minibatch  # every n with batch // n == minibatch
+        if fewest == most:
+            completed["num_minibatches"] = most
+    groups = ckpt.get("optimizer", {}).get("param_groups") if isinstance(ckpt.get("optimizer"), dict) else None
+    lr = groups[0].get("lr") if isinstance(groups, list) and groups and isinstance(groups[0], dict) else None
+    if "learning_rate" in missing and args.get("anneal_lr") is False and is_number(lr, 0):
+        completed["learning_rate"] = lr  # not annealed: the optimizer's rate is the argument
+    args.update(completed)
+    return args, completed, [name for name in missing if name not in args]
 
 
 def value_fits(value, annotation):

@@ -18,6 +18,7 @@ from helm_utils import fail
 from helm_utils.files import read_state_dict
 
 TINY = "tiny-random"
+WT103_HUB_ID = "transfo-xl/transfo-xl-wt103"  # the scripts' default: WT103_CONFIG below is its config.json
 RANDOM_WT103 = "random-wt103"  # the transfo-xl-wt103 architecture with random weights: speed benchmarks only
 RANDOM_CLIP = "random"  # --clip-pretrained random: the CLIP architecture with random weights: speed benchmarks only
 WEIGHTS_HELP = (

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tyro
 
-from helm_utils import checkpoints, fail
+from helm_utils import checkpoints, env_suites, fail
 from helm_utils.arguments import new_run_name, resume_args
 
 RUNS = Path("runs")  # every run directory lies under it, relative to the working directory
@@ -84,7 +84,7 @@ class Run:
     def __init__(self, args, ckpt, script):
         self.args, self.ckpt, self.script = args, ckpt, script
         name = ckpt["run_name"] if ckpt else new_run_name(args)
-        why = ckpt and not_in_place(RUNS / name, args.resume, ckpt, script.OUTPUT_DIRS)
+        why = ckpt and not_in_place(RUNS / name, args.resume, ckpt, script)
         self.new = ckpt is None or bool(why)
         if ckpt and self.new:
             name = new_run_name(args)
@@ -119,10 +119,13 @@ class Run:
         self.nonfinite_in_row = 0
         self.stop = StopRequest()  # from here on a signal is saved for: the run directory is about to exist
         self.dir, self.lock = claim_run_dir(self.name, self.new)
+        envs = reward_norm.unwrapped  # the vector env under the wrappers: with --async-envs, a dead worker's line
+        if isinstance(envs, env_suites.AsyncVectorEnv):  # says where the run's last good state is
+            envs.checkpoint_note = self.checkpoint_note
         self.name = self.dir.relative_to(RUNS).as_posix()
         # another process may have written the run's checkpoints between __init__ and the claim
         written = any((self.dir / name).exists() for name in CHECKPOINT_FILES)
-        if not self.new and written and not_in_place(self.dir, args.resume, ckpt, self.script.OUTPUT_DIRS):
+        if not self.new and written and not_in_place(self.dir, args.resume, ckpt, self.script):
             fail(f"{self.dir / 'checkpoint.pt'} was written by another process meanwhile; resume it instead")
         if ckpt and not self.new and args.capture_video:
             keep_earlier_videos(Path("videos") / self.name, global_step)
@@ -196,9 +199,12 @@ class Run:
             note = f"; --resume refuses it: {refused}" if refused else ""
         checkpoints.save(path, ckpt)
         self.writer.close()
+        fail(f"{reason}; state saved to {path} ({self.checkpoint_note()}){note}")
+
+    def checkpoint_note(self):
+        """Where the run's last good state is, for a line that stops the run."""
         last = self.dir / "checkpoint.pt"
-        before = f"last periodic checkpoint: {last}" if last.exists() else "no periodic checkpoint before it"
-        fail(f"{reason}; state saved to {path} ({before}){note}")
+        return f"last periodic checkpoint: {last}" if last.exists() else "no periodic checkpoint before it"
 
     def update_done(self, iteration, global_step):
         """After update `iteration` is logged: model_best.pt when the mean of the last 100 returns improved
@@ -296,7 +302,7 @@ class Run:
 CHECKPOINT_FILES = ("checkpoint.pt", "model_final.pt", "model_best.pt", "checkpoint_nonfinite.pt")
 
 
-def not_in_place(run_dir, resume, ckpt, output_dirs=()):
+def not_in_place(run_dir, resume, ckpt, script):
     """Why resuming `resume` may not go on in its run's directory (None: it may). It may when the directory does
     not exist yet (a checkpoint from elsewhere), when `resume` is the run's checkpoint.pt, or when the run's latest
     state (its checkpoint.pt, else the checkpoint files it has) is the same run (the same defining arguments:
@@ -316,8 +322,11 @@ def not_in_place(run_dir, resume, ckpt, output_dirs=()):
     try:
         saved = torch.load(own, map_location="cpu", weights_only=True, mmap=True)
         step, args = saved.get("global_step"), saved.get("args")
+        # completed as `ckpt` was (checkpoints.check): an older file of the same run lacks the same arguments
+        args = checkpoints.complete_args(saved, script)[0] if isinstance(args, dict) else None
     except Exception:  # noqa: BLE001 - whatever it holds, it is not to be overwritten
         return f"{own} cannot be read"
+    output_dirs = script.OUTPUT_DIRS
     if not isinstance(args, dict) or checkpoints.defining_args(args, output_dirs) != checkpoints.defining_args(
         ckpt["args"], output_dirs
     ):

@@ -95,8 +95,11 @@ CASES = {
     "env-id-escapes": (["--env-id", "../../MiniGrid-DoorKey-5x5-v0"], ["leaves runs/"]),
     "env-id-unknown-module": (["--env-id", "nosuchmodule:Foo-v0"], ["nosuchmodule:Foo-v0", "No module"]),
     # sizes: what the run would allocate, estimated from the arguments, against this machine's memory
-    "mem-len-beyond-memory": (["--mem-len", "1000000000"], ["--mem-len 1000000000", "memories", "more than"]),
+    # the memories, or a step's other tensors (its keys and values, positions and scores over all of them)
+    "mem-len-beyond-memory": (["--mem-len", "1000000000"], ["--mem-len 1000000000", "memor", "more than"]),
     "observation-cache-beyond-memory": (["--observation-cache-size", str(10**15)], ["cache", "more than"]),
+    # memories whose size torch cannot even compute (beyond int64): the same line, not its RuntimeError
+    "mem-len-beyond-int64": (["--mem-len", str(10**18)], [f"--mem-len {10**18}", "memories", "more than"]),
     "total-timesteps-beyond-int64": (["--total-timesteps", str(2**70)], ["--total-timesteps", "2**63"]),
     # numbers checked in the precision they are used in: float32
     "learning-rate-zero-in-float32": (["--learning-rate", "1e-50"], ["--learning-rate", "float32", "1e-50"]),

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +27,7 @@ from test_reliability import assert_same, load, scalars
 
 import shelm_ppo
 from conftest import ROOT, offline_env
-from helm_utils import env_suites, runs
+from helm_utils import arguments, env_suites, frozen_models, runs
 
 sys.path.insert(0, str(ROOT / "benchmark"))
 sys.path.insert(0, str(ROOT / "benchmark" / "baselines"))
@@ -414,6 +415,66 @@ def test_an_encoder_state_is_refused(made, tmp_path):
         "running_mean)"
     )
     assert os.listdir(tmp_path) == ["crafted.pt"]
+
+
+# a --d-model whose agent (the CNN's last layer on 56x56 pixels, the LSTM or the actor and critic, with gradients and
+# AdamW's moments) takes 10-12 GB against a memory limit of 8 GB; the estimate kept by hand beside the model counted
+# the CNN's last layer as 128 inputs wide and no actor or critic, less than 1 GB, and let it be built
+HUGE_D_MODEL, MEMORY_LIMIT = 200_000, 8 * 10**9
+
+
+@pytest.mark.parametrize("network", ["lstm", "cnn"])
+def test_a_d_model_beyond_memory_is_refused_before_anything_is_built(network, made, tmp_path, monkeypatch):
+    """--d-model from the command line and from a crafted checkpoint, for LSTM-PPO and CNN-PPO: one line naming it
+    (and where it came from), before the envs are made, in well under a second."""
+    monkeypatch.setattr(arguments, "memory_limit", lambda: MEMORY_LIMIT)
+    built = []
+    monkeypatch.setattr(shelm_ppo, "make_envs", lambda *a: built.append(a))  # the baseline's envs come from here
+    lstm = [] if network == "lstm" else ["--no-lstm"]
+    arguments.estimate(lstm_ppo.Args(d_model=32))  # torch's meta kernels load once per process (about a second)
+    start = time.perf_counter()
+    code = train(tmp_path / "cli", *SMALL, *lstm, "--d-model", HUGE_D_MODEL)
+    elapsed = time.perf_counter() - start
+    flags = f"--d-model {HUGE_D_MODEL}" + (", --lstm-hidden-size 16" if network == "lstm" else "")
+    assert code.startswith(f"error: {flags}: the agent's weights, gradients and AdamW moments alone take at least")
+    assert code.endswith("more than the 8.0 GB of memory here; choose smaller values")
+    assert elapsed < 5, elapsed  # milliseconds of estimate; the rest is tyro (seconds only on a crowded machine)
+    code = train(tmp_path / "cli", *SMALL, *lstm, "--d-model", 10**17)  # a layer whose size overflows int64
+    assert code.startswith(f"error: --d-model {10**17}") and code.endswith(
+        "more than the 8.0 GB of memory here; choose smaller values"
+    )
+
+    ckpt = load(getattr(made, network) / "checkpoint.pt")
+    ckpt["args"]["d_model"] = HUGE_D_MODEL  # the weights stay 32 wide: loading them would fail only after the build
+    torch.save(ckpt, tmp_path / "crafted.pt")
+    code = train(tmp_path, "--resume", "crafted.pt", "--no-progress-bar")
+    assert code.startswith(f"error: checkpoint crafted.pt holds an argument out of range: {flags}: the agent's")
+    assert built == [] and sorted(os.listdir(tmp_path)) == ["cli", "crafted.pt"] and os.listdir(tmp_path / "cli") == []
+
+
+def test_the_estimate_counts_the_real_networks():
+    """The size estimate's networks are the scripts' own: its trained agent is 16 bytes (float32 weights, gradients
+    and AdamW's two moments) per parameter of the Agent the script builds for the env, and the memory scripts'
+    frozen Transformer-XL 4 bytes (it is built in float32) per parameter of the script's, built on the CPU."""
+    shape, dims = obs_shape_and_actions()
+    for d_model, lstm_size in [(32, 16), (48, None)]:
+        args = lstm_ppo.Args(env_id=ENV, d_model=d_model, lstm_hidden_size=lstm_size or 8, lstm=lstm_size is not None)
+        parts = {what: nbytes for nbytes, what, _ in arguments.estimate(args)}
+        agent = lstm_ppo.Agent(shape, dims, d_model, lstm_size)
+        assert parts["the agent's weights, gradients and AdamW moments"] == 16 * sum(
+            p.numel() for p in agent.parameters()
+        )
+    args = shelm_ppo.Args(
+        env_id=ENV, trxl_model="tiny-random", clip_model="tiny-random", n_layer=2, mem_len=7, cuda=False
+    )
+    parts = {what: nbytes for nbytes, what, _ in arguments.estimate(args)}
+    trxl = shelm_ppo.TransformerXL(frozen_models.TINY_TRXL_CONFIG, 2, 7)  # build_trxl's for tiny-random, on the CPU
+    assert parts["the frozen Transformer-XL"] == 4 * sum(p.numel() for p in trxl.parameters())
+    agent = shelm_ppo.Agent(shape, dims, trxl.d_model)
+    assert parts["the agent's weights, gradients and AdamW moments"] == 16 * sum(p.numel() for p in agent.parameters())
+    trxl.to(frozen_models.resolve_frozen_dtype(args.frozen_dtype, "cpu"))  # as build_memory does
+    mems, _ = shelm_ppo.init_memory(trxl, args.num_envs, "mask", "cpu")
+    assert parts["the Transformer-XL memories"] == 2 * mems.numel() * mems.element_size()  # kept, and written anew
 
 
 def test_the_baseline_leaves_the_run_infrastructure_to_the_package():

@@ -21,6 +21,7 @@ def import_script(script):
     """The script as a module (its __main__ block does not run)."""
     spec = importlib.util.spec_from_file_location(f"first_use_{script[:-3]}", ROOT / script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: the package finds a script by its Args' module
     spec.loader.exec_module(module)
     return module
 

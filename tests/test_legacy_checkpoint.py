@@ -14,14 +14,18 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from importlib import import_module
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, offline_env
+from helm_utils import checkpoints, runs
+from helm_utils.arguments import COMPUTED, RESUME_OVERRIDES
 
 LEGACY = ROOT / "tests" / "fixtures" / "legacy"
 CHECKPOINT = LEGACY / "helmv2_checkpoint.pt"
@@ -139,3 +143,68 @@ def test_legacy_checkpoint_plays_identically(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert_equal_json(got, expected, "trace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints that lack arguments: completed from what they record, or refused
+# ---------------------------------------------------------------------------------------------
+
+# arguments of the fixture that a checkpoint may lack, and why: what else it records, the command line of a resumed
+# run (RESUME_OVERRIDES), or the value the code had before the argument existed (arguments.ADDED_LATER)
+TAKEN_FROM_THE_CHECKPOINT = [
+    ["total_timesteps"],  # its update count times its batch (the default made a 4-update run one of 31,250)
+    ["num_envs"],  # its batch over --num-steps
+    ["num_steps"],  # its batch over --num-envs
+    ["num_minibatches"],  # its minibatch size
+    ["learning_rate"],  # its optimizer's rate (no --anneal-lr)
+    ["total_timesteps", "num_envs", "num_minibatches", "learning_rate", "frozen_dtype"],
+    ["async_envs", "checkpoint_every", "batch_size"],  # the command line's and the computed ones
+]
+# arguments it records nowhere else: today's defaults would make another run
+REFUSED = [["seed"], ["gamma", "clip_coef"], ["num_envs", "num_steps"], ["total_timesteps", "num_iterations"]]
+
+
+def without(tmp_path, names):
+    """A copy of the legacy checkpoint whose arguments lack `names`, in tmp_path."""
+    ckpt = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
+    ckpt["args"] = {k: v for k, v in ckpt["args"].items() if k not in names}
+    path = tmp_path / "checkpoint.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("names", TAKEN_FROM_THE_CHECKPOINT, ids="-".join)
+def test_an_argument_the_checkpoint_lacks_is_taken_from_it(names, tmp_path):
+    script = import_module("helmv2_ppo")
+    args = checkpoints.load(without(tmp_path, names), script)["args"]
+    assert set(args) == {field.name for field in dataclasses.fields(script.Args)}
+    # the run it was: every argument as the checkpoint was written with (it was written before --async-envs), but
+    # those of a resumed run's command line (their defaults where it does not give them) and the computed ones
+    defaults = dataclasses.asdict(script.Args())
+    given_or_computed = [name for name in names if name in (*RESUME_OVERRIDES, *COMPUTED)]
+    assert {name: args[name] for name in ARGS} == {
+        n: defaults[n] if n in given_or_computed else v for n, v in ARGS.items()
+    }
+    assert args["async_envs"] is False
+
+
+def test_a_resumed_checkpoint_without_its_step_count_makes_its_updates(tmp_path, monkeypatch):
+    """Through --resume's own parsing (in this process): the run keeps its 4 updates."""
+    path = without(tmp_path, ["total_timesteps", "frozen_dtype"])
+    monkeypatch.setattr(sys, "argv", ["helmv2_ppo.py", "--resume", str(path), "--no-cuda"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        args, _ = runs.parse(import_module("helmv2_ppo"))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert (args.total_timesteps, args.num_iterations, args.frozen_dtype) == (256, 4, "float32")
+
+
+@pytest.mark.parametrize("names", REFUSED, ids="-".join)
+def test_an_argument_the_checkpoint_records_nowhere_else_is_refused(names, tmp_path):
+    path = without(tmp_path, names)
+    with pytest.raises(SystemExit) as stop:
+        checkpoints.load(path, import_module("helmv2_ppo"))
+    flags = ", ".join(f"--{n.replace('_', '-')}" for n in sorted(names, key=list(ARGS).index) if n != "num_iterations")
+    assert stop.value.code.startswith(f"error: checkpoint {path} lacks {flags}, which it records nowhere else")

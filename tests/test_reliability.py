@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -113,21 +114,25 @@ def import_script(script):
     """The script as a module (its __main__ block does not run)."""
     spec = importlib.util.spec_from_file_location(f"reliability_{script[:-3]}", ROOT / script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: the package finds a script by its Args' module
     spec.loader.exec_module(module)
     return module
 
 
-def start(script, args, cwd):
+def start(script, args, cwd, group=False, **env):
     """A training run in the background, in cwd (created); its output goes to files there. One
-    thread each: runs side by side with torch's default threads spin against each other."""
+    thread each: runs side by side with torch's default threads spin against each other. group: in a
+    process group of its own (its pid), as a shell's job, for signals to the whole group; env: more
+    environment variables."""
     cwd.mkdir(parents=True, exist_ok=True)
     with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / script), *map(str, args)],
             cwd=cwd,
-            env=dict(offline_env(), OMP_NUM_THREADS="1"),
+            env=dict(offline_env(), OMP_NUM_THREADS="1", **env),
             stdout=out,
             stderr=err,
+            process_group=0 if group else None,
         )
     proc.cwd = cwd
     return proc
@@ -280,6 +285,167 @@ def test_sigkill_then_resume_from_the_periodic_checkpoint(interrupted, reference
     assert r.saved["global_step"] == r.saved["iteration"] * BATCH
     # and what was logged up to the checkpoint survived the kill (the loss steps of the resumed run)
     assert_resumed_to_the_end(r, reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# --async-envs: the same promises with the envs in worker processes
+# ---------------------------------------------------------------------------------------------
+
+
+def workers_of(proc):
+    """The pids of a run's env workers: its child processes."""
+    return [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+
+
+@pytest.fixture
+def async_runs(script, shared, cache):
+    """Runs with --async-envs side by side, each in a process group of its own: SIGINT and SIGTERM to the whole
+    group (Ctrl-C; a cluster's SIGTERM to every process) after the first periodic checkpoint, then resumed; and
+    one whose second worker is killed with SIGKILL after the first checkpoint."""
+    if ("async", script) not in cache:
+        base = shared / f"{script[:-3]}-async"
+        args = train_args(script, shared, async_envs=True)
+        procs = {name: start(script, args, base / name, group=True) for name in ["SIGINT", "SIGTERM", "kill"]}
+        done, deadline = {}, time.time() + WAIT
+        while len(done) < len(procs) and time.time() < deadline:
+            for name, proc in procs.items():
+                checkpoint = next(proc.cwd.glob("runs/*/checkpoint.pt"), None)
+                if name in done or checkpoint is None:
+                    assert name in done or proc.poll() is None, f"{name} ended before its signal: {finish(proc).stderr}"
+                elif name == "kill":
+                    pid = workers_of(proc)[1]
+                    os.kill(pid, signal.SIGKILL)
+                    done[name] = SimpleNamespace(path=checkpoint, pid=pid, iteration=load(checkpoint)["iteration"])
+                else:
+                    os.killpg(proc.pid, signal.Signals[name])
+                    done[name] = SimpleNamespace(path=checkpoint)
+            time.sleep(0.01)
+        assert len(done) == len(procs), "no checkpoint in time"
+        result = {name: SimpleNamespace(stopped=finish(proc), **vars(done[name])) for name, proc in procs.items()}
+        for r in result.values():
+            r.saved = load(r.path)
+            r.leftovers = [p.name for p in r.path.parent.iterdir() if ".tmp" in p.name]
+        resumed = side_by_side(
+            script,
+            {
+                name: (["--resume", result[name].path.relative_to(base / name), "--no-progress-bar"], base / name)
+                for name in ["SIGINT", "SIGTERM"]
+            },
+        )
+        for name, proc in resumed.items():
+            r = result[name]
+            r.resumed, r.final = proc, load(r.path)
+            r.loss_steps = [s for s, _ in scalars(r.path.parent)["losses/value_loss"]]
+        cache["async", script] = result
+    return cache["async", script]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_async_envs_signal_to_the_group_saves_and_resumes(sig, async_runs, reference):
+    """The workers ignore the signal (they used to die, each saying that no run was written, and the run ended in
+    a traceback without its checkpoint): the run ends as without them, and its resumption completes it."""
+    r = async_runs[sig.name]
+    assert r.stopped.returncode == 128 + sig, r.stopped.stderr
+    assert "Traceback" not in r.stopped.stderr and "no run was written" not in r.stopped.stderr, r.stopped.stderr
+    resume_path = Path("runs") / r.path.parent.name / "checkpoint.pt"
+    assert (
+        r.stopped.stderr.strip().splitlines()[-1] == f"interrupted by signal {sig}; resume with --resume {resume_path}"
+    )
+    assert 1 <= r.saved["iteration"] < UPDATES, "the run finished before the signal: nothing was tested"
+    assert r.saved["global_step"] == r.saved["iteration"] * BATCH and r.saved["args"]["async_envs"]
+    assert r.leftovers == []
+    assert "Traceback" not in r.resumed.stderr, r.resumed.stderr
+    assert_resumed_to_the_end(r, reference)
+
+
+def test_async_envs_killed_worker_is_one_line_and_keeps_the_checkpoint(async_runs, script):
+    """A worker killed with SIGKILL: one line naming it, exit status 1, and checkpoint.pt the last good state,
+    one that --resume takes (it used to end in a traceback)."""
+    r = async_runs["kill"]
+    assert r.stopped.returncode == 1, r.stopped.stderr
+    assert "Traceback" not in r.stopped.stderr, r.stopped.stderr
+    assert sum(line.startswith("error:") for line in r.stopped.stderr.splitlines()) == 1
+    path = Path("runs") / r.path.parent.name / "checkpoint.pt"
+    assert re.fullmatch(
+        rf"error: env worker [0-3] of 4 \(pid {r.pid}\) was killed by SIGKILL; the run stops here "
+        rf"\(last periodic checkpoint: {re.escape(str(path))}\)",
+        error_line(r.stopped),
+    ), r.stopped.stderr
+    ckpt = checkpoints.load(r.path, import_script(script))  # what --resume checks
+    assert ckpt["iteration"] >= r.iteration >= 1 and ckpt["global_step"] == ckpt["iteration"] * BATCH
+    assert r.leftovers == []
+
+
+class CountingEnv(gym.Env):
+    """Observes its step count; raises at step `fail_at` (0: never), or when made in a process other than
+    `made_in` (None: anywhere)."""
+
+    observation_space = gym.spaces.Box(0, 1000, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, fail_at=0, made_in=None):
+        if made_in is not None and os.getpid() != made_in:
+            raise ValueError("this env cannot be made in a worker")
+        self.fail_at, self.steps = fail_at, 0
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise RuntimeError(f"the env broke at step {self.steps}")
+        return np.full(1, self.steps, np.float32), 0.0, False, False, {}
+
+
+def async_envs(*make):
+    envs = env_suites.AsyncVectorEnv(list(make))
+    envs.reset(seed=0)
+    return envs
+
+
+def test_async_env_workers_keep_the_promises():
+    """In this process: the workers ignore SIGINT and SIGTERM and go on stepping; a worker that is killed, or
+    whose env raises in step or cannot be made, stops the run with one line naming it, every worker ended."""
+    envs = async_envs(CountingEnv, CountingEnv)
+    for pid in [p.pid for p in envs.processes]:
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.2)
+    assert envs.step(np.zeros(2, np.int64))[0].tolist() == [[1], [1]]
+    envs.close()
+    assert [p.exitcode for p in envs.processes] == [0, 0]
+
+    envs = async_envs(CountingEnv, CountingEnv)
+    pid = envs.processes[1].pid
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(SystemExit) as stop:
+        envs.step(np.zeros(2, np.int64))
+    assert stop.value.code == (
+        f"error: env worker 1 of 2 (pid {pid}) was killed by SIGKILL; the run stops here (nothing was saved after it)"
+    )
+    assert not any(p.is_alive() for p in envs.processes) and envs.closed
+
+    envs = async_envs(CountingEnv, lambda: CountingEnv(fail_at=2))
+    envs.step(np.zeros(2, np.int64))
+    pid = envs.processes[1].pid
+    with pytest.raises(SystemExit) as stop:
+        envs.step(np.zeros(2, np.int64))
+    assert stop.value.code == (
+        f"error: env worker 1 of 2 (pid {pid}) failed: RuntimeError: the env broke at step 2; the run stops here "
+        "(nothing was saved after it)"
+    )
+    assert not any(p.is_alive() for p in envs.processes)
+
+    parent = os.getpid()
+    with pytest.raises(SystemExit) as stop:
+        async_envs(*[lambda: CountingEnv(made_in=parent)] * 2)
+    assert re.fullmatch(
+        r"error: env worker 0 of 2 \(pid \d+\) failed: ValueError: this env cannot be made in a worker; the run "
+        r"stops here \(nothing was saved after it\)",
+        stop.value.code,
+    ), stop.value.code
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

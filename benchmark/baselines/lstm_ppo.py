@@ -38,7 +38,7 @@ from helm_utils import arguments, env_suites, fail, runs, timing  # noqa: E402
 
 # the memory scripts' envs, so that both sides of the comparison see the same observations and rewards:
 # MiniGrid as RGB pixels, the other suites, same-step autoreset, reward normalisation and clipping
-from shelm_ppo import make_envs  # noqa: E402
+from shelm_ppo import make_env, make_envs  # noqa: E402, F401 - make_env: its spaces for the size estimate
 
 ALGORITHM = "lstm"  # checkpoints name their script by it: lstm_ppo.py, with or without --lstm
 OUTPUT_DIRS = ()  # no argument names a directory the script writes to
@@ -157,6 +157,7 @@ def check_args(args):
             "--upload-model: the baselines cannot be evaluated for an upload (helm_utils.evaluation plays the "
             "memory agents only); --save-model keeps the weights"
         )
+    arguments.check_fits(args)  # what the run allocates, from this file's Agent built on the meta device
 
 
 # ---------------------------------------------------------------------------------------------
