@@ -5,8 +5,10 @@
 # CSVs, scores and the success figure (benchmark/bsuite_memory.py). Settings are bsuite's ids: memory_len/9 is
 # length 10, memory_size/2 three bits (docs/environments.md). Each run lasts a number of episodes, as bsuite counts
 # its experiments (launch.py --bsuite-episodes). Every agent has the same PPO settings: the scripts' defaults (the
-# published MiniGrid-Memory configuration) but for --num-steps 32 and --learning-rate 5e-4 (the published rates
-# differ per agent, tuned for MiniGrid: HELM 1e-4, HELMv2 3e-4, SHELM 5e-4, LSTM-PPO 5e-5; docs/benchmarks.md).
+# published MiniGrid-Memory configuration) but for --num-steps 32, --learning-rate 5e-4 (the published rates differ
+# per agent, tuned for MiniGrid: HELM 1e-4, HELMv2 3e-4, SHELM 5e-4, LSTM-PPO 5e-5) and --anneal-lr (the rate falls
+# linearly to 0, as in CleanRL's PPO: without it policies that had solved a setting fell back to chance late in
+# some runs, just where success is measured). docs/benchmarks.md, "Memory length and size".
 #
 #   bash benchmark/bsuite_memory.sh             CPU preset (2 cores, about 3 hours): the tiny random models with
 #                                               2 layers, lengths 1 3 5 10 20 30 (30 is beyond the Transformer-XL's
@@ -43,13 +45,13 @@ if [ "$full" = true ]; then
     for i in $(seq 0 22); do ids+=("bsuite/memory_len/$i"); done
     for i in $(seq 0 16); do ids+=("bsuite/memory_size/$i"); done
     common=(--workdir "$study" --seeds 1 2 3 --bsuite-episodes 10000 --num-steps 32 --learning-rate 5e-4
-        --env-ids "${ids[@]}")
+        --anneal-lr --env-ids "${ids[@]}")
     "$PYTHON" benchmark/launch.py "${common[@]}" --n-layer 2 "${memory_scripts[@]}" "$@"
     "$PYTHON" benchmark/launch.py "${common[@]}" --d-model 1024 "${baselines[@]}" "$@"
 else
     episodes=${EPISODES:-3000}
     common=(--workdir "$study" --workers 2 --threads-per-run 1 --bsuite-episodes "$episodes" --num-steps 32
-        --learning-rate 5e-4)
+        --learning-rate 5e-4 --anneal-lr)
     # first the settings of the question, with 5 seeds (does each memory beat its ablation at lengths 3 and 10?),
     # then the rest of the curves with 3
     key=(--seeds 1 2 3 4 5 --env-ids bsuite/memory_len/2 bsuite/memory_len/9)
