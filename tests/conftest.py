@@ -71,6 +71,30 @@ def error_line(proc):
     return lines[-1] if lines else ""
 
 
+# Floating-point results computed two ways (another batch size or composition, chunks, a cache, another CPU's
+# kernels: AVX2 and AVX-512 round differently) agree to rounding, not bitwise; docs/reliability.md says how to
+# run the suite on other kernels of this machine. Ids chosen from such results (argmax, top-k) agree exactly only
+# where the scores set them apart by more than rounding can move them.
+CHOICE_GAP = 1e-4  # of a cosine (scale 1): float32 rounding moves one by ~1e-7
+
+
+def assert_no_near_ties(scores, k=1, gap=CHOICE_GAP):
+    """Test data whose top-k ids are set by `scores` (rows, candidates), not by rounding: each row's k best scores
+    lead the next best by more than `gap`, so ids chosen from them by two computations may be compared exactly."""
+    top = torch.as_tensor(scores).double().topk(k + 1, dim=-1).values
+    lead = (top[:, :-1] - top[:, 1:]).min().item()
+    assert lead > gap, f"the test data holds a near-tie ({lead:.2e}): its ids would be a matter of rounding"
+
+
+def assert_same_choices(got, want, scores, tie=CHOICE_GAP):
+    """Ids (rows, k) chosen from scores (rows, candidates) by two computations whose rounding differs: equal, but
+    where the two choices' scores tie within `tie` (rounding may swap those, nothing else may)."""
+    got, want, scores = torch.as_tensor(got), torch.as_tensor(want), torch.as_tensor(scores).double()
+    got, want = got.reshape(len(scores), -1), want.reshape(len(scores), -1)
+    tied = (scores.gather(1, got) - scores.gather(1, want)).abs() <= tie
+    assert ((got == want) | tied).all(), (got, want)
+
+
 @pytest.fixture(params=SCRIPTS)
 def script(request):
     return request.param
