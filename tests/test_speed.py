@@ -198,10 +198,14 @@ def test_helm_one_piece_retrieval_equals_streamed(word_emb):
     encoder = helm_ppo.FrozenHopfield(word_emb, 2000, (5, 7), 100.0, 0, 1)
     whole = encoder.retrieve(x)
     streamed = helm_ppo.FrozenHopfield(word_emb, 2000, (5, 7), 100.0, 333, 1).retrieve(x)
-    # the most attended ids compared exactly (assert_close on integers), the words set apart by more than rounding
+    # one softmax or a running one over chunks: the same up to rounding (scalar kernels, ATEN_CPU_CAPABILITY=default,
+    # move the soft tokens by ~1e-6 of the embeddings' scale); the most attended ids exactly, the words being set
+    # apart by more than rounding
+    (soft, best, top), (soft_s, best_s, top_s) = whole, streamed
+    torch.testing.assert_close(soft_s, soft, rtol=0, atol=1e-5 * encoder.embeddings.abs().max().item())
     assert_no_near_ties(torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(encoder.embeddings).T)
-    for a, b in zip(whole, streamed):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(best_s, best)
+    torch.testing.assert_close(top_s, top, rtol=1e-4, atol=0)
 
 
 def test_helmv2_cache_gives_the_uncached_embeddings():
