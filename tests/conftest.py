@@ -47,7 +47,9 @@ def tiny_args(script, tmp_path):
 
 
 def offline_env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    """The environment of the processes the tests start: offline, unbuffered, one torch thread (the tests' models
+    are tiny and two test files run at once on two cores: more threads only spin against each other)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
@@ -133,7 +135,7 @@ def shelm_run(tmp_path_factory):
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(offline_env(), OMP_NUM_THREADS="1"),  # tiny models: threads only contend on a shared machine
+        env=offline_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

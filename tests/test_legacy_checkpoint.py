@@ -106,7 +106,7 @@ def run(root, script, args, cwd):
     return subprocess.run(
         [sys.executable, str(Path(root) / script), *map(str, args)],
         cwd=cwd,
-        env=dict(offline_env(), OMP_NUM_THREADS="1"),
+        env=offline_env(),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

@@ -119,13 +119,13 @@ def import_script(script):
 
 def start(script, args, cwd):
     """A training run in the background, in cwd (created); its output goes to files there. One
-    thread each: runs side by side with torch's default threads spin against each other."""
+    thread each (offline_env): runs side by side with torch's default threads spin against each other."""
     cwd.mkdir(parents=True, exist_ok=True)
     with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / script), *map(str, args)],
             cwd=cwd,
-            env=dict(offline_env(), OMP_NUM_THREADS="1"),
+            env=offline_env(),
             stdout=out,
             stderr=err,
         )
@@ -827,7 +827,7 @@ def test_runs_started_together_and_a_late_signal(script, shared, tmp_path):
     for i in range(2):
         with open(tmp_path / f"out{i}.txt", "w") as out, open(tmp_path / f"err{i}.txt", "w") as err:
             command = [sys.executable, str(ROOT / script), *map(str, args)]
-            env = dict(offline_env(), OMP_NUM_THREADS="1")
+            env = offline_env()
             procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=err))
     signalled, deadline = set(), time.time() + WAIT
     while len(signalled) < 2 and time.time() < deadline:
