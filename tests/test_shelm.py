@@ -97,6 +97,13 @@ def test_shared_vocabulary_maps_whole_words_only(tokenizer):
         assert tokenizer.decode([clip_id]).strip() == word == trxl_vocab[trxl_id]
 
 
+def test_clip_words_are_those_of_the_clip_tokenizer(tokenizer):
+    # frozen_models reads CLIP's merges file itself (importing open_clip costs seconds): the same words, in order
+    words = [t[:-4] for t in tokenizer.encoder if t.endswith("</w>") and len(t) > 5]
+    assert frozen_models.clip_words() == [w for w in words if w.isascii() and w.isalpha() and w.islower()]
+    assert frozen_models.tiny_vocab()[:6] == ["<eos>", "<unk>", "the", "ing", "on", "er"]
+
+
 def test_shared_vocabulary_of_tiny_and_fixture_models(tokenizer):
     tiny = frozen_models.tiny_vocab()
     _, trxl_ids, words = prepare_embeddings.shared_vocabulary(tiny)
