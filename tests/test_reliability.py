@@ -8,7 +8,8 @@ encoder has its own state) and that a seed fixes the whole run (each encoder has
 
 Every run is a few updates of the tiny random models on CPU. The runs of a script that several
 tests read (an uninterrupted reference run, its twin, one with another seed, the interrupted runs and
-their resumptions) are made once per module, independent ones side by side."""
+their resumptions) are made once per module, independent ones side by side. Runs that need no process of
+their own run in this process (conftest.run_in_process: no imports to pay for)."""
 
 import copy
 import errno
@@ -31,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, SCRIPTS, error_line, offline_env, run_script, tiny_args
+from conftest import QUICK, ROOT, SCRIPTS, error_line, offline_env, run_in_process, run_script, tiny_args
 from helm_utils import checkpoints, env_suites, files, frozen_models, runs
 
 SCRIPT = "helmv2_ppo.py"  # the infrastructure's tests run through this one (see the docstring)
@@ -143,12 +144,6 @@ def finish(proc):
     )
 
 
-def side_by_side(script, made):
-    """{name: (args, cwd)} run concurrently (independent runs; the machine has 2 cores) -> {name: result}."""
-    procs = {name: start(script, args, cwd) for name, (args, cwd) in made.items()}
-    return {name: finish(proc) for name, proc in procs.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # Shared runs
 # ---------------------------------------------------------------------------------------------
@@ -173,18 +168,17 @@ def script():
 
 @pytest.fixture
 def runs_of(script, shared, cache):
-    """Run directories of an uninterrupted run of `script` (`reference`), of the same run again
-    (`twin`), and of one update with another seed (`other`), made side by side on first use."""
+    """Run directories of an uninterrupted run of `script` (`reference`) and of the same run again (`twin`), each
+    a process of its own (what they compare is the run's determinism across processes), made side by side on
+    first use; meanwhile, in this process, one update with another seed (`other`)."""
     if ("runs", script) not in cache:
         base = shared / script[:-3]
-        results = side_by_side(
-            script,
-            {
-                "reference": (train_args(script, shared, save_model=True), base / "reference"),
-                "twin": (train_args(script, shared, save_model=True), base / "twin"),
-                "other": (train_args(script, shared, seed=2, total_timesteps=BATCH), base / "other"),
-            },
-        )
+        procs = {
+            name: start(script, train_args(script, shared, save_model=True), base / name)
+            for name in ("reference", "twin")
+        }
+        other = run_in_process(script, train_args(script, shared, seed=2, total_timesteps=BATCH), base / "other")
+        results = {name: finish(proc) for name, proc in procs.items()} | {"other": other}
         for name, result in results.items():
             assert result.returncode == 0, f"{name}: {result.stderr}"
         cache["runs", script] = SimpleNamespace(**{name: run_dir_of(base / name) for name in results})
@@ -220,22 +214,13 @@ def interrupted(script, shared, cache):
             time.sleep(0.02)
         assert len(found) == len(procs), "no checkpoint in time"
         result = {sig: SimpleNamespace(stopped=finish(proc), path=found[sig]) for sig, proc in procs.items()}
-        for r in result.values():
+        for sig, r in result.items():  # each resumed in this process: what a signal left is for any process to go on
             r.saved = load(r.path)
             r.leftovers = [p.name for p in r.path.parent.iterdir() if ".tmp" in p.name]
-        resumed = side_by_side(
-            script,
-            {
-                sig: (["--resume", r.path.relative_to(base / sig.name), "--no-progress-bar"], base / sig.name)
-                for sig, r in result.items()
-            },
-        )
-        for sig, r in result.items():
-            r.resumed, r.final, r.loss_steps = (
-                resumed[sig],
-                load(r.path),
-                [s for s, _ in scalars(r.path.parent)["losses/value_loss"]],
-            )
+            resume = ["--resume", r.path.relative_to(base / sig.name), "--no-progress-bar"]
+            r.resumed = run_in_process(script, resume, base / sig.name)
+            r.final = load(r.path)
+            r.loss_steps = [s for s, _ in scalars(r.path.parent)["losses/value_loss"]]
         cache["interrupted", script] = result
     return cache["interrupted", script]
 
@@ -291,11 +276,10 @@ def test_resuming_a_finished_run_changes_nothing(script, reference, tmp_path):
     run_dir = tmp_path / "runs" / reference.name
     before, logged = load(run_dir / "checkpoint.pt"), scalars(run_dir)
     # the arguments that --resume takes from the command line, as the reference run had them
-    proc = run_script(
+    proc = run_in_process(
         script,
         ["--resume", Path("runs") / reference.name / "checkpoint.pt", "--no-progress-bar", "--checkpoint-every", "1"],
         tmp_path,
-        timeout=WAIT,
     )
     assert proc.returncode == 0, proc.stderr
     after = load(run_dir / "checkpoint.pt")
@@ -808,7 +792,7 @@ def test_resume_from_an_older_checkpoint_goes_on_in_a_new_run(script, reference,
     torch.save(older, run_dir / "model_best.pt")
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     resume = Path("runs") / reference.name / "model_best.pt"
-    proc = run_script(script, ["--resume", resume, "--no-progress-bar"], tmp_path, timeout=WAIT)
+    proc = run_in_process(script, ["--resume", resume, "--no-progress-bar"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"is further than {resume}: going on in a new run" in proc.stdout
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # the old run as it was
