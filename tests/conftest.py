@@ -82,11 +82,16 @@ def run_in_process(script, args, cwd, stop_after=None):
 
     stop_after: SIGTERM (a real one, to this process) once that update has been logged, as a preemption would.
     What the end of a process would undo is undone: its run directory's lock, the signal handlers, the RNGs,
-    the working directory and sys.argv."""
+    the working directory and sys.argv. Offline as offline_env: the hub client read HF_HUB_OFFLINE when this
+    process imported it, so its constant is set too."""
+    from huggingface_hub import constants
+
     from helm_utils import runs
 
     Path(cwd).mkdir(parents=True, exist_ok=True)
     saved = os.getcwd(), sys.argv, np.random.get_state(), random.getstate()
+    environ = {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "WANDB_MODE")}
+    offline = constants.HF_HUB_OFFLINE
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     update_done, claim_run_dir, locks = runs.Run.update_done, runs.claim_run_dir, []
 
@@ -103,6 +108,8 @@ def run_in_process(script, args, cwd, stop_after=None):
     out, err = io.StringIO(), io.StringIO()
     os.chdir(cwd)
     sys.argv = [str(ROOT / script), *map(str, args)]
+    os.environ.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    constants.HF_HUB_OFFLINE = True
     runs.Run.update_done, runs.claim_run_dir = update_done_then_stop, claim_and_remember
     try:
         with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -119,6 +126,12 @@ def run_in_process(script, args, cwd, stop_after=None):
                     os.close(lock)
         os.chdir(saved[0])
         sys.argv = saved[1]
+        constants.HF_HUB_OFFLINE = offline
+        for name, value in environ.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         np.random.set_state(saved[2])
         random.setstate(saved[3])
         for sig, handler in handlers.items():

@@ -266,10 +266,10 @@ def test_training_script_evaluates_then_reports_the_failed_upload(shelm_run, tmp
     # offline, --upload-model: the run is trained and saved, evaluated (logged, with a video), then one line
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from conftest import error_line, run_script
+    from conftest import error_line, run_in_process
 
     args = [*QUICK_UPLOAD, "--embeddings-dir", str(shelm_run.parent.parent / "data")]
-    proc = run_script("shelm_ppo.py", args, tmp_path)
+    proc = run_in_process("shelm_ppo.py", args, tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (run,) = (tmp_path / "runs").iterdir()
     line = error_line(proc)
@@ -334,11 +334,11 @@ class StopAfter(Recorder):
 def test_memory_text_of_helm_and_helmv2(script, tmp_path, monkeypatch):
     import importlib
 
-    from conftest import assert_same_choices, run_script, tiny_args
+    from conftest import assert_same_choices, run_in_process, tiny_args
 
     tiny = ["--num-envs", "2", "--num-steps", "4", "--total-timesteps", "8", "--num-minibatches", "1"]
     tiny += ["--frozen-dtype", "float32"]  # the references below are float32 computations
-    proc = run_script(
+    proc = run_in_process(
         script, [*tiny, "--n-layer", "1", "--save-model", "--no-progress-bar", *tiny_args(script, tmp_path)], tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import helm_ppo
-from conftest import QUICK, assert_no_near_ties, error_line, run_script, tiny_args
+from conftest import QUICK, assert_no_near_ties, error_line, run_in_process, run_script, tiny_args
 
 H, W = 6, 9  # small, non-square observations: transposing them changes which pixel meets which weight
 N_TOKEN = 2000  # the whole tiny vocabulary
@@ -204,7 +204,7 @@ def test_training_run_end_to_end(tmp_path):
 
 
 def test_bad_beta_exits_with_one_error_line(tmp_path):
-    proc = run_script("helm_ppo.py", ["--beta", "-1", *tiny_args("helm_ppo.py", tmp_path)], cwd=tmp_path)
+    proc = run_in_process("helm_ppo.py", ["--beta", "-1", *tiny_args("helm_ppo.py", tmp_path)], tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert error_line(proc) == "error: --beta must be a positive float32 number, got -1.0"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import helmv2_ppo as h
-from conftest import QUICK, assert_same_choices, error_line, run_script, tiny_args
+from conftest import QUICK, assert_same_choices, error_line, run_in_process, tiny_args
 
 EPS = 1e-8
 
@@ -96,7 +96,7 @@ def test_batch_mode_refuses_one_env(models, tmp_path):
     with pytest.raises(SystemExit, match="^error: --rescale batch"):
         encoder(models, "batch")(images(np.random.default_rng(3), 1))
     args = ["--rescale", "batch", "--num-envs", "1", "--env-id", "MiniGrid-DoorKey-5x5-v0", "--no-progress-bar"]
-    proc = run_script("helmv2_ppo.py", args + tiny_args("helmv2_ppo.py", tmp_path), tmp_path, timeout=120)
+    proc = run_in_process("helmv2_ppo.py", args + tiny_args("helmv2_ppo.py", tmp_path), tmp_path)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [error_line(proc)]
@@ -228,7 +228,7 @@ def test_nearest_tokens_equal_dense_argmax(models):
 
 def test_end_to_end_run_saves_running_statistics(tmp_path):
     script = "helmv2_ppo.py"
-    proc = run_script(script, QUICK + tiny_args(script, tmp_path), tmp_path)
+    proc = run_in_process(script, QUICK + tiny_args(script, tmp_path), tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (path,) = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
     ckpt = torch.load(path, weights_only=True)

@@ -259,9 +259,9 @@ def test_throughput_benchmark_reads_the_scripts_timers(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmark"))
     import throughput
 
-    from conftest import QUICK, run_script, tiny_args
+    from conftest import QUICK, run_in_process, tiny_args
 
-    proc = run_script("helm_ppo.py", [*QUICK, *tiny_args("helm_ppo.py", tmp_path)], tmp_path)
+    proc = run_in_process("helm_ppo.py", [*QUICK, *tiny_args("helm_ppo.py", tmp_path)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     perf = throughput.read_perf(run_dir)
