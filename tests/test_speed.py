@@ -185,7 +185,8 @@ def test_helm_cache_gives_the_uncached_soft_tokens(word_emb):
         torch.testing.assert_close(soft_c, soft, rtol=1e-4, atol=1e-5)
         assert torch.equal(tokens_c, tokens)
     logged, logged_c = plain.log_scalars(), cached.log_scalars()
-    assert logged_c["charts/hopfield_top_weight"] == pytest.approx(logged["charts/hopfield_top_weight"])
+    # the weights are softmax(beta * cosine), beta 100: rounding of 1e-7 in a cosine moves them by ~1e-5 of theirs
+    assert logged_c["charts/hopfield_top_weight"] == pytest.approx(logged["charts/hopfield_top_weight"], rel=1e-4)
     assert 0 < logged_c["charts/observation_cache_hit_rate"] < 1
     # a new projection (a resumed run) empties the cache: what it held is stale
     other = helm_ppo.FrozenHopfield(word_emb, 2000, (5, 7), 100.0, 0, 2)
