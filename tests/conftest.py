@@ -1,10 +1,12 @@
 """Shared helpers: every test runs on tiny random models that the code builds itself, offline."""
 
 import contextlib
+import fcntl
 import io
 import os
 import random
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,19 +203,28 @@ SHELM_RUN = [
 
 @pytest.fixture(scope="session")
 def shelm_run(tmp_path_factory):
-    """The run directory of a tiny SHELM training run (checkpoints, event files)."""
-    cwd = tmp_path_factory.mktemp("e2e")
-    args = [*SHELM_RUN, *tiny_args("shelm_ppo.py", cwd)]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "shelm_ppo.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=offline_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    """The run directory of a tiny SHELM training run (checkpoints, event files), trained once per test session:
+    with test workers (pytest-xdist), by the first that asks, under a lock; the others wait and read the same
+    run (its tests only read it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    cwd, done = shared / "e2e", shared / "e2e.done"
+    with open(shared / "e2e.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(cwd, ignore_errors=True)  # what a failed attempt left
+            cwd.mkdir()
+            proc = subprocess.run(
+                [sys.executable, str(ROOT / "shelm_ppo.py"), *SHELM_RUN, *tiny_args("shelm_ppo.py", cwd)],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=offline_env(),
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "Traceback" not in proc.stderr
+            done.touch()
     runs = list((cwd / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith(f"{SHELM_RUN_ENV}__shelm_ppo__1__")
     return runs[0]
