@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import ROOT, offline_env
+from conftest import ROOT, offline_env, run_in_process
 
 LEGACY = ROOT / "tests" / "fixtures" / "legacy"
 CHECKPOINT = LEGACY / "helmv2_checkpoint.pt"
@@ -103,6 +103,10 @@ def scalars(run_dir):
 
 
 def run(root, script, args, cwd):
+    """`python root/script args` in cwd: this repository's in this process (conftest.run_in_process), another
+    checkout's (the legacy commit's, which made the expected results) in a process of its own."""
+    if Path(root).resolve() == ROOT:
+        return run_in_process(script, args, cwd)
     return subprocess.run(
         [sys.executable, str(Path(root) / script), *map(str, args)],
         cwd=cwd,
