@@ -76,25 +76,56 @@ def run_script(script, args, cwd, timeout=300, **kwargs):
     )
 
 
-def run_in_process(script, args, cwd, stop_after=None):
-    """`python script args` (script: a path relative to the repository) run in this process, in cwd (created): the
-    result reads like run_script's. A process costs some 6 s of CPU importing torch, open_clip, tensorboard & co.;
-    in this process a tiny run takes about one. Kept for real processes: what only they show (signals from
-    outside, exit status and stderr as the shell sees them, runs side by side, determinism across processes).
-
-    stop_after: SIGTERM (a real one, to this process) once that update has been logged, as a preemption would.
-    What the end of a process would undo is undone: its run directory's lock, the signal handlers, the RNGs,
-    the working directory and sys.argv. Offline as offline_env: the hub client read HF_HUB_OFFLINE when this
-    process imported it, so its constant is set too."""
+def call_in_process(main, cwd):
+    """main() in this process, in cwd (created), as a process would run it: offline as offline_env (the hub client
+    read HF_HUB_OFFLINE when this process imported it, so its constant is set too), stdout and stderr captured, a
+    SystemExit taken as the exit status. The result reads like run_script's. What the end of a process would undo
+    is undone: the signal handlers, the RNGs, the working directory, sys.argv, the environment."""
     from huggingface_hub import constants
 
+    Path(cwd).mkdir(parents=True, exist_ok=True)
+    saved = os.getcwd(), sys.argv, np.random.get_state(), random.getstate(), constants.HF_HUB_OFFLINE
+    environ = {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "WANDB_MODE")}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    os.chdir(cwd)
+    os.environ.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    constants.HF_HUB_OFFLINE = True
+    try:
+        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as e:
+                code = 0 if e.code is None else e.code
+    finally:
+        os.chdir(saved[0])
+        sys.argv = saved[1]
+        np.random.set_state(saved[2])
+        random.setstate(saved[3])
+        constants.HF_HUB_OFFLINE = saved[4]
+        for name, value in environ.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    stderr = err.getvalue()
+    if isinstance(code, str):  # what the interpreter does with SystemExit("message")
+        stderr += code + "\n"
+    return SimpleNamespace(returncode=1 if isinstance(code, str) else code, stdout=out.getvalue(), stderr=stderr)
+
+
+def run_in_process(script, args, cwd, stop_after=None):
+    """`python script args` (script: a path relative to the repository) run in this process, in cwd (created), by
+    call_in_process: the result reads like run_script's. A process costs some 6 s of CPU importing torch, open_clip,
+    tensorboard & co.; in this process a tiny run takes about one. Kept for real processes: what only they show
+    (signals from outside, exit status and stderr as the shell sees them, runs side by side, determinism across
+    processes). stop_after: SIGTERM (a real one, to this process) once that update has been logged, as a
+    preemption would. The run directory's lock, which the end of the process would release, is released."""
     from helm_utils import runs
 
-    Path(cwd).mkdir(parents=True, exist_ok=True)
-    saved = os.getcwd(), sys.argv, np.random.get_state(), random.getstate()
-    environ = {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "WANDB_MODE")}
-    offline = constants.HF_HUB_OFFLINE
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     update_done, claim_run_dir, locks = runs.Run.update_done, runs.claim_run_dir, []
 
     def update_done_then_stop(self, iteration, global_step):
@@ -107,41 +138,19 @@ def run_in_process(script, args, cwd, stop_after=None):
         locks.append(lock)
         return run_dir, lock
 
-    out, err = io.StringIO(), io.StringIO()
-    os.chdir(cwd)
-    sys.argv = [str(ROOT / script), *map(str, args)]
-    os.environ.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    constants.HF_HUB_OFFLINE = True
+    def main():
+        sys.argv = [str(ROOT / script), *map(str, args)]
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+
     runs.Run.update_done, runs.claim_run_dir = update_done_then_stop, claim_and_remember
     try:
-        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(str(ROOT / script), run_name="__main__")
-                code = 0
-            except SystemExit as e:
-                code = 0 if e.code is None else e.code
+        return call_in_process(main, cwd)
     finally:
         runs.Run.update_done, runs.claim_run_dir = update_done, claim_run_dir
         for lock in locks:  # a finished run has closed its own already (and the number may be another file's now)
             with contextlib.suppress(OSError):
                 if os.readlink(f"/proc/self/fd/{lock}").endswith("/.lock"):
                     os.close(lock)
-        os.chdir(saved[0])
-        sys.argv = saved[1]
-        constants.HF_HUB_OFFLINE = offline
-        for name, value in environ.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        np.random.set_state(saved[2])
-        random.setstate(saved[3])
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    stderr = err.getvalue()
-    if isinstance(code, str):  # what the interpreter does with SystemExit("message")
-        stderr += code + "\n"
-    return SimpleNamespace(returncode=1 if isinstance(code, str) else code, stdout=out.getvalue(), stderr=stderr)
 
 
 def error_line(proc):

@@ -19,7 +19,7 @@ import tyro
 import helm_ppo
 import helmv2_ppo
 import shelm_ppo
-from conftest import QUICK, ROOT, SCRIPTS, offline_env, run_in_process, tiny_args
+from conftest import QUICK, ROOT, SCRIPTS, call_in_process, offline_env, run_in_process, tiny_args
 
 MODULES = {"shelm_ppo.py": shelm_ppo, "helm_ppo.py": helm_ppo, "helmv2_ppo.py": helmv2_ppo}
 BASELINES = ["lstm_ppo.py", "cnn_ppo.py"]  # their configurations: tests/test_baselines.py
@@ -122,6 +122,7 @@ STEPS, LONG_STEPS = 512, 1024
 
 
 def launch(workdir, *argv, **kwargs):
+    """`benchmark/launch.py --workdir workdir argv` in a process of its own (its runs are processes anyway)."""
     return subprocess.run(
         [*LAUNCH, "--workdir", str(workdir), *argv],
         env=offline_env(),
@@ -141,11 +142,11 @@ def flag(argv, name):
     return argv[argv.index(name) + 1]
 
 
-def test_dry_run_lists_the_grid(tmp_path):
+def test_dry_run_lists_the_grid(launch_module, tmp_path):
     envs = ["MiniGrid-DoorKey-5x5-v0", "MiniGrid-MemoryS7-v0"]
     argv = ["--scripts", "shelm_ppo.py", "helm_ppo.py", "--env-ids", *envs, "--seeds", "1", "2", "--published"]
     argv += ["--tiny", "--variants", "memory:", "ablated:--ablate-memory --ent-coef 0.05", "--ent-coef", "0.02"]
-    proc = launch(tmp_path, *argv, "--dry-run")
+    proc = launch_here(launch_module, tmp_path, *argv, "--dry-run")
     assert proc.returncode == 0, proc.stderr
     cells = commands(proc.stdout)
     got = sorted((Path(c[1]).name, flag(c, "--env-id"), int(flag(c, "--seed")), "--ablate-memory" in c) for c in cells)
@@ -179,17 +180,24 @@ def iterations(run_dir):
     return ckpt["iteration"], args["total_timesteps"] // (args["num_envs"] * args["num_steps"])
 
 
+def launch_here(launch_module, workdir, *argv):
+    """`benchmark/launch.py --workdir workdir argv` in this process (conftest.call_in_process; its runs are
+    processes): the result reads like launch()'s, without a process's imports."""
+    return call_in_process(lambda: launch_main(launch_module, workdir, *argv), workdir.parent)
+
+
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
+def launched(tmp_path_factory, launch_module):
     """Runs of the tiny models, made by the launcher: 2 with 2 local workers, 1 interrupted and continued,
-    1 through submitit's local executor, in a --workdir the first launch makes (a study's own folder).
-    Returns (workdir, outputs of the launches)."""
+    1 through submitit's local executor, in a --workdir the first launch makes (a study's own folder). The
+    launcher runs in this process where no signal or pickling needs its own. Returns (workdir, outputs)."""
     workdir = tmp_path_factory.mktemp("grid") / "study"
     out = {}
-    dry = launch(workdir, *SMALL, "--seeds", "1", "--dry-run")
+    dry = launch_here(launch_module, workdir, *SMALL, "--seeds", "1", "--dry-run")
     assert dry.returncode == 0 and not workdir.exists(), dry.stdout + dry.stderr  # a dry run makes nothing
-    out["first"] = launch(workdir, *SMALL, "--seeds", "1", "2", "--workers", "2", "--total-timesteps", str(STEPS))
-    out["again"] = launch(workdir, *SMALL, "--seeds", "1", "2", "--workers", "2", "--total-timesteps", str(STEPS))
+    seeds = ["--seeds", "1", "2", "--workers", "2", "--total-timesteps", str(STEPS)]
+    out["first"] = launch_here(launch_module, workdir, *SMALL, *seeds)
+    out["again"] = launch_here(launch_module, workdir, *SMALL, *seeds)
     # interrupted: stopped (SIGINT to the launcher) once its run has written a checkpoint, then launched again
     long = [*SMALL, "--seeds", "7", "--total-timesteps", str(LONG_STEPS)]
     proc = subprocess.Popen(
@@ -202,7 +210,8 @@ def launched(tmp_path_factory):
     out["stopped"] = (proc.wait(timeout=120), proc.stdout.read())
     (stopped_dir,) = workdir.glob("runs/*__7__*")
     out["stopped_at"] = iterations(stopped_dir)
-    out["resumed"] = launch(workdir, *long)
+    out["resumed"] = launch_here(launch_module, workdir, *long)
+    # a process: submitit pickles the launcher's run_cell for its job by the name of its module
     out["submitit"] = launch(
         workdir, *SMALL, "--seeds", "3", "--total-timesteps", str(STEPS), "--cluster", "submitit-local"
     )
@@ -267,9 +276,8 @@ def test_plot_writes_figures_and_the_table(launched, tmp_path):
     workdir, _ = launched
     out = tmp_path / "plots"
     argv = ["--runs", str(workdir / "runs"), "--out", str(out), "--final-fraction", "0.5", "--reps", "200"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmark" / "plot.py"), *argv], env=offline_env(), capture_output=True, text=True
-    )
+    plot = import_benchmark("plot")
+    proc = call_in_process(lambda: plot.main(tyro.cli(plot.Args, args=argv)), tmp_path)
     assert proc.returncode == 0, proc.stderr
     for stem in ["steps__MiniGrid-Empty-5x5-v0", "time__MiniGrid-Empty-5x5-v0", "aggregate"]:
         png = (out / f"{stem}.png").read_bytes()
