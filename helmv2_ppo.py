@@ -491,7 +491,7 @@ class CLIPRescale(nn.Module):
 
     CLIP's embeddings of the observations seen are cached (observation_cache.py): exact repeats skip CLIP.
     The standardisation comes after the cache, since its statistics move: the result is the same as
-    without the cache."""
+    without the cache, to rounding (CLIP then sees other batches)."""
 
     def __init__(self, clip, word_emb, rescale, chunk=16384, cache_size=0):
         super().__init__()

@@ -4,6 +4,8 @@ without running code and checked before use, so a bad one ends in one line, not 
 
 import collections
 import contextlib
+import gzip
+import importlib.util
 import json
 import logging
 import os
@@ -98,10 +100,18 @@ def tiny_vocab():
 
 
 def clip_words():
-    """The whole lower-case English words (longer than one letter) of CLIP's BPE vocabulary, in merge order."""
-    from open_clip.tokenizer import SimpleTokenizer
+    """The whole lower-case English words (longer than one letter) of CLIP's BPE vocabulary, in merge order.
 
-    words = [t[:-4] for t in SimpleTokenizer().encoder if t.endswith("</w>") and len(t) > 5]
+    Read from the merges file that ships with open_clip as its SimpleTokenizer reads it, without importing
+    open_clip: that imports torchvision and timm, seconds that a run of HELM's tiny random model does not need
+    (tests/test_shelm.py checks the words against SimpleTokenizer's)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        fail("the tiny random models take their words from open_clip (pip install open_clip_torch)")
+    path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    tokens = dict.fromkeys("".join(merge.split()) for merge in merges)  # SimpleTokenizer's encoder keeps the first
+    words = [t[:-4] for t in tokens if t.endswith("</w>") and len(t) > 5]
     return [w for w in words if w.isascii() and w.isalpha() and w.islower()]
 
 

@@ -1,5 +1,6 @@
 """Frozen-encoder outputs of the observations seen before: grid worlds show the same views again and again,
-so exact repeats skip the frozen encoder. A speed-up only: the outputs are the same with or without it."""
+so exact repeats skip the frozen encoder. A speed-up only: the outputs are those without it, but for float
+rounding (the encoder sees only the observations not seen before, so other batches, which round otherwise)."""
 
 import collections
 import hashlib

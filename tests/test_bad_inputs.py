@@ -1,8 +1,8 @@
 """Bad input stops a training script before it writes anything, with one `error: ...` line and no
 traceback.
 
-Most cases run the script in this process (runpy, as `python script.py args` would): a script stops
-by raising SystemExit("error: ..."), which the interpreter prints as the last stderr line with exit
+Most cases run the script in this process (conftest.run_in_process, as `python script.py args` would): a script
+stops by raising SystemExit("error: ..."), which the interpreter prints as the last stderr line with exit
 status 1. Subprocesses, which cost an import of torch and open_clip each, are kept for what only a
 real process shows: that it does end that way, and the offline hub lookup."""
 
@@ -10,38 +10,15 @@ import importlib
 import json
 import os
 import pickle
-import runpy
 import shutil
 import signal
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, error_line, run_script, tiny_args
+from conftest import QUICK, ROOT, error_line, run_in_process, run_script, tiny_args
 from helm_utils import frozen_models
-
-
-def run_in_process(script, args, cwd, monkeypatch, capsys):
-    """Run `script` as __main__ in cwd; the result reads like the CompletedProcess of a real run."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *map(str, args)])
-    capsys.readouterr()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    with torch.random.fork_rng(devices=[]):  # the script seeds the global generators
-        try:
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        finally:  # and installs its own signal handlers
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-    out, err = capsys.readouterr()
-    if isinstance(code, str):  # what the interpreter does with SystemExit("message")
-        err, code = err + code + "\n", 1
-    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def assert_clean_failure(proc, cwd, before, *phrases):
@@ -124,12 +101,12 @@ SHELM_CASES = {
 }
 
 
-def check_case(script, case, tmp_path, monkeypatch, capsys):
+def check_case(script, case, tmp_path):
     files = write_resume_files(tmp_path)
     before = sorted(os.listdir(tmp_path))
     extra, phrases = case
     extra = [a.format(**files) for a in extra]
-    proc = run_in_process(script, [*base_args(script, tmp_path), *extra], tmp_path, monkeypatch, capsys)
+    proc = run_in_process(script, [*base_args(script, tmp_path), *extra], tmp_path)
     assert_clean_failure(proc, tmp_path, before, *phrases)
 
 
@@ -139,8 +116,8 @@ SCRIPT = "helm_ppo.py"
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_refused(case, tmp_path, monkeypatch, capsys):
-    check_case(SCRIPT, case, tmp_path, monkeypatch, capsys)
+def test_refused(case, tmp_path):
+    check_case(SCRIPT, case, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -150,15 +127,15 @@ def test_refused(case, tmp_path, monkeypatch, capsys):
     + [("shelm_ppo.py", case) for case in SHELM_CASES.values()],
     ids=[*HELM_CASES, *HELMV2_CASES, *SHELM_CASES],
 )
-def test_refused_by_the_algorithm(script, case, tmp_path, monkeypatch, capsys):
-    check_case(script, case, tmp_path, monkeypatch, capsys)
+def test_refused_by_the_algorithm(script, case, tmp_path):
+    check_case(script, case, tmp_path)
 
 
-def test_in_process_reads_like_a_real_process(tmp_path, monkeypatch, capsys):
+def test_in_process_reads_like_a_real_process(tmp_path):
     # the same refusal, once as a real process: exit status, last line and silence agree
     args = [*base_args("shelm_ppo.py", tmp_path), "--env-id", "CartPole-v1"]
     real = run_script("shelm_ppo.py", args, tmp_path)
-    emulated = run_in_process("shelm_ppo.py", args, tmp_path, monkeypatch, capsys)
+    emulated = run_in_process("shelm_ppo.py", args, tmp_path)
     assert real.returncode == emulated.returncode == 1
     assert error_line(real) == error_line(emulated)
     assert_clean_failure(real, tmp_path, [], "CartPole-v1")
@@ -366,7 +343,7 @@ def test_embeddings_file_refused(case, embeddings, tmp_path):
     }
 
 
-def test_bad_embeddings_file_stops_the_script(embeddings, tmp_path, monkeypatch, capsys):
+def test_bad_embeddings_file_stops_the_script(embeddings, tmp_path):
     # the same check on the script's path (--embeddings-file): one line, nothing written
     from safetensors.torch import save_file
 
@@ -374,14 +351,14 @@ def test_bad_embeddings_file_stops_the_script(embeddings, tmp_path, monkeypatch,
     save_file({**tensors, "trxl_ids": -tensors["trxl_ids"]}, tmp_path / "bad.safetensors", metadata=meta)
     before = sorted(os.listdir(tmp_path))
     args = [*base_args("shelm_ppo.py", tmp_path), "--embeddings-file", "bad.safetensors"]
-    proc = run_in_process("shelm_ppo.py", args, tmp_path, monkeypatch, capsys)
+    proc = run_in_process("shelm_ppo.py", args, tmp_path)
     assert_clean_failure(proc, tmp_path, before, "bad.safetensors is malformed", "out of range")
 
 
-def test_total_timesteps_rounded_down_with_a_line(tmp_path, monkeypatch, capsys):
+def test_total_timesteps_rounded_down_with_a_line(tmp_path):
     # not a multiple of the batch (4 x 16): said, not silently truncated (the bad env then stops the run early)
     args = [*base_args("shelm_ppo.py", tmp_path), "--total-timesteps", "130", "--env-id", "CartPole-v1"]
-    proc = run_in_process("shelm_ppo.py", args, tmp_path, monkeypatch, capsys)
+    proc = run_in_process("shelm_ppo.py", args, tmp_path)
     assert "--total-timesteps 130 is not a multiple of the batch size 64: 2 updates, 128 steps" in proc.stdout
     assert_clean_failure(proc, tmp_path, [], "CartPole-v1")
 
@@ -403,20 +380,20 @@ def test_the_default_step_count_is_not_warned_about(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_runs_is_a_file(tmp_path, monkeypatch, capsys):
+def test_runs_is_a_file(tmp_path):
     # the first write of a run is its directory: it cannot be made, one line, the file untouched
     (tmp_path / "runs").write_text("not a directory")
-    proc = run_in_process("shelm_ppo.py", base_args("shelm_ppo.py", tmp_path), tmp_path, monkeypatch, capsys)
+    proc = run_in_process("shelm_ppo.py", base_args("shelm_ppo.py", tmp_path), tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert error_line(proc).startswith("error: cannot create the run directory runs/MiniGrid-DoorKey-5x5-v0__")
     assert (tmp_path / "runs").read_text() == "not a directory"
 
 
-def test_videos_is_a_file(tmp_path, monkeypatch, capsys):
+def test_videos_is_a_file(tmp_path):
     # --capture-video: gymnasium's recorder would make videos/<run> inside the envs (a traceback): checked first
     (tmp_path / "videos").write_text("not a directory")
     args = [*base_args(SCRIPT, tmp_path), "--capture-video"]
-    proc = run_in_process(SCRIPT, args, tmp_path, monkeypatch, capsys)
+    proc = run_in_process(SCRIPT, args, tmp_path)
     assert_clean_failure(
         proc, tmp_path, sorted(os.listdir(tmp_path)), "--capture-video writes into videos/", "is a file"
     )

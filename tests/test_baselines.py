@@ -5,11 +5,8 @@ scripts' query encoder; runs resume exactly and train; the launcher and plot.py 
 published configurations parse. The runs are made in this process (runpy: no interpreter start), each a few
 updates of a small agent."""
 
-import contextlib
 import json
 import os
-import random
-import runpy
 import shlex
 import shutil
 import signal
@@ -26,8 +23,8 @@ import tyro
 from test_reliability import assert_same, load, scalars
 
 import shelm_ppo
-from conftest import ROOT, offline_env
-from helm_utils import arguments, env_suites, frozen_models, runs
+from conftest import ROOT, error_line, offline_env, run_in_process
+from helm_utils import arguments, env_suites, frozen_models
 
 sys.path.insert(0, str(ROOT / "benchmark"))
 sys.path.insert(0, str(ROOT / "benchmark" / "baselines"))
@@ -268,45 +265,10 @@ def test_minibatches():
 
 
 def train(cwd, *argv, stop_after=None):
-    """`python benchmark/baselines/lstm_ppo.py *argv` in this process, in cwd (created); returns its exit status.
-    stop_after: SIGTERM (a real one, to this process) when that update has been logged, as a preemption would.
-    What the end of a process would undo is undone: its run directory's lock, the signal handlers, the RNGs."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    saved = os.getcwd(), sys.argv, np.random.get_state(), random.getstate()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    update_done, claim_run_dir, locks = runs.Run.update_done, runs.claim_run_dir, []
-
-    def update_done_then_stop(self, iteration, global_step):
-        update_done(self, iteration, global_step)
-        if iteration == stop_after:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def claim_and_remember(*claim_args):
-        run_dir, lock = claim_run_dir(*claim_args)
-        locks.append(lock)
-        return run_dir, lock
-
-    os.chdir(cwd)
-    sys.argv = [str(BASELINE), *map(str, argv)]
-    runs.Run.update_done, runs.claim_run_dir = update_done_then_stop, claim_and_remember
-    try:
-        with torch.random.fork_rng(devices=[]):
-            runpy.run_path(str(BASELINE), run_name="__main__")
-        return 0
-    except SystemExit as e:
-        return e.code
-    finally:
-        runs.Run.update_done, runs.claim_run_dir = update_done, claim_run_dir
-        for lock in locks:  # a finished run has closed its own already (and the number may be another file's now)
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/self/fd/{lock}").endswith("/.lock"):
-                    os.close(lock)
-        os.chdir(saved[0])
-        sys.argv = saved[1]
-        np.random.set_state(saved[2])
-        random.setstate(saved[3])
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    """`python benchmark/baselines/lstm_ppo.py *argv` in this process (conftest.run_in_process), in cwd (created):
+    its exit status, or the `error:` line it stopped with. stop_after: SIGTERM after that update."""
+    proc = run_in_process(BASELINE.relative_to(ROOT), argv, cwd, stop_after=stop_after)
+    return error_line(proc) if proc.returncode == 1 and error_line(proc).startswith("error: ") else proc.returncode
 
 
 def run_dir_of(cwd):

@@ -20,7 +20,7 @@ import tyro
 import helm_ppo
 import helmv2_ppo
 import shelm_ppo
-from conftest import QUICK, ROOT, SCRIPTS, offline_env, tiny_args
+from conftest import QUICK, ROOT, SCRIPTS, call_in_process, offline_env, run_in_process, tiny_args
 
 MODULES = {"shelm_ppo.py": shelm_ppo, "helm_ppo.py": helm_ppo, "helmv2_ppo.py": helmv2_ppo}
 BASELINES = ["lstm_ppo.py", "cnn_ppo.py"]  # their configurations: tests/test_baselines.py
@@ -87,32 +87,18 @@ def test_memory_readout_ablated_is_zero(module):
 
 def test_ablated_agent_does_not_depend_on_the_memory(tmp_path):
     """With --ablate-memory the trained agent is bit-identical whatever the Transformer-XL computes
-    (1 or 2 layers); without it, the number of layers changes the agent: its memory input is used. (The
-    ablation is shared code of the three scripts; HELM's runs start fastest: no CLIP.)"""
-    procs = {}
+    (1 or 2 layers): the agent's computation is the same, on the same inputs, in the same shapes; without it,
+    the number of layers changes the agent: its memory input is used. (The ablation is shared code of the three
+    scripts; HELM's runs start fastest: no CLIP.)"""
+    agents = {}
     for ablate in (True, False):
         for n_layer in (1, 2):
             cwd = tmp_path / f"{ablate}-{n_layer}"
-            cwd.mkdir()
             argv = [*tiny_args("helm_ppo.py", tmp_path), *QUICK, "--n-layer", str(n_layer), "--seed", "3"]
-            argv += ["--ablate-memory"] if ablate else []
-            procs[ablate, n_layer] = (
-                cwd,
-                subprocess.Popen(
-                    [sys.executable, str(ROOT / "helm_ppo.py"), *argv],
-                    cwd=cwd,
-                    env=offline_env() | {"OMP_NUM_THREADS": "1"},
-                    text=True,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                ),
-            )
-    agents = {}
-    for key, (cwd, proc) in procs.items():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out
-        (ckpt,) = cwd.glob("runs/*/checkpoint.pt")
-        agents[key] = torch.load(ckpt, weights_only=True)["agent"]
+            proc = run_in_process("helm_ppo.py", argv + (["--ablate-memory"] if ablate else []), cwd)
+            assert proc.returncode == 0, proc.stderr
+            (ckpt,) = cwd.glob("runs/*/checkpoint.pt")
+            agents[ablate, n_layer] = torch.load(ckpt, weights_only=True)["agent"]
 
     def same(a, b):
         return all(torch.equal(a[k], b[k]) for k in a)
@@ -130,9 +116,14 @@ LAUNCH = [sys.executable, str(ROOT / "benchmark" / "launch.py")]
 SMALL = ["--tiny", "--env-ids", "MiniGrid-Empty-5x5-v0", "--num-envs", "4", "--num-steps", "32"]
 SMALL += ["--num-minibatches", "2", "--update-epochs", "1", "--n-layer", "1", "--checkpoint-every", "1"]
 SMALL += ["--threads-per-run", "1"]  # more threads than free cores slow torch down badly
+# the launched runs: 4 updates of 4 x 32 steps (each env's first episode ends by step 100, truncated, in the second
+# half of the run, where plot.py takes the final return); the interrupted one 8, so that the signal comes before
+# its end
+STEPS, LONG_STEPS = 512, 1024
 
 
 def launch(workdir, *argv, **kwargs):
+    """`benchmark/launch.py --workdir workdir argv` in a process of its own (its runs are processes anyway)."""
     return subprocess.run(
         [*LAUNCH, "--workdir", str(workdir), *argv],
         env=offline_env(),
@@ -152,11 +143,11 @@ def flag(argv, name):
     return argv[argv.index(name) + 1]
 
 
-def test_dry_run_lists_the_grid(tmp_path):
+def test_dry_run_lists_the_grid(launch_module, tmp_path):
     envs = ["MiniGrid-DoorKey-5x5-v0", "MiniGrid-MemoryS7-v0"]
     argv = ["--scripts", "shelm_ppo.py", "helm_ppo.py", "--env-ids", *envs, "--seeds", "1", "2", "--published"]
     argv += ["--tiny", "--variants", "memory:", "ablated:--ablate-memory --ent-coef 0.05", "--ent-coef", "0.02"]
-    proc = launch(tmp_path, *argv, "--dry-run")
+    proc = launch_here(launch_module, tmp_path, *argv, "--dry-run")
     assert proc.returncode == 0, proc.stderr
     cells = commands(proc.stdout)
     got = sorted((Path(c[1]).name, flag(c, "--env-id"), int(flag(c, "--seed")), "--ablate-memory" in c) for c in cells)
@@ -190,19 +181,26 @@ def iterations(run_dir):
     return ckpt["iteration"], args["total_timesteps"] // (args["num_envs"] * args["num_steps"])
 
 
+def launch_here(launch_module, workdir, *argv):
+    """`benchmark/launch.py --workdir workdir argv` in this process (conftest.call_in_process; its runs are
+    processes): the result reads like launch()'s, without a process's imports."""
+    return call_in_process(lambda: launch_main(launch_module, workdir, *argv), workdir.parent)
+
+
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
+def launched(tmp_path_factory, launch_module):
     """Runs of the tiny models, made by the launcher: 2 with 2 local workers, 1 interrupted and continued,
-    1 through submitit's local executor, in a --workdir the first launch makes (a study's own folder).
-    Returns (workdir, outputs of the launches)."""
+    1 through submitit's local executor, in a --workdir the first launch makes (a study's own folder). The
+    launcher runs in this process where no signal or pickling needs its own. Returns (workdir, outputs)."""
     workdir = tmp_path_factory.mktemp("grid") / "study"
     out = {}
-    dry = launch(workdir, *SMALL, "--seeds", "1", "--dry-run")
+    dry = launch_here(launch_module, workdir, *SMALL, "--seeds", "1", "--dry-run")
     assert dry.returncode == 0 and not workdir.exists(), dry.stdout + dry.stderr  # a dry run makes nothing
-    out["first"] = launch(workdir, *SMALL, "--seeds", "1", "2", "--workers", "2", "--total-timesteps", "1024")
-    out["again"] = launch(workdir, *SMALL, "--seeds", "1", "2", "--workers", "2", "--total-timesteps", "1024")
+    seeds = ["--seeds", "1", "2", "--workers", "2", "--total-timesteps", str(STEPS)]
+    out["first"] = launch_here(launch_module, workdir, *SMALL, *seeds)
+    out["again"] = launch_here(launch_module, workdir, *SMALL, *seeds)
     # interrupted: stopped (SIGINT to the launcher) once its run has written a checkpoint, then launched again
-    long = [*SMALL, "--seeds", "7", "--total-timesteps", "2048"]
+    long = [*SMALL, "--seeds", "7", "--total-timesteps", str(LONG_STEPS)]
     proc = subprocess.Popen(
         [*LAUNCH, "--workdir", str(workdir), *long], env=offline_env(), stdout=subprocess.PIPE, text=True
     )
@@ -213,9 +211,10 @@ def launched(tmp_path_factory):
     out["stopped"] = (proc.wait(timeout=120), proc.stdout.read())
     (stopped_dir,) = workdir.glob("runs/*__7__*")
     out["stopped_at"] = iterations(stopped_dir)
-    out["resumed"] = launch(workdir, *long)
+    out["resumed"] = launch_here(launch_module, workdir, *long)
+    # a process: submitit pickles the launcher's run_cell for its job by the name of its module
     out["submitit"] = launch(
-        workdir, *SMALL, "--seeds", "3", "--total-timesteps", "1024", "--cluster", "submitit-local"
+        workdir, *SMALL, "--seeds", "3", "--total-timesteps", str(STEPS), "--cluster", "submitit-local"
     )
     return workdir, out
 
@@ -228,7 +227,7 @@ def test_local_launch_runs_the_grid(launched):
         (run_dir,) = workdir.glob(f"runs/MiniGrid-Empty-5x5-v0__shelm_ppo-default-*__{seed}__*")
         assert list(run_dir.glob("events.out.tfevents.*"))
         done, total = iterations(run_dir)
-        assert done == total == 8
+        assert done == total == STEPS // 128
 
 
 def test_second_launch_runs_nothing(launched):
@@ -243,7 +242,7 @@ def test_interrupted_launch_resumes(launched):
     code, stdout = out["stopped"]
     assert code == 1 and "1 stopped" in stdout
     done, total = out["stopped_at"]
-    assert 1 <= done < total == 16
+    assert 1 <= done < total == LONG_STEPS // 128
     assert "1 to resume" in out["resumed"].stdout and out["resumed"].returncode == 0
     (run_dir,) = workdir.glob("runs/*__7__*")  # the same run directory, continued
     assert iterations(run_dir) == (total, total)
@@ -256,7 +255,7 @@ def test_submitit_local_executor(launched):
     assert out["submitit"].returncode == 0, out["submitit"].stdout + out["submitit"].stderr
     assert "submitted 1 runs" in out["submitit"].stdout
     (run_dir,) = workdir.glob("runs/*__3__*")
-    assert iterations(run_dir) == (8, 8)
+    assert iterations(run_dir) == (STEPS // 128, STEPS // 128)
 
 
 def episode_returns(run_dir):
@@ -278,27 +277,26 @@ def test_plot_writes_figures_and_the_table(launched, tmp_path):
     workdir, _ = launched
     out = tmp_path / "plots"
     argv = ["--runs", str(workdir / "runs"), "--out", str(out), "--final-fraction", "0.5", "--reps", "200"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmark" / "plot.py"), *argv], env=offline_env(), capture_output=True, text=True
-    )
+    plot = import_benchmark("plot")
+    proc = call_in_process(lambda: plot.main(tyro.cli(plot.Args, args=argv)), tmp_path)
     assert proc.returncode == 0, proc.stderr
     for stem in ["steps__MiniGrid-Empty-5x5-v0", "time__MiniGrid-Empty-5x5-v0", "aggregate"]:
         png = (out / f"{stem}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 5000
         assert (out / f"{stem}.svg").stat().st_size > 5000
-    # the 1024-step group (seeds 1, 2, 3): final return = mean over seeds of the mean return of the episodes
+    # the STEPS group (seeds 1, 2, 3): final return = mean over seeds of the mean return of the episodes
     # that ended in the last half of the run's steps
     finals = []
     for seed in (1, 2, 3):
         (run_dir,) = workdir.glob(f"runs/*__{seed}__*")
-        returns = [r for step, r in episode_returns(run_dir) if step > 512]
+        returns = [r for step, r in episode_returns(run_dir) if step > STEPS // 2]
         finals.append(sum(returns) / len(returns))
     mean = sum(finals) / 3
     std = (sum((f - mean) ** 2 for f in finals) / 2) ** 0.5
     table = (out / "final_returns.md").read_text()
-    (row,) = [line for line in table.splitlines() if "total_timesteps=1024" in line]
+    (row,) = [line for line in table.splitlines() if f"total_timesteps={STEPS}" in line]
     assert f"| {mean:.3f} ± {std:.3f} | [" in row and "] | 3 |" in row
-    (row,) = [line for line in table.splitlines() if "total_timesteps=2048" in line]
+    (row,) = [line for line in table.splitlines() if f"total_timesteps={LONG_STEPS}" in line]
     assert "| 1 |" in row
 
 

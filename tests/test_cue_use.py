@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import helm_ppo
-from conftest import QUICK, ROOT, run_script, tiny_args
+from conftest import QUICK, ROOT, run_in_process, tiny_args
 
 spec = importlib.util.spec_from_file_location("cue_use", ROOT / "benchmark" / "cue_use.py")
 cue_use = importlib.util.module_from_spec(spec)
@@ -44,7 +44,7 @@ def memory_run(tmp_path_factory):
         "--exp-name",
         "helm_ppo-memory-0123abcd",
     ]
-    proc = run_script("helm_ppo.py", argv, cwd)
+    proc = run_in_process("helm_ppo.py", argv, cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (cwd / "runs").iterdir()
     return run_dir

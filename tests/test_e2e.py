@@ -157,7 +157,7 @@ def test_enjoy_replays_the_trained_agent(run):
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(offline_env(), OMP_NUM_THREADS="1"),
+        env=offline_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

@@ -72,7 +72,7 @@ def wandb_history(run_dir):
 
 
 def run_tracked(script, args, cwd):
-    env = dict(offline_env(), WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    env = dict(offline_env(), WANDB_MODE="offline")
     env.update(WANDB_CONFIG_DIR=str(cwd / "wandb-config"), WANDB_CACHE_DIR=str(cwd / "wandb-cache"))
     proc = subprocess.run(
         [sys.executable, str(ROOT / script), *args],

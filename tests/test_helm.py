@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import helm_ppo
-from conftest import QUICK, error_line, run_script, tiny_args
+from conftest import QUICK, assert_no_near_ties, error_line, run_in_process, run_script, tiny_args
 
 H, W = 6, 9  # small, non-square observations: transposing them changes which pixel meets which weight
 N_TOKEN = 2000  # the whole tiny vocabulary
@@ -30,13 +30,14 @@ def random_obs(batch, seed=0, hw=(H, W)):
 
 
 def dense_reference(obs, projection, embeddings, beta):
-    """The HELM formula in one piece, in float64: softmax over the whole vocabulary at once."""
+    """The HELM formula in one piece, in float64: softmax over the whole vocabulary at once. Returns the soft
+    tokens, the most attended ids, their weights and the cosines."""
     pixels = torch.from_numpy(obs).double().div(255.0).mean(dim=3).reshape(len(obs), -1)
     x = pixels @ projection.double().T
     e = embeddings.double()
     sim = x @ e.T / (x.norm(dim=1, keepdim=True) * e.norm(dim=1)[None, :] + 1e-8)
     weights = torch.softmax(beta * sim, dim=1)
-    return weights @ e, weights.argmax(dim=1), weights.max(dim=1).values
+    return weights @ e, weights.argmax(dim=1), weights.max(dim=1).values, sim
 
 
 def test_vocabulary_embeddings_are_the_trxl_input_embeddings(word_emb):
@@ -55,11 +56,12 @@ def test_chunked_streaming_softmax_equals_dense_softmax(word_emb, beta, chunk):
     enc = make(word_emb, beta=beta, chunk=chunk)
     obs = random_obs(5)
     soft, tokens = enc(obs)
-    ref_soft, ref_tokens, ref_top = dense_reference(obs, enc.projection, enc.embeddings, beta)
+    ref_soft, ref_tokens, ref_top, sims = dense_reference(obs, enc.projection, enc.embeddings, beta)
     assert soft.shape == (1, 5, 64) and soft.dtype == torch.float32
     assert tokens.shape == (5, 1) and tokens.dtype == torch.long
     scale = enc.embeddings.abs().max().item()
     torch.testing.assert_close(soft[0].double(), ref_soft, rtol=0, atol=1e-5 * scale)
+    assert_no_near_ties(sims)  # float32 in chunks and float64 at once pick the same words
     assert tokens[:, 0].tolist() == ref_tokens.tolist()
     top = enc.log_scalars()["charts/hopfield_top_weight"]
     assert top == pytest.approx(ref_top.mean().item(), rel=1e-4)
@@ -70,9 +72,10 @@ def test_chunk_of_one_token(word_emb):
     enc = make(word_emb, beta=100.0, chunk=1, n_token=150)  # 150 chunks of a single token
     obs = random_obs(3, seed=1)
     soft, tokens = enc(obs)
-    ref_soft, ref_tokens, _ = dense_reference(obs, enc.projection, enc.embeddings, 100.0)
+    ref_soft, ref_tokens, _, sims = dense_reference(obs, enc.projection, enc.embeddings, 100.0)
     assert enc.embeddings.shape[0] == 150
     torch.testing.assert_close(soft[0].double(), ref_soft, rtol=0, atol=1e-5 * enc.embeddings.abs().max().item())
+    assert_no_near_ties(sims)
     assert tokens[:, 0].tolist() == ref_tokens.tolist()
 
 
@@ -137,7 +140,9 @@ def test_colour_channels_are_averaged(word_emb):
     enc = make(word_emb, beta=100.0)
     obs = random_obs(4, seed=4)
     soft, tokens = enc(obs)
-    # permuting the colour channels does not change the channel mean, so nothing changes
+    # permuting the colour channels does not change the channel mean, so nothing changes (but the rounding of the
+    # mean, summed in another order: the words must be set apart by more than that)
+    assert_no_near_ties(dense_reference(obs, enc.projection, enc.embeddings, 100.0)[3])
     for perm in ([2, 0, 1], [1, 0, 2]):
         soft_p, tokens_p = enc(np.ascontiguousarray(obs[..., perm]))
         torch.testing.assert_close(soft_p, soft, rtol=0, atol=1e-5 * enc.embeddings.abs().max().item())
@@ -199,7 +204,7 @@ def test_training_run_end_to_end(tmp_path):
 
 
 def test_bad_beta_exits_with_one_error_line(tmp_path):
-    proc = run_script("helm_ppo.py", ["--beta", "-1", *tiny_args("helm_ppo.py", tmp_path)], cwd=tmp_path)
+    proc = run_in_process("helm_ppo.py", ["--beta", "-1", *tiny_args("helm_ppo.py", tmp_path)], tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert error_line(proc) == "error: --beta must be a positive float32 number, got -1.0"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import helmv2_ppo as h
-from conftest import QUICK, error_line, run_script, tiny_args
+from conftest import QUICK, assert_same_choices, error_line, run_in_process, tiny_args
 
 EPS = 1e-8
 
@@ -96,7 +96,7 @@ def test_batch_mode_refuses_one_env(models, tmp_path):
     with pytest.raises(SystemExit, match="^error: --rescale batch"):
         encoder(models, "batch")(images(np.random.default_rng(3), 1))
     args = ["--rescale", "batch", "--num-envs", "1", "--env-id", "MiniGrid-DoorKey-5x5-v0", "--no-progress-bar"]
-    proc = run_script("helmv2_ppo.py", args + tiny_args("helmv2_ppo.py", tmp_path), tmp_path, timeout=120)
+    proc = run_in_process("helmv2_ppo.py", args + tiny_args("helmv2_ppo.py", tmp_path), tmp_path)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [error_line(proc)]
@@ -111,18 +111,20 @@ def test_envs_are_independent_in_running_eval_mode_only(models):
     running.eval()
     x = features(rng, 8)
     other = torch.cat([x[:1], features(rng, 7) * 3])
-    # exact on the standardisation itself
-    assert torch.equal(running.embed(x)[0], running.embed(x[:1])[0])
-    assert torch.equal(running.embed(x)[0], running.embed(other)[0])
+    # the standardisation itself is elementwise: another batch may round it otherwise (vectorised or not), by an
+    # ulp or so of the outputs' scale (~30), never by what batch mode changes
+    rounding = 1e-6 * running.embed(x).abs().max().item()
+    torch.testing.assert_close(running.embed(x)[0], running.embed(x[:1])[0], rtol=0, atol=rounding)
+    torch.testing.assert_close(running.embed(x)[0], running.embed(other)[0], rtol=0, atol=rounding)
     assert (batch.embed(x)[0] - batch.embed(other)[0]).abs().max() > 1.0
-    # and through CLIP (batched convolutions round differently: tiny random CLIP's embeddings vary
-    # by ~1e-5 only, so standardising magnifies that rounding; still far below what batch mode changes)
+    # and through CLIP, whose batched convolutions round differently (~1e-7 of its features; the standardisation
+    # magnifies that by we_std / std, here < 150): 1e-4 of the outputs' scale, far below what batch mode changes
     obs = images(rng, 4)
     running.train()
     running(images(rng, 16))
     running.eval()
     alone = running(obs[:1])[0][0, 0]
-    assert (running(obs)[0][0, 0] - alone).abs().max() < 0.2
+    assert (running(obs)[0][0, 0] - alone).abs().max() < 1e-4 * alone.abs().max()
     together, apart = batch(obs)[0][0, 0], batch(np.concatenate([obs[:1], images(rng, 3)]))[0][0, 0]
     assert (together - apart).abs().max() > 2.0
 
@@ -215,16 +217,18 @@ def test_nearest_tokens_equal_dense_argmax(models):
         got = sims.gather(1, top)
         assert (got[:, :-1] >= got[:, 1:] - 1e-6).all()
         assert (sims.topk(5, dim=1).values - got).abs().max() < 1e-6
-    # the encoder's token is the nearest word to env 0's input (the one whose memory is logged as text)
+    # the encoder's token is the nearest word to env 0's input (the one whose memory is logged as text), up to
+    # a tie to 1e-6 as above
     enc = encoder(models)
     inputs, tokens = enc(images(rng, 6))
-    dense = (F.normalize(inputs[0], dim=-1) @ F.normalize(full, dim=-1).T).argmax(dim=1)
-    assert tokens.shape == (1, 1) and tokens[0, 0] == dense[0]
+    sims = F.normalize(inputs[0, :1], dim=-1) @ F.normalize(full, dim=-1).T
+    assert tokens.shape == (1, 1)
+    assert_same_choices(tokens, sims.argmax(dim=1), sims, tie=1e-6)
 
 
 def test_end_to_end_run_saves_running_statistics(tmp_path):
     script = "helmv2_ppo.py"
-    proc = run_script(script, QUICK + tiny_args(script, tmp_path), tmp_path)
+    proc = run_in_process(script, QUICK + tiny_args(script, tmp_path), tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (path,) = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
     ckpt = torch.load(path, weights_only=True)

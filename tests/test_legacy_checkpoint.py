@@ -1,11 +1,21 @@
-"""A checkpoint written by an older version of the code still resumes and plays, bit for bit.
+"""A checkpoint written by an older version of the code still resumes and plays as it did.
 
 tests/fixtures/legacy/helmv2_checkpoint.pt was written by helmv2_ppo.py of commit
 bf89a3b26cd618edb5b779bdedf7a76e040fb204 (a run of 4 updates stopped by SIGTERM after its 2nd), and
 helmv2_resumed.json / helmv2_enjoy_trace.jsonl hold what that commit's helmv2_ppo.py --resume and
 enjoy.py made of it (tests/fixtures/legacy/README.md: how, and why these files are never regenerated
-with newer code). Today's code must resume the checkpoint to the same final checkpoint (every tensor
-bitwise, every other value equal) and the same logged scalars, and play it to the same trace.
+with newer code). Today's code must resume the checkpoint to the same final checkpoint and the same logged
+scalars, and play it to the same trace.
+
+"The same" is exact for everything discrete: counters, arguments, RNG states, episodes, actions, words,
+returns. It is not bitwise for what is computed in floating point: the expected results were made on one
+machine, the test runs on another, whose kernels round otherwise (AVX2, AVX-512, none: ATEN_CPU_CAPABILITY)
+and even draw the tiny random models' weights otherwise (torch's normal_ has a vectorised and a scalar
+kernel); HELMv2's standardisation of the tiny random CLIP's embeddings magnifies such differences. With
+ATEN_CPU_CAPABILITY=default the losses move by up to 1% of their scale and the weights' change in the resumed
+updates by up to 5%, while every discrete outcome stays: the tolerances below are 5x that. A resume that
+restores something wrongly changes what follows by far more: other episodes (the RNG), other updates (the
+optimizer's moments, the encoder's statistics, the reward normalisation).
 
 The expected results hold for the library versions recorded in the fixtures (`meta.versions`): with
 other versions of torch & co. the numbers may legitimately differ (see the README)."""
@@ -13,6 +23,7 @@ other versions of torch & co. the numbers may legitimately differ (see the READM
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -20,10 +31,11 @@ import sys
 from importlib import import_module
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, offline_env
+from conftest import ROOT, offline_env, run_in_process
 from helm_utils import checkpoints, runs
 from helm_utils.arguments import COMPUTED, RESUME_OVERRIDES
 
@@ -35,29 +47,52 @@ ENJOY_ARGS = ["--episodes", "2", "--seed", "7", "--no-cuda", "--trace", "jsonl"]
 TIMEOUT = 300
 # the arguments the checkpoint was written with
 ARGS = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)["args"]
+PROBES = 8  # projections kept of each floating-point tensor
+# a float tensor: its projections within this share of the change the resumed updates made to it (the largest
+# seen with other kernels: 5%); a projection on random signs is about as large as the vector, so a tensor that
+# differs by as much as that change shows in one of 8 projections but with a chance of 0.24^8 = 1e-5
+CHANGE_SHARE = 0.3
+SCALAR_SHARE = 0.05  # a logged loss: within this share of its tag's largest magnitude (other kernels: 1%)
+CLIPFRAC_SAMPLES = 2 / 64  # the share of the 64 samples whose ratio left the clip range: two may cross its edge
+VALUE_SHARE = 0.02  # a value in the trace: within this share of the trace's largest (other kernels: 0.2%)
 
 
-def digest(value):
-    """`value` (a checkpoint or part of one) as JSON data: each tensor as its dtype, shape and the
-    sha256 of its bytes; dicts, lists and tuples (as lists) walked; everything else as it is."""
+def probes(t):
+    """PROBES projections of a float tensor on random signs (NumPy's generator: the same on every machine)."""
+    flat = t.double().reshape(-1).numpy()
+    signs = np.random.default_rng(flat.size).integers(0, 2, (PROBES, flat.size)) * 2 - 1
+    return (signs @ flat).tolist()
+
+
+def digest(value, before=None):
+    """`value` (a checkpoint or part of one) as JSON data: a tensor of floats (not a 0-dim count) as its dtype,
+    shape, norm, PROBES projections and the norm of its change from `before` (the same part of the checkpoint
+    resumed, if it has it); any other tensor as its dtype, shape and the sha256 of its bytes; dicts, lists and
+    tuples (as lists) walked; everything else as it is."""
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
+        entry = {"dtype": str(t.dtype), "shape": list(t.shape)}
+        if t.is_floating_point() and t.dim() > 0:
+            change = t.double() - (before.double() if isinstance(before, torch.Tensor) else 0)
+            return entry | {"norm": t.double().norm().item(), "probes": probes(t), "change": change.norm().item()}
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 and 0-dim included
-        return {"dtype": str(t.dtype), "shape": list(t.shape), "sha256": hashlib.sha256(raw).hexdigest()}
+        return entry | {"sha256": hashlib.sha256(raw).hexdigest()}
     if isinstance(value, dict):
-        return {str(k): digest(v) for k, v in value.items()}
+        before = before if isinstance(before, dict) else {}
+        return {str(k): digest(v, before.get(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [digest(v) for v in value]
+        before = before if isinstance(before, (list, tuple)) and len(before) == len(value) else [None] * len(value)
+        return [digest(v, b) for v, b in zip(value, before)]
     assert value is None or isinstance(value, (bool, int, float, str)), type(value)
     return value
 
 
 def checkpoint_digest(path):
-    """digest() of a checkpoint file, without args['resume'] (the path it was resumed from), as it reads
-    back from JSON (dict keys as strings, tuples as lists)."""
+    """digest() of a checkpoint file (its changes from the fixture's checkpoint), without args['resume'] (the
+    path it was resumed from), as it reads back from JSON (dict keys as strings, tuples as lists)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["args"] = {k: v for k, v in ckpt["args"].items() if k != "resume"}
-    return json.loads(json.dumps(digest(ckpt)))
+    return json.loads(json.dumps(digest(ckpt, torch.load(CHECKPOINT, map_location="cpu", weights_only=True))))
 
 
 def scalars(run_dir):
@@ -72,10 +107,14 @@ def scalars(run_dir):
 
 
 def run(root, script, args, cwd):
+    """`python root/script args` in cwd: this repository's in this process (conftest.run_in_process), another
+    checkout's (the legacy commit's, which made the expected results) in a process of its own."""
+    if Path(root).resolve() == ROOT:
+        return run_in_process(script, args, cwd)
     return subprocess.run(
         [sys.executable, str(Path(root) / script), *map(str, args)],
         cwd=cwd,
-        env=dict(offline_env(), OMP_NUM_THREADS="1"),
+        env=offline_env(),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -105,18 +144,44 @@ def play(root, cwd, checkpoint=CHECKPOINT):
     return proc, [json.loads(line) for line in (out_dir / "trace.jsonl").read_text().splitlines()]
 
 
-def assert_equal_json(got, want, where):
-    """Equal JSON data, with the first difference named (floats exactly)."""
-    if isinstance(want, dict):
+def assert_same_digest(got, want, where):
+    """The same digest(), with the first difference named: a float tensor's projections within CHANGE_SHARE of
+    the change the resumed updates made to it (and a millionth of its norm); a Python float (computed from
+    rewards and returns, in float64) to a millionth; everything else exactly."""
+    if isinstance(want, dict) and "probes" in want:
+        assert isinstance(got, dict) and "probes" in got, f"{where}: {got!r}"
+        assert (got["dtype"], got["shape"]) == (want["dtype"], want["shape"]), where
+        off = max(abs(g - w) for g, w in zip(got["probes"], want["probes"]))
+        allowed = CHANGE_SHARE * want["change"] + 1e-6 * want["norm"]
+        assert off <= allowed, f"{where}: off by {off:.3g} (allowed {allowed:.3g}), changed by {want['change']:.3g}"
+    elif isinstance(want, dict):
         assert isinstance(got, dict) and got.keys() == want.keys(), f"{where}: keys {set(got) ^ set(want)}"
         for key in want:
-            assert_equal_json(got[key], want[key], f"{where}[{key!r}]")
+            assert_same_digest(got[key], want[key], f"{where}[{key!r}]")
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), f"{where}: length {len(got)} != {len(want)}"
         for i, (g, w) in enumerate(zip(got, want)):
-            assert_equal_json(g, w, f"{where}[{i}]")
+            assert_same_digest(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert isinstance(got, float) and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12), f"{where}: {got!r}"
     else:
         assert type(got) is type(want) and got == want, f"{where}: {got!r} != {want!r}"
+
+
+def assert_same_scalars(got, want):
+    """The same tags at the same steps; the same values where they count what happened (episodes, returns, the
+    cache's hits, the learning rate's schedule), the losses within SCALAR_SHARE of their tag's scale."""
+    assert got.keys() == want.keys(), set(got) ^ set(want)
+    for tag, rows in want.items():
+        assert [step for step, _ in got[tag]] == [step for step, _ in rows], tag
+        if tag == "losses/clipfrac":
+            allowed = CLIPFRAC_SAMPLES
+        elif tag.startswith("losses/"):
+            allowed = SCALAR_SHARE * max(abs(value) for _, value in rows)
+        else:
+            allowed = 0.0
+        for (step, g), (_, w) in zip(got[tag], rows):
+            assert abs(g - w) <= allowed, f"{tag} at step {step}: {g!r} != {w!r} (allowed {allowed:.3g})"
 
 
 def test_legacy_checkpoint_resumes_bit_identically(tmp_path):
@@ -129,12 +194,12 @@ def test_legacy_checkpoint_resumes_bit_identically(tmp_path):
         f"library versions {versions} differ from those of the expected results "
         f"{expected['checkpoint']['meta']['versions']}: see tests/fixtures/legacy/README.md"
     )
-    assert_equal_json(got["scalars"], expected["scalars"], "scalars")
+    assert_same_scalars(got["scalars"], expected["scalars"])
     # arguments added since that commit are written with their defaults, which leave the run as it was
     added = {name: got["checkpoint"]["args"].pop(name) for name in set(got["checkpoint"]["args"]) - set(ARGS)}
     defaults = dataclasses.asdict(import_module("helmv2_ppo").Args())
     assert added == {name: defaults[name] for name in added}
-    assert_equal_json(got["checkpoint"], expected["checkpoint"], "checkpoint")
+    assert_same_digest(got["checkpoint"], expected["checkpoint"], "checkpoint")
 
 
 def test_legacy_checkpoint_plays_identically(tmp_path):
@@ -142,7 +207,13 @@ def test_legacy_checkpoint_plays_identically(tmp_path):
     proc, got = play(ROOT, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert_equal_json(got, expected, "trace")
+    # the same steps, actions, rewards, words and attention; the critic's values to VALUE_SHARE of their scale
+    assert [{k: v for k, v in row.items() if k != "value"} for row in got] == [
+        {k: v for k, v in row.items() if k != "value"} for row in expected
+    ]
+    scale = max(abs(row["value"]) for row in expected)
+    for i, (g, w) in enumerate(zip(got, expected)):
+        assert abs(g["value"] - w["value"]) <= VALUE_SHARE * scale, f"trace[{i}]['value']: {g['value']} != {w['value']}"
 
 
 # ---------------------------------------------------------------------------------------------

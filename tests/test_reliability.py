@@ -8,7 +8,8 @@ encoder has its own state) and that a seed fixes the whole run (each encoder has
 
 Every run is a few updates of the tiny random models on CPU. The runs of a script that several
 tests read (an uninterrupted reference run, its twin, one with another seed, the interrupted runs and
-their resumptions) are made once per module, independent ones side by side."""
+their resumptions) are made once per module, independent ones side by side. Runs that need no process of
+their own run in this process (conftest.run_in_process: no imports to pay for)."""
 
 import copy
 import errno
@@ -32,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, SCRIPTS, error_line, offline_env, run_script, tiny_args
+from conftest import QUICK, ROOT, SCRIPTS, error_line, offline_env, run_in_process, run_script, tiny_args
 from helm_utils import checkpoints, env_suites, files, frozen_models, runs
 
 SCRIPT = "helmv2_ppo.py"  # the infrastructure's tests run through this one (see the docstring)
@@ -121,7 +122,7 @@ def import_script(script):
 
 def start(script, args, cwd, group=False, **env):
     """A training run in the background, in cwd (created); its output goes to files there. One
-    thread each: runs side by side with torch's default threads spin against each other. group: in a
+    thread each (offline_env): runs side by side with torch's default threads spin against each other. group: in a
     process group of its own (its pid), as a shell's job, for signals to the whole group; env: more
     environment variables."""
     cwd.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,7 @@ def start(script, args, cwd, group=False, **env):
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / script), *map(str, args)],
             cwd=cwd,
-            env=dict(offline_env(), OMP_NUM_THREADS="1", **env),
+            env=dict(offline_env(), **env),
             stdout=out,
             stderr=err,
             process_group=0 if group else None,
@@ -178,18 +179,17 @@ def script():
 
 @pytest.fixture
 def runs_of(script, shared, cache):
-    """Run directories of an uninterrupted run of `script` (`reference`), of the same run again
-    (`twin`), and of one update with another seed (`other`), made side by side on first use."""
+    """Run directories of an uninterrupted run of `script` (`reference`) and of the same run again (`twin`), each
+    a process of its own (what they compare is the run's determinism across processes), made side by side on
+    first use; meanwhile, in this process, one update with another seed (`other`)."""
     if ("runs", script) not in cache:
         base = shared / script[:-3]
-        results = side_by_side(
-            script,
-            {
-                "reference": (train_args(script, shared, save_model=True), base / "reference"),
-                "twin": (train_args(script, shared, save_model=True), base / "twin"),
-                "other": (train_args(script, shared, seed=2, total_timesteps=BATCH), base / "other"),
-            },
-        )
+        procs = {
+            name: start(script, train_args(script, shared, save_model=True), base / name)
+            for name in ("reference", "twin")
+        }
+        other = run_in_process(script, train_args(script, shared, seed=2, total_timesteps=BATCH), base / "other")
+        results = {name: finish(proc) for name, proc in procs.items()} | {"other": other}
         for name, result in results.items():
             assert result.returncode == 0, f"{name}: {result.stderr}"
         cache["runs", script] = SimpleNamespace(**{name: run_dir_of(base / name) for name in results})
@@ -225,22 +225,13 @@ def interrupted(script, shared, cache):
             time.sleep(0.02)
         assert len(found) == len(procs), "no checkpoint in time"
         result = {sig: SimpleNamespace(stopped=finish(proc), path=found[sig]) for sig, proc in procs.items()}
-        for r in result.values():
+        for sig, r in result.items():  # each resumed in this process: what a signal left is for any process to go on
             r.saved = load(r.path)
             r.leftovers = [p.name for p in r.path.parent.iterdir() if ".tmp" in p.name]
-        resumed = side_by_side(
-            script,
-            {
-                sig: (["--resume", r.path.relative_to(base / sig.name), "--no-progress-bar"], base / sig.name)
-                for sig, r in result.items()
-            },
-        )
-        for sig, r in result.items():
-            r.resumed, r.final, r.loss_steps = (
-                resumed[sig],
-                load(r.path),
-                [s for s, _ in scalars(r.path.parent)["losses/value_loss"]],
-            )
+            resume = ["--resume", r.path.relative_to(base / sig.name), "--no-progress-bar"]
+            r.resumed = run_in_process(script, resume, base / sig.name)
+            r.final = load(r.path)
+            r.loss_steps = [s for s, _ in scalars(r.path.parent)["losses/value_loss"]]
         cache["interrupted", script] = result
     return cache["interrupted", script]
 
@@ -457,11 +448,10 @@ def test_resuming_a_finished_run_changes_nothing(script, reference, tmp_path):
     run_dir = tmp_path / "runs" / reference.name
     before, logged = load(run_dir / "checkpoint.pt"), scalars(run_dir)
     # the arguments that --resume takes from the command line, as the reference run had them
-    proc = run_script(
+    proc = run_in_process(
         script,
         ["--resume", Path("runs") / reference.name / "checkpoint.pt", "--no-progress-bar", "--checkpoint-every", "1"],
         tmp_path,
-        timeout=WAIT,
     )
     assert proc.returncode == 0, proc.stderr
     after = load(run_dir / "checkpoint.pt")
@@ -974,7 +964,7 @@ def test_resume_from_an_older_checkpoint_goes_on_in_a_new_run(script, reference,
     torch.save(older, run_dir / "model_best.pt")
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     resume = Path("runs") / reference.name / "model_best.pt"
-    proc = run_script(script, ["--resume", resume, "--no-progress-bar"], tmp_path, timeout=WAIT)
+    proc = run_in_process(script, ["--resume", resume, "--no-progress-bar"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"is further than {resume}: going on in a new run" in proc.stdout
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # the old run as it was
@@ -993,7 +983,7 @@ def test_runs_started_together_and_a_late_signal(script, shared, tmp_path):
     for i in range(2):
         with open(tmp_path / f"out{i}.txt", "w") as out, open(tmp_path / f"err{i}.txt", "w") as err:
             command = [sys.executable, str(ROOT / script), *map(str, args)]
-            env = dict(offline_env(), OMP_NUM_THREADS="1")
+            env = offline_env()
             procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=err))
     signalled, deadline = set(), time.time() + WAIT
     while len(signalled) < 2 and time.time() < deadline:

@@ -15,7 +15,7 @@ from open_clip.tokenizer import SimpleTokenizer, tokenize
 
 import prepare_embeddings
 import shelm_ppo
-from conftest import ROOT
+from conftest import ROOT, assert_no_near_ties
 from helm_utils import files, frozen_models
 
 TINY = frozen_models.TINY
@@ -95,6 +95,13 @@ def test_shared_vocabulary_maps_whole_words_only(tokenizer):
     for clip_id, trxl_id, word in zip(clip_ids, trxl_ids, words):
         assert tokenizer.decoder[clip_id].endswith("</w>")
         assert tokenizer.decode([clip_id]).strip() == word == trxl_vocab[trxl_id]
+
+
+def test_clip_words_are_those_of_the_clip_tokenizer(tokenizer):
+    # frozen_models reads CLIP's merges file itself (importing open_clip costs seconds): the same words, in order
+    words = [t[:-4] for t in tokenizer.encoder if t.endswith("</w>") and len(t) > 5]
+    assert frozen_models.clip_words() == [w for w in words if w.isascii() and w.isalpha() and w.islower()]
+    assert frozen_models.tiny_vocab()[:6] == ["<eos>", "<unk>", "the", "ing", "on", "er"]
 
 
 def test_shared_vocabulary_of_tiny_and_fixture_models(tokenizer):
@@ -429,10 +436,14 @@ def retrieval(encoder, cache_size):
     )
 
 
-def observation_stream(n_distinct=10, steps=200, batch=8, seed=0):
+def observation_stream(encoder, n_distinct=10, steps=200, batch=8, seed=0):
+    """A pool of observations and the batches of them to encode. The cache computes an observation in another
+    batch than the uncached encoder, which CLIP may round otherwise: the pool's words must be set apart by more."""
     rng = np.random.default_rng(seed)
     pool = rng.integers(0, 256, (n_distinct, 56, 56, 3), dtype=np.uint8)
     which = rng.integers(0, n_distinct, (steps, batch))
+    features = frozen_models.clip_image_features(encoder.frozen["clip"], torch.from_numpy(pool))
+    assert_no_near_ties(F.normalize(features, dim=-1) @ encoder.text_embeddings.T, k=encoder.tokens_per_step)
     return pool, which
 
 
@@ -440,7 +451,7 @@ def test_token_cache_same_tokens_and_hit_rate(memory):
     _, vocab, uncached = memory
     assert uncached.log_scalars() == {}  # no cache, no chart
     cached = retrieval(uncached, cache_size=1000)
-    pool, which = observation_stream()
+    pool, which = observation_stream(uncached)
     seen, hits, lookups, interval = set(), 0, 0, 25
     for step, ids in enumerate(which):
         emb_off, tokens_off = uncached(pool[ids])
@@ -465,7 +476,7 @@ def test_token_cache_bounded_lru(memory):
     _, _, uncached = memory
     size = 3
     cached = retrieval(uncached, cache_size=size)
-    pool, which = observation_stream(n_distinct=6, steps=80, batch=2, seed=1)
+    pool, which = observation_stream(uncached, n_distinct=6, steps=80, batch=2, seed=1)
     flat, misses = [], 0
     for ids in which:
         # the cache holds the `size` observations used most recently: largest last use in the stream
@@ -487,7 +498,7 @@ def test_token_cache_bounded_lru(memory):
 def test_token_cache_smaller_than_batch(memory):
     _, _, uncached = memory
     cached = retrieval(uncached, cache_size=2)
-    pool, which = observation_stream(n_distinct=6, steps=3, batch=4, seed=2)
+    pool, which = observation_stream(uncached, n_distinct=6, steps=3, batch=4, seed=2)
     for ids in [np.arange(4), *which]:
         _, tokens = cached(pool[ids])
         assert torch.equal(tokens, uncached(pool[ids])[1])
