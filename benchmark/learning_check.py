@@ -9,7 +9,8 @@ the question comes two steps later, only the answer is rewarded, +1 or -1) each 
 tiny random models (2 layers) and bsuite_memory.sh's PPO settings, and the same agent with --ablate-memory (its
 memory read-out zeroed, the frozen models still running). A memoryless agent is right in half of the episodes
 whatever it does. The check passes when every memory agent is right in at least --threshold of its episodes in the
-last quarter of its steps, and no ablated twin is. Exit status 0 when it passes, 1 when it does not (with the table), as a test would.
+last quarter of its steps, and no ablated twin is. Exit status 0 when it passes, 1 when it does not (with the
+table), as a test would.
 """
 
 import concurrent.futures
