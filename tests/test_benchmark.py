@@ -345,7 +345,9 @@ def test_launch_leaves_live_runs_alone(launch_module, tmp_path):
 def launched_cell(launch_module, seed):
     """The launcher's cell of the `launched` fixture's first grid for `seed` (the same flags, the same name)."""
     args, unknown = tyro.cli(
-        launch_module.Args, args=[*SMALL, "--seeds", str(seed), "--total-timesteps", "1024"], return_unknown_args=True
+        launch_module.Args,
+        args=[*SMALL, "--seeds", str(seed), "--total-timesteps", str(STEPS)],
+        return_unknown_args=True,
     )
     args.extra = list(unknown)
     (cell,) = launch_module.make_grid(args, {})
