@@ -326,7 +326,8 @@ def mkldnn_bf16_supported():
 TINY_CLIP_CONFIGS = {
     "ViT": {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+        # the patch tokens' mean rather than the class token, which starts as the same vector for every image
+        "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "patch_size": 8, "pool_type": "avg"},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
     },
     "RN": {
@@ -365,6 +366,8 @@ def load_clip(name, pretrained, device, tiny_kind="ViT"):
         with root_log_level(logging.ERROR), torch.random.fork_rng(devices=[]):  # the same model in every process
             torch.manual_seed(0)
             model = open_clip.create_model(name, pretrained=None)
+        if name == "helm-tiny-vit":
+            spread_tiny_vit(model)
     else:
         if name not in open_clip.list_models():
             fail(f"unknown CLIP model {name!r} (open_clip knows e.g. ViT-B-16, RN50)")
@@ -384,6 +387,31 @@ def load_clip(name, pretrained, device, tiny_kind="ViT"):
         if bad is not None:
             fail(f"CLIP {name} weights {pretrained!r}: tensor {bad} holds NaN or infinite values")
     return model.to(device).eval().requires_grad_(False)
+
+
+def spread_tiny_vit(model):
+    """Make the tiny random ViT tell frames apart, as SHELM's retrieval needs (test models only: the real models
+    and `random` weights of the real architectures stay as open_clip makes them).
+
+    At open_clip's initialisation a transformer is close to the identity (each block's output projection is
+    scaled down by the depth), so a random ViT maps every frame to nearly one direction (cosine 0.99 between
+    frames) and SHELM retrieved one word for all of them: no test, probe or study could see its memory. A
+    trained CLIP separates images. Here the vision blocks' weights are three times larger, a more non-linear
+    map (cosine about 0.5 to 0.8 between frames), and a word's text embedding depends on the word alone: the
+    start and end tokens and the positions, the same in every prompt, are zero. Different frames then retrieve
+    different words, and the context of MiniGrid-Memory and bsuite's memory tasks shows in the words
+    (docs/probe.md)."""
+    with torch.no_grad():
+        for block in model.visual.transformer.resblocks:
+            for weight in (
+                block.attn.in_proj_weight,
+                block.attn.out_proj.weight,
+                block.mlp.c_fc.weight,
+                block.mlp.c_proj.weight,
+            ):
+                weight.mul_(3.0)
+        model.token_embedding.weight[-2:].zero_()  # <start_of_text> and <end_of_text>, the vocabulary's last two
+        model.positional_embedding.zero_()
 
 
 def clip_image_features(clip, images):
