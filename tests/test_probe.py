@@ -314,6 +314,34 @@ def test_ablated_memory_reports_chance_end_to_end(probe_run):
     assert "helm_ppo.py n1+ablated: the frozen pipeline over" in printed
 
 
+def shelm_probe(env_id, extra=()):
+    """The probe of SHELM alone on the tiny models (one layer, and its ablated twin): its report."""
+    argv = [*TINY[: TINY.index("--variants")], "--scripts", "shelm_ppo.py", "--clip-model", "tiny-random"]
+    argv += ["--env-id", env_id, "--variants", "n1:--n-layer 1 --mem-len 8", "ablated:--ablate-memory", *extra]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return probe.main(tyro.cli(probe.Args, args=argv))
+
+
+def test_shelm_tiny_memory_carries_the_context():
+    """SHELM's tiny random models let its memory be seen (frozen_models.spread_tiny_vit): different frames retrieve
+    different words, and the context shown at the start of a bsuite memory_len episode is decoded from the memory
+    read-out steps later, when no frame shows it; on MiniGrid-Memory the twin episodes (the other cue) leave a
+    different memory after the cue has gone. A tiny ViT that maps every frame to one word (as before) fails all of
+    this: one word, twins identical, chance. The ablated twin stays at chance."""
+    report = shelm_probe("bsuite/memory_len/4", ["--delays", "0", "2", "4"])
+    rows = {r["variant"]: r["delays"] for r in report["results"] if r["kind"] == "memory"}
+    for delay in ("2", "4"):  # the context is in the first two frames; at delay 2 and later no frame shows it
+        assert rows["n1"][delay]["accuracy"] >= 0.9, rows["n1"][delay]
+        assert rows["ablated"][delay]["accuracy"] == rows["ablated"][delay]["chance"]
+    assert report["tokens"]["shelm_ppo.py"]["distinct_tokens_overall"] >= 3
+
+    report = shelm_probe("MiniGrid-MemoryS7-v0")
+    rows = {r["variant"]: r["delays"] for r in report["results"] if r["kind"] == "memory"}
+    assert rows["n1"]["6"]["influence"]["identical"] <= 0.8  # a third of them here; with one word for all, every one
+    assert rows["ablated"]["6"]["influence"]["identical"] == 1
+    assert report["tokens"]["shelm_ppo.py"]["distinct_tokens_overall"] >= 5
+
+
 def earlier_results(folder):
     """A good earlier report in `folder` (distinct bytes, so that a replacement shows); {name: bytes}."""
     folder.mkdir(parents=True, exist_ok=True)

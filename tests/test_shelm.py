@@ -436,9 +436,10 @@ def retrieval(encoder, cache_size):
     )
 
 
-def observation_stream(encoder, n_distinct=10, steps=200, batch=8, seed=0):
+def observation_stream(encoder, n_distinct=10, steps=200, batch=8, seed=1):
     """A pool of observations and the batches of them to encode. The cache computes an observation in another
-    batch than the uncached encoder, which CLIP may round otherwise: the pool's words must be set apart by more."""
+    batch than the uncached encoder, which CLIP may round otherwise: the pool's words must be set apart by more
+    (seed 1: its closest pair of top words lies 5e-3 apart with the tiny models)."""
     rng = np.random.default_rng(seed)
     pool = rng.integers(0, 256, (n_distinct, 56, 56, 3), dtype=np.uint8)
     which = rng.integers(0, n_distinct, (steps, batch))
