@@ -452,6 +452,8 @@ BAD_LAUNCHES = {
     "unknown-flag": (["--bogus", "1"], "--bogus is not a flag of helm_ppo.py"),
     "out-of-range": (["--learning-rate", "-1"], "--learning-rate must be a positive float32 number"),
     "seed": (["--seeds", "-1"], "--seed must be >= 0"),
+    # a group of cells is checked at its lowest and highest seed (launch.cells_to_check): a bad one among good ones
+    "seed-among-good": (["--seeds", "3", str(2**32), "5"], f"seed {2**32} (default): --seed must be >= 0 and < 2**32"),
     "unclosed-quote": (["--variants", "a:--ent-coef '0.1"], "No closing quotation"),
     "workdir-a-file": (["--workdir", "{file}"], "is not a directory"),
 }

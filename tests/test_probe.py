@@ -317,7 +317,8 @@ def test_ablated_memory_reports_chance_end_to_end(probe_run):
 def shelm_probe(env_id, extra=()):
     """The probe of SHELM alone on the tiny models (one layer, and its ablated twin): its report."""
     argv = [*TINY[: TINY.index("--variants")], "--scripts", "shelm_ppo.py", "--clip-model", "tiny-random"]
-    argv += ["--env-id", env_id, "--variants", "n1:--n-layer 1 --mem-len 8", "ablated:--ablate-memory", *extra]
+    argv += ["--env-id", env_id, "--variants", "n1:--n-layer 1 --mem-len 8", "ablated:--ablate-memory"]
+    argv += ["--episodes", "12", *extra]
     with contextlib.redirect_stdout(io.StringIO()):
         return probe.main(tyro.cli(probe.Args, args=argv))
 
