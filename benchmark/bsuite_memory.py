@@ -29,6 +29,7 @@ of all its episodes so far. Over fewer settings or episodes than bsuite's sweep 
 formula on what was run, not comparable with published bsuite scores.
 """
 
+import itertools
 import json
 import math
 import sys
@@ -167,35 +168,42 @@ def plot_success(table, reaches, out):
     import matplotlib.pyplot as plt
     from plot import save
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (*axes, key) = plt.subplots(1, 3, figsize=(13, 4.5), width_ratios=(1, 1, 0.3))
+    # one colour per agent in both panels, whichever settings each agent ran
+    colors = dict(zip(sorted(table), itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])))
+    legend = {}
     for axis, experiment in zip(axes, EXPERIMENTS):
+        ticks = set()
         for agent, cells in sorted(table.items()):
             points = sorted((cell["x"], cell) for cell in cells.values() if cell["experiment"] == experiment)
             if not points:
                 continue
             x = np.array([p[0] for p in points])
+            ticks.update(x.tolist())
             mean = np.array([p[1]["mean"] for p in points])
             lo = np.array([p[1]["low"] if not math.isnan(p[1]["low"]) else p[1]["mean"] for p in points])
             hi = np.array([p[1]["high"] if not math.isnan(p[1]["high"]) else p[1]["mean"] for p in points])
             style = "--" if "ablated" in agent or agent in ("CNN-PPO",) else "-"
-            line = axis.plot(x, mean, style, marker="o", label=agent)[0]
-            axis.fill_between(x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=line.get_color(), alpha=0.15)
-        axis.axhline(0.5, color="grey", lw=0.8, ls=":", label="memoryless (0.5)")
+            legend[agent] = axis.plot(x, mean, style, marker="o", color=colors[agent], label=agent)[0]
+            axis.fill_between(x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=colors[agent], alpha=0.15)
+        legend["memoryless (0.5)"] = axis.axhline(0.5, color="grey", lw=0.8, ls=":")
         if experiment == "memory_len":
-            for length in sorted(set(reaches)):
+            for length, style in zip(sorted(set(reaches)), ("-.", (0, (1, 3)), "--")):
                 # the context is last seen at the second decision, the query comes at decision L + 1
-                axis.axvline(
-                    length + 1.5, color="black", lw=0.8, ls="-.", label=f"reach {length} steps: L = {length + 1}"
+                legend[f"reach {length} steps: L = {length + 1}"] = axis.axvline(
+                    length + 1.5, color="black", lw=0.8, ls=style
                 )
         axis.set_xscale("log")
+        axis.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
+        axis.minorticks_off()
         axis.set_ylim(0.3, 1.02)
         axis.set_xlabel(
             "memory length L (bsuite memory_len)" if experiment == "memory_len" else "bits (bsuite memory_size, L = 2)"
         )
         axis.set_ylabel("success at the end of training")
         axis.set_title(experiment)
-    handles, labels = axes[0].get_legend_handles_labels()
-    axes[1].legend(handles, labels, fontsize=7, loc="lower left")
+    key.axis("off")  # the third panel holds the legend, clear of the curves
+    key.legend(legend.values(), legend.keys(), fontsize=8, loc="center left")
     save(fig, out / "success")
 
 
