@@ -1,6 +1,7 @@
 """bsuite's memory experiments as pixels (helm_utils/bsuite_memory.py): the setting ids, the frames, and the
 semantics measured against bsuite's own MemoryChain, stepped beside ours."""
 
+import importlib
 import json
 
 import numpy as np
@@ -223,7 +224,7 @@ def fake_bsuite_run(runs, env_id, exp_name, seed, correct_share, episodes=400, n
     writer.close()
 
 
-def test_scores_and_success_with_intervals_from_the_runs(tmp_path, capsys):
+def test_scores_and_success_with_intervals_from_the_runs(tmp_path, capsys, monkeypatch):
     """Crafted runs: HELM right in 95% of its episodes everywhere, its ablation at chance, an LSTM run on one
     setting only. bsuite's scores (its own code): 1 and 0; the success per setting with a t-interval over seeds."""
     import pandas as pd
@@ -238,8 +239,19 @@ def test_scores_and_success_with_intervals_from_the_runs(tmp_path, capsys):
         fake_bsuite_run(runs, "bsuite/memory_len/2", "lstm_ppo-default-2222cccc", seed, 0.8)
     fake_bsuite_run(runs, "MiniGrid-Empty-5x5-v0", "helm_ppo-memory-3333dddd", 1, 0.5, n_layer=2)  # not bsuite's
     out = tmp_path / "results"
+    plot = importlib.import_module("plot")  # benchmark/plot.py, whose save() the tool draws its figure with
+    figures, save = [], plot.save
+    monkeypatch.setattr(plot, "save", lambda fig, stem: (figures.append(fig), save(fig, stem)))
     tool.main(tool.Args(runs=str(runs), out=str(out)))
     report = json.loads((out / "bsuite_memory.json").read_text())
+    # each agent has one colour in both panels, though LSTM-PPO has no memory_size setting
+    (figure,) = figures
+    colours = {}
+    for axis in figure.axes[:2]:
+        for line in axis.get_lines():
+            if not line.get_label().startswith("_"):
+                assert colours.setdefault(line.get_label(), line.get_color()) == line.get_color(), line.get_label()
+    assert set(colours) == {"HELM", "HELM ablated", "LSTM-PPO"} and len(set(colours.values())) == 3
     scores = report["bsuite_scores"]
     assert scores["HELM"] == {"memory_len": [1.0, 1.0, 1.0], "memory_size": [1.0, 1.0, 1.0]}
     assert scores["HELM ablated"] == {"memory_len": [0.0, 0.0, 0.0], "memory_size": [0.0, 0.0, 0.0]}
