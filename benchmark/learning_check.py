@@ -52,7 +52,7 @@ class Args:
     workers: int = 2
     """runs at a time (each with one thread)"""
     workdir: str | None = None
-    """where the runs are written (default: a temporary folder, removed at the end)"""
+    """a new or empty folder the runs are written to and kept in (default: a temporary folder, removed at the end)"""
 
 
 def command(args, script, ablated, workdir):
@@ -116,8 +116,15 @@ def check_args(args):
         fail(f"--threshold must be in (0.5, 1] (a memoryless agent is right half the time), got {args.threshold}")
     if not 1 <= args.workers <= 64:
         fail(f"--workers must be in [1, 64], got {args.workers}")
-    if args.workdir is not None and Path(args.workdir).exists() and not Path(args.workdir).is_dir():
-        fail(f"--workdir {args.workdir} is not a directory")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be >= 0 and < 2**32, got {args.seed}")
+    if args.workdir is not None and Path(args.workdir).exists():
+        if not Path(args.workdir).is_dir() or Path(args.workdir).is_symlink():
+            fail(f"--workdir {args.workdir} is not a directory")
+        if any(Path(args.workdir).iterdir()):
+            fail(
+                f"--workdir {args.workdir} is not empty: give a new folder, so that the check reads its own runs alone"
+            )
 
 
 def main(args):

@@ -175,12 +175,11 @@ def test_the_docs_name_the_picture_of_the_rendering():
 # ---------------------------------------------------------------------------------------------
 
 
-def import_tool():
-    import importlib
+def import_tool(name="bsuite_memory"):
     import sys
 
     sys.path.insert(0, str(ROOT / "benchmark"))
-    return importlib.import_module("bsuite_memory")
+    return importlib.import_module(name)
 
 
 def test_a_runs_episodes_are_logged_as_bsuites_own_logger_logs_them(tmp_path):
@@ -282,3 +281,34 @@ def test_the_tool_refuses_what_it_cannot_score(tmp_path):
         tool.main(tool.Args(runs=str(tmp_path / "runs"), out=str(tmp_path / "out"), final_fraction=0))
     with pytest.raises(InputError, match="is not a directory"):
         tool.main(tool.Args(runs=str(tmp_path / "nothing"), out=str(tmp_path / "out")))
+
+
+LEARNING_CHECK_REFUSALS = [
+    (["--scripts", "nope.py"], "--scripts: choose among helm_ppo.py helmv2_ppo.py shelm_ppo.py, got nope.py"),
+    (["--env-id", "MiniGrid-Empty-5x5-v0"], "the check runs on a bsuite memory setting"),
+    (["--env-id", "bsuite/memory_len/99"], "memory_len/99"),
+    (["--total-timesteps", "10"], "--total-timesteps must be in [512, 10**7], got 10"),
+    (["--threshold", "0.5"], "--threshold must be in (0.5, 1]"),
+    (["--workers", "0"], "--workers must be in [1, 64], got 0"),
+    (["--seed", "-1"], "--seed must be >= 0 and < 2**32, got -1"),
+    (["--workdir", "{file}"], "is not a directory"),
+    (["--workdir", "{full}"], "is not empty: give a new folder"),
+]
+
+
+@pytest.mark.parametrize("argv, phrase", LEARNING_CHECK_REFUSALS, ids=[a[1] for a, _ in LEARNING_CHECK_REFUSALS])
+def test_learning_check_refuses_before_any_run(argv, phrase, tmp_path, monkeypatch):
+    """benchmark/learning_check.py: one error line for what it cannot check, before any run starts; an earlier
+    check's folder is refused, not mixed with (its runs would be read as this check's)."""
+    import tyro
+
+    tool = import_tool("learning_check")
+    monkeypatch.setattr(tool, "check", lambda *a: pytest.fail("a run started"))
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "full" / "runs").mkdir(parents=True)
+    argv = [a.format(file=tmp_path / "file", full=tmp_path / "full") for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        tool.main(tyro.cli(tool.Args, args=argv))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message and phrase in message, message
+    assert (tmp_path / "file").read_text() == "mine" and [p.name for p in (tmp_path / "full").iterdir()] == ["runs"]
