@@ -29,10 +29,12 @@ of all its episodes so far. Over fewer settings or episodes than bsuite's sweep 
 formula on what was run, not comparable with published bsuite scores.
 """
 
+import io
 import itertools
 import json
 import math
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmark"))
 
 # the agents' names: (script, launcher variant) -> name; a variant not listed is named "<script> <variant>"
 NAMES = {"helm_ppo": "HELM", "helmv2_ppo": "HELMv2", "shelm_ppo": "SHELM", "lstm_ppo": "LSTM-PPO", "cnn_ppo": "CNN-PPO"}
+OUTPUTS = ("success.png", "success.svg", "bsuite_memory.md", "bsuite_memory.json")  # and csv/, checked apart
 EXPERIMENTS = {"memory_len": "memory_length", "memory_size": "num_bits"}  # bsuite's experiment -> its swept variable
 
 
@@ -103,33 +106,30 @@ def run_setting(run):
     return (bsuite_id, *bsuite_memory.memory_length_and_bits(bsuite_id))
 
 
-def write_csvs(runs, out):
-    """Each run's bsuite CSV under out/csv/<agent>/seed<k>/; {(agent, seed): its folder}."""
+def csv_files(runs):
+    """Each run's bsuite CSV, as bsuite's Logging wrapper names and fills it: {relative path: text}, the path
+    csv/<agent>/seed<k>/<file>; and {(agent, seed): its folder, relative}."""
     import pandas as pd
     from bsuite.logging import csv_logging
 
-    from helm_utils.files import write_atomically
-
-    folders = {}
+    texts, folders = {}, {}
     for run in runs:
         bsuite_id, length, _ = run_setting(run)
-        folder = out / "csv" / run.agent.replace(" ", "_") / f"seed{run.args['seed']}"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = Path("csv") / run.agent.replace(" ", "_") / f"seed{run.args['seed']}"
         name = f"{csv_logging.BSUITE_PREFIX}{bsuite_id.replace('/', csv_logging.SAFE_SEPARATOR)}.csv"
-        text = pd.DataFrame(bsuite_rows(run.returns, length)).to_csv(index=False)
-        write_atomically(folder / name, lambda f, text=text: f.write(text.encode()))
+        texts[folder / name] = pd.DataFrame(bsuite_rows(run.returns, length)).to_csv(index=False)
         folders[(run.agent, int(run.args["seed"]))] = folder
-    return folders
+    return texts, folders
 
 
-def bsuite_scores(folders):
-    """{agent: {experiment: [score per seed]}}: bsuite's loader and analysis code on the CSVs."""
+def bsuite_scores(folders, root):
+    """{agent: {experiment: [score per seed]}}: bsuite's loader and analysis code on the CSVs under root."""
     from bsuite.experiments.memory_len import analysis as memory_len_analysis
     from bsuite.experiments.memory_size import analysis as memory_size_analysis
     from bsuite.logging import csv_load
 
     score = {"memory_len": memory_len_analysis.score, "memory_size": memory_size_analysis.score}
-    df, _ = csv_load.load_bsuite({f"{agent}|{seed}": str(folder) for (agent, seed), folder in folders.items()})
+    df, _ = csv_load.load_bsuite({f"{agent}|{seed}": str(root / folder) for (agent, seed), folder in folders.items()})
     scores = {}
     for (agent, seed), _folder in sorted(folders.items()):
         mine = df[df.agent_name == f"{agent}|{seed}"]
@@ -161,12 +161,11 @@ def reach(run):
     return int(run.args["n_layer"]) * (int(run.args["mem_len"]) - 1)
 
 
-def plot_success(table, reaches, out):
+def plot_success(table, reaches):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from plot import save
 
     fig, (*axes, key) = plt.subplots(1, 3, figsize=(13, 4.5), width_ratios=(1, 1, 0.3))
     # one colour per agent in both panels, whichever settings each agent ran
@@ -204,7 +203,21 @@ def plot_success(table, reaches, out):
         axis.set_title(experiment)
     key.axis("off")  # the third panel holds the legend, clear of the curves
     key.legend(legend.values(), legend.keys(), fontsize=8, loc="center left")
-    save(fig, out / "success")
+    fig.tight_layout()
+    return fig
+
+
+def figure_bytes(fig):
+    """{"png": bytes, "svg": bytes} of a figure, drawn in memory (written with the rest of the set)."""
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    for ext in ("png", "svg"):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=ext, dpi=120)
+        drawn[ext] = buffer.getvalue()
+    plt.close(fig)
+    return drawn
 
 
 def markdown(table, scores, notes):
@@ -244,13 +257,12 @@ def markdown(table, scores, notes):
     return "\n".join(lines) + "\n"
 
 
-def draw_frames(path):
+def draw_frames():
     """One episode of memory_len/2 (length 3) and one of memory_size/2 (3 bits), the frames the agent decides on."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from plot import save
 
     from helm_utils import bsuite_memory, env_suites
 
@@ -284,8 +296,8 @@ def draw_frames(path):
             axis.set_xlabel(
                 f"time {vector[0]:.2f}, query {vector[1]:.0f},\ncontext {vector[2:].astype(int).tolist()}", fontsize=7
             )
-    stem = Path(path)
-    save(fig, stem.with_suffix(""))
+    fig.tight_layout()
+    return fig
 
 
 def main(args):
@@ -294,25 +306,37 @@ def main(args):
     from plot import launcher_variant, load_runs
 
     from helm_utils import fail
-    from helm_utils.files import output_dir, write_atomically
+    from helm_utils.files import output_file, output_files, replace_together
 
     if args.frames is not None:
         if not args.frames.endswith(".png"):
             fail(f"--frames {args.frames}: give a .png file name (an .svg is written beside it)")
-        draw_frames(args.frames)
+        frames = output_file(args.frames, "--frames")
+        output_files(frames.parent, [frames.with_suffix(".svg").name], "--frames")
+        drawn = figure_bytes(draw_frames())
+        replace_together({frames.with_suffix(f".{ext}"): lambda f, d=data: f.write(d) for ext, data in drawn.items()})
         print(f"frames in {args.frames}")
         return
     if not Path(args.runs).is_dir():
         fail(f"--runs {args.runs} is not a directory")
     if not 0 < args.final_fraction <= 1:
         fail(f"--final-fraction must be in (0, 1], got {args.final_fraction}")
-    out = output_dir(args.out, "--out")
+    out = output_files(args.out, OUTPUTS, "--out")
     loaded, notes = load_runs(SimpleNamespace(runs=args.runs, out=args.out, final_fraction=1.0, env_ids=(), scripts=()))
     runs = [run for run in loaded if run_setting(run) is not None]
     if not runs:
         fail(f"no runs on a bsuite memory setting (bsuite/memory_len/<i>, bsuite/memory_size/<i>) under {args.runs}")
     for run in runs:
         run.agent = agent_name(run.script, launcher_variant(run))
+    csvs, folders = csv_files(runs)
+    # the CSVs' folders, csv/<agent>/seed<k>: none may be a link (its target would be written into) or a file
+    for folder in sorted({path.parent for path in csvs}):
+        for part in (folder.parent.parent, folder.parent, folder):
+            if (out / part).is_symlink() or ((out / part).exists() and not (out / part).is_dir()):
+                kind = "a link" if (out / part).is_symlink() else "a file"
+                fail(
+                    f"--out: {out / part} is {kind}, not a folder of this tool's; move it away or choose another --out"
+                )
     table, reaches = {}, set()
     for run in runs:
         bsuite_id, length, bits = run_setting(run)
@@ -326,12 +350,22 @@ def main(args):
     for cells in table.values():
         for cell in cells.values():
             cell["mean"], cell["low"], cell["high"], cell["n"] = summary(list(cell["seeds"].values()))
-    scores = bsuite_scores(write_csvs(runs, out))
-    plot_success(table, reaches, out)
+    with tempfile.TemporaryDirectory(prefix="bsuite-csv-") as scratch:  # bsuite's loader reads files
+        for path, text in csvs.items():
+            (Path(scratch) / path).parent.mkdir(parents=True, exist_ok=True)
+            (Path(scratch) / path).write_text(text)
+        scores = bsuite_scores(folders, Path(scratch))
+    drawn = figure_bytes(plot_success(table, reaches))
     text = markdown(table, scores, notes)
     report = {"final_fraction": args.final_fraction, "success": table, "bsuite_scores": scores}
-    write_atomically(out / "bsuite_memory.md", lambda f: f.write(text.encode()))
-    write_atomically(out / "bsuite_memory.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
+    writes = {out / path: lambda f, t=text: f.write(t.encode()) for path, text in csvs.items()}
+    writes |= {out / f"success.{ext}": lambda f, d=data: f.write(d) for ext, data in drawn.items()}
+    writes[out / "bsuite_memory.md"] = lambda f: f.write(text.encode())
+    writes[out / "bsuite_memory.json"] = lambda f: f.write(json.dumps(report, indent=1).encode())
+    replace_together(writes)  # all made before any is written, then replaced together
+    earlier = sorted(p for p in (out / "csv").rglob("*.csv") if p.relative_to(out) not in csvs)
+    if earlier:
+        print(f"# {len(earlier)} CSVs of an earlier call left in {out / 'csv'} (not of these runs), e.g. {earlier[0]}")
     print(text, end="")
     print(f"{len(runs)} runs of {len(table)} agents; figure, tables and bsuite CSVs in {out}")
 

@@ -238,9 +238,8 @@ def test_scores_and_success_with_intervals_from_the_runs(tmp_path, capsys, monke
         fake_bsuite_run(runs, "bsuite/memory_len/2", "lstm_ppo-default-2222cccc", seed, 0.8)
     fake_bsuite_run(runs, "MiniGrid-Empty-5x5-v0", "helm_ppo-memory-3333dddd", 1, 0.5, n_layer=2)  # not bsuite's
     out = tmp_path / "results"
-    plot = importlib.import_module("plot")  # benchmark/plot.py, whose save() the tool draws its figure with
-    figures, save = [], plot.save
-    monkeypatch.setattr(plot, "save", lambda fig, stem: (figures.append(fig), save(fig, stem)))
+    figures, plot_success = [], tool.plot_success
+    monkeypatch.setattr(tool, "plot_success", lambda *a: figures.append(plot_success(*a)) or figures[-1])
     tool.main(tool.Args(runs=str(runs), out=str(out)))
     report = json.loads((out / "bsuite_memory.json").read_text())
     # each agent has one colour in both panels, though LSTM-PPO has no memory_size setting
@@ -281,6 +280,62 @@ def test_the_tool_refuses_what_it_cannot_score(tmp_path):
         tool.main(tool.Args(runs=str(tmp_path / "runs"), out=str(tmp_path / "out"), final_fraction=0))
     with pytest.raises(InputError, match="is not a directory"):
         tool.main(tool.Args(runs=str(tmp_path / "nothing"), out=str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("plant", ["out-link", "png-link", "md-folder", "csv-file", "agent-link"])
+def test_the_tools_outputs_are_checked_before_the_work(plant, tmp_path, monkeypatch):
+    """What stands at the output names is refused in one line before any run is read: a link is never written
+    through, a folder or file at a name the tool writes is never replaced."""
+    tool = import_tool()
+    runs = tmp_path / "runs"
+    fake_bsuite_run(runs, "bsuite/memory_len/2", "helm_ppo-memory-0000aaaa", 1, 0.9, n_layer=2, episodes=40)
+    out, target = tmp_path / "out", tmp_path / "elsewhere"
+    target.mkdir()
+    out.mkdir()
+    if plant == "out-link":
+        out.rmdir()
+        out.symlink_to(target)
+    elif plant == "png-link":
+        (out / "success.png").symlink_to(target / "mine.png")
+    elif plant == "md-folder":
+        (out / "bsuite_memory.md").mkdir()
+    elif plant == "csv-file":
+        (out / "csv").write_text("mine")
+    else:
+        (out / "csv").mkdir()
+        (out / "csv" / "HELM").symlink_to(target, target_is_directory=True)
+    monkeypatch.setattr(tool, "success", lambda *a: pytest.fail("the work started"))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(InputError, match="--out"):
+        tool.main(tool.Args(runs=str(runs), out=str(out)))
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before and not list(target.iterdir())
+
+
+def test_the_tools_outputs_are_replaced_as_a_set(tmp_path, monkeypatch):
+    """An earlier call's figure, tables and CSVs stay as they were when this call fails while writing (a full disk):
+    nothing of the set is replaced and no temporary file is left."""
+    import helm_utils.files
+
+    tool = import_tool()
+    runs = tmp_path / "runs"
+    fake_bsuite_run(runs, "bsuite/memory_len/2", "helm_ppo-memory-0000aaaa", 1, 0.9, n_layer=2, episodes=40)
+    out = tmp_path / "out"
+    tool.main(tool.Args(runs=str(runs), out=str(out)))
+    earlier = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {p.name for p in earlier} >= {"success.png", "success.svg", "bsuite_memory.md", "bsuite_memory.json"}
+    fake_bsuite_run(runs, "bsuite/memory_len/9", "helm_ppo-memory-0000aaaa", 1, 0.9, n_layer=2, episodes=40)
+    real_new_file, calls = helm_utils.files.new_file, []
+
+    def disk_full_at_the_fourth(path):
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return real_new_file(path)
+
+    monkeypatch.setattr(helm_utils.files, "new_file", disk_full_at_the_fourth)
+    with pytest.raises(InputError, match="No space left on device; nothing was overwritten"):
+        tool.main(tool.Args(runs=str(runs), out=str(out)))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
 
 
 LEARNING_CHECK_REFUSALS = [
