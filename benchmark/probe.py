@@ -36,7 +36,7 @@ No RL, nothing trained but linear classifiers (docs/probe.md):
    step t (what the Transformer-XL is given at that step: the cue is in it only while in view), the raw
    observation at step t (pixels: what is decodable without any memory), and chance: the held-out
    accuracy of always predicting the training episodes' majority class.
-6. The cue's influence (MiniGrid-Memory, --counterfactual): a twin of every env shows the other cue and
+6. The cue's influence (MiniGrid-Memory and bsuite, --counterfactual): a twin of every env shows the other cue and
    takes the same actions (the trajectory is the same); the relative change of every feature between the
    twins, at each delay, says whether the read-out keeps any trace of the cue, decodable or not.
 
@@ -138,7 +138,7 @@ class Args:
     controls: bool = True
     """also decode the encoder's output and the raw observation at step t (no memory)"""
     counterfactual: bool = True
-    """MiniGrid-Memory: also run twin episodes with the other cue, and measure the cue's influence on each
+    """MiniGrid-Memory and bsuite: also run twin episodes with the other cue, and measure the cue's influence on each
     read-out (its relative change between the twins), at each delay"""
     jobs: int = 0
     """processes that decode the delays side by side (0: one per CPU core, at most one per delay)"""
@@ -197,6 +197,11 @@ class MiniGridMemory:
             u.grid.set(*self.cue_pos(u), (Ball if cue.type == "key" else Key)(cue.color))
 
         u._gen_grid = gen_grid  # MiniGridEnv.reset calls self._gen_grid
+
+    @staticmethod
+    def same_course(u, twin):
+        """Whether the twin still follows the env's trajectory (the same actions must move both alike)."""
+        return np.array_equal(u.agent_pos, twin.agent_pos)
 
     def script(self, u, rng, wait):
         """Actions of one episode (a generator that reads the env's state): turn round to face the start room,
@@ -317,6 +322,24 @@ class BsuiteMemory:
     def in_view(self, u):
         return u._env._timestep <= 1
 
+    def make_twin(self, env):
+        """Make env the twin of an env of the same seed: every episode the same (bsuite's own draws, so the same
+        query and the same later episodes) but for the first context bit, the other one. The frames differ only
+        while the context shows, and so does nothing else before the last step's reward."""
+        chain = env.unwrapped._env  # bsuite's MemoryChain
+        draw = chain._reset
+
+        def reset():
+            timestep = draw()
+            chain._context[0] = 1 - chain._context[0]
+            return timestep._replace(observation=chain._get_observation())
+
+        chain._reset = reset
+
+    @staticmethod
+    def same_course(u, twin):
+        return u._env._timestep == twin._env._timestep and u._env._query == twin._env._query
+
 
 def cue_task(env_id):
     if env_id.startswith("bsuite/memory_"):
@@ -413,7 +436,7 @@ def collect(module, task, args):
             ep.length += 1
             if twins:
                 twin_frames[i], _, twin_terminated, twin_truncated, _ = twins[i].step(action)
-                same = np.array_equal(env.unwrapped.agent_pos, twins[i].unwrapped.agent_pos)
+                same = task.same_course(env.unwrapped, twins[i].unwrapped)
                 if not same or (terminated, truncated) != (twin_terminated, twin_truncated):
                     raise RuntimeError(f"the twin of env {i} left its trajectory at step {t}")
             if terminated or truncated:

@@ -122,6 +122,16 @@ def test_scripted_policy_sees_the_cue_then_looks_away():
         assert all(lanes.starts[t, lane] for t in changes)
 
 
+@pytest.mark.parametrize("env_id", ["bsuite/memory_len/4", "bsuite/memory_size/2"])
+def test_bsuite_twins_differ_in_the_context_alone(env_id):
+    """bsuite's twin episodes: bsuite's own draws but the other first context bit. The frames differ exactly while
+    the context shows, the first two of each episode (collect checks that the twins stay in step)."""
+    args = probe.Args(env_id=env_id, episodes=12, num_envs=3)
+    lanes = probe.collect(shelm_ppo, probe.cue_task(env_id), args)
+    differ = np.any(lanes.obs != lanes.twin_obs, axis=(2, 3, 4))
+    assert np.array_equal(differ, lanes.since_cue == 0) and differ.sum() == 2 * np.sum(lanes.starts & differ)
+
+
 def test_memory_pathway_carries_a_planted_token_within_its_reach():
     """The probe's read-out loop through a script's Transformer-XL: a word planted at step 0, the same filler
     words after it. The read-outs differ between two planted words exactly while the word is within reach,
@@ -335,6 +345,8 @@ def test_shelm_tiny_memory_carries_the_context():
         assert rows["n1"][delay]["accuracy"] >= 0.9, rows["n1"][delay]
         assert rows["ablated"][delay]["accuracy"] == rows["ablated"][delay]["chance"]
     assert report["tokens"]["shelm_ppo.py"]["distinct_tokens_overall"] >= 3
+    # the twins (the other context bit) leave a different memory in every episode, the ablation none
+    assert rows["n1"]["4"]["influence"]["identical"] == 0 and rows["ablated"]["4"]["influence"]["identical"] == 1
 
     report = shelm_probe("MiniGrid-MemoryS7-v0")
     rows = {r["variant"]: r["delays"] for r in report["results"] if r["kind"] == "memory"}
