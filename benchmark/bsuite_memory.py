@@ -20,7 +20,7 @@ Writes into --out:
                           seeds, the memoryless level (0.5) and the Transformer-XL's reach marked
     bsuite_memory.md      that success per agent and setting, mean [95% t-interval] (seeds), and bsuite's score
                           per agent: bsuite's memory_len and memory_size analysis code, per seed, over the
-                          settings present
+                          agent's settings (the seeds that ran all of them)
     bsuite_memory.json    the same numbers
 
 bsuite's score of an experiment is the share of its settings where the agent's average regret, compared with a
@@ -130,12 +130,19 @@ def bsuite_scores(folders, root):
 
     score = {"memory_len": memory_len_analysis.score, "memory_size": memory_size_analysis.score}
     df, _ = csv_load.load_bsuite({f"{agent}|{seed}": str(root / folder) for (agent, seed), folder in folders.items()})
+    # a score averages over the settings a seed ran: only the seeds that ran all of the agent's settings of an
+    # experiment are scored (a seed run at lengths 3 and 10 alone would score over those two)
+    ran = {}
+    for (agent, seed), _folder in folders.items():
+        mine = df[df.agent_name == f"{agent}|{seed}"]
+        for experiment in EXPERIMENTS:
+            ran.setdefault((agent, experiment), {})[seed] = frozenset(mine[mine.bsuite_env == experiment].bsuite_id)
     scores = {}
     for (agent, seed), _folder in sorted(folders.items()):
         mine = df[df.agent_name == f"{agent}|{seed}"]
         for experiment in EXPERIMENTS:
             rows = mine[mine.bsuite_env == experiment]
-            if len(rows):
+            if len(rows) and ran[agent, experiment][seed] == frozenset().union(*ran[agent, experiment].values()):
                 scores.setdefault(agent, {}).setdefault(experiment, []).append(float(score[experiment](rows)))
     return scores
 
@@ -161,6 +168,27 @@ def reach(run):
     return int(run.args["n_layer"]) * (int(run.args["mem_len"]) - 1)
 
 
+# one colour per agent, kept by its variants: the ablated twin dashed, a longer memory with squares, real size with
+# triangles
+AGENT_COLORS = {"HELM": "#1f77b4", "HELMv2": "#ff7f0e", "SHELM": "#2ca02c", "LSTM-PPO": "#d62728", "CNN-PPO": "#7f7f7f"}
+
+
+def line_styles(agents):
+    """{agent: matplotlib line style}: the colour of its agent (names beyond AGENT_COLORS get the next free
+    colours), dashed for an ablated twin and CNN-PPO (memoryless both), the marker by variant."""
+    spare = iter(itertools.cycle(["#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]))
+    colors = dict(AGENT_COLORS)
+    styles = {}
+    for agent in agents:
+        base, _, variant = agent.partition(" ")
+        if base not in colors:
+            colors[base] = next(spare)
+        marker = "^" if "wt103" in variant else "s" if "mem" in variant else "o"
+        dashed = "ablated" in variant or base == "CNN-PPO"
+        styles[agent] = {"color": colors[base], "ls": "--" if dashed else "-", "marker": marker}
+    return styles
+
+
 def plot_success(table, reaches):
     import matplotlib
 
@@ -169,7 +197,7 @@ def plot_success(table, reaches):
 
     fig, (*axes, key) = plt.subplots(1, 3, figsize=(13, 4.5), width_ratios=(1, 1, 0.3))
     # one colour per agent in both panels, whichever settings each agent ran
-    colors = dict(zip(sorted(table), itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])))
+    styles = line_styles(sorted(table))
     legend = {}
     for axis, experiment in zip(axes, EXPERIMENTS):
         ticks = set()
@@ -182,14 +210,13 @@ def plot_success(table, reaches):
             mean = np.array([p[1]["mean"] for p in points])
             lo = np.array([p[1]["low"] if not math.isnan(p[1]["low"]) else p[1]["mean"] for p in points])
             hi = np.array([p[1]["high"] if not math.isnan(p[1]["high"]) else p[1]["mean"] for p in points])
-            style = "--" if "ablated" in agent or agent in ("CNN-PPO",) else "-"
-            legend[agent] = axis.plot(x, mean, style, marker="o", color=colors[agent], label=agent)[0]
-            axis.fill_between(x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=colors[agent], alpha=0.15)
+            legend[agent] = axis.plot(x, mean, label=agent, **styles[agent])[0]
+            axis.fill_between(x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=styles[agent]["color"], alpha=0.12)
         legend["memoryless (0.5)"] = axis.axhline(0.5, color="grey", lw=0.8, ls=":")
         if experiment == "memory_len":
             for length, style in zip(sorted(set(reaches)), ("-.", (0, (1, 3)), "--")):
                 # the context is last seen at the second decision, the query comes at decision L + 1
-                legend[f"reach {length} steps: L = {length + 1}"] = axis.axvline(
+                legend[f"reach {length} steps (L <= {length + 1})"] = axis.axvline(
                     length + 1.5, color="black", lw=0.8, ls=style
                 )
         axis.set_xscale("log")
@@ -232,7 +259,7 @@ def markdown(table, scores, notes):
         unit = "L" if experiment == "memory_len" else "bits"
         lines += [
             f"**{experiment}**: success at the end of training, mean [95% t-interval] (seeds); bsuite's score "
-            "over these settings, mean [95% t-interval]",
+            "over the agent's settings, mean [95% t-interval] (the seeds that ran all of them)",
             "",
             "| agent | " + " | ".join(f"{unit} = {x} ({s})" for x, s in columns) + " | bsuite score |",
             "|---|" + "---|" * (len(columns) + 1),

@@ -236,22 +236,29 @@ def test_scores_and_success_with_intervals_from_the_runs(tmp_path, capsys, monke
             fake_bsuite_run(runs, env_id, "helm_ppo-memory-0000aaaa", seed, 0.95, n_layer=2)
             fake_bsuite_run(runs, env_id, "helm_ppo-ablated-1111bbbb", seed, 0.5, n_layer=2)
         fake_bsuite_run(runs, "bsuite/memory_len/2", "lstm_ppo-default-2222cccc", seed, 0.8)
+    # a fourth seed at one setting alone: its success counts there, but it is not scored over the settings
+    fake_bsuite_run(runs, "bsuite/memory_len/2", "helm_ppo-memory-0000aaaa", 4, 0.5, n_layer=2)
     fake_bsuite_run(runs, "MiniGrid-Empty-5x5-v0", "helm_ppo-memory-3333dddd", 1, 0.5, n_layer=2)  # not bsuite's
     out = tmp_path / "results"
     figures, plot_success = [], tool.plot_success
     monkeypatch.setattr(tool, "plot_success", lambda *a: figures.append(plot_success(*a)) or figures[-1])
     tool.main(tool.Args(runs=str(runs), out=str(out)))
     report = json.loads((out / "bsuite_memory.json").read_text())
-    # each agent has one colour in both panels, though LSTM-PPO has no memory_size setting
+    # each agent has one style in both panels, though LSTM-PPO has no memory_size setting: its own colour, which its
+    # ablated twin keeps, dashed
     (figure,) = figures
-    colours = {}
+    styles = {}
     for axis in figure.axes[:2]:
         for line in axis.get_lines():
             if not line.get_label().startswith("_"):
-                assert colours.setdefault(line.get_label(), line.get_color()) == line.get_color(), line.get_label()
-    assert set(colours) == {"HELM", "HELM ablated", "LSTM-PPO"} and len(set(colours.values())) == 3
+                style = (line.get_color(), line.get_linestyle(), line.get_marker())
+                assert styles.setdefault(line.get_label(), style) == style, line.get_label()
+    assert set(styles) == {"HELM", "HELM ablated", "LSTM-PPO"}
+    assert styles["HELM"][0] == styles["HELM ablated"][0] != styles["LSTM-PPO"][0]
+    assert styles["HELM"][1] == "-" and styles["HELM ablated"][1] == "--"
     scores = report["bsuite_scores"]
-    assert scores["HELM"] == {"memory_len": [1.0, 1.0, 1.0], "memory_size": [1.0, 1.0, 1.0]}
+    assert scores["HELM"] == {"memory_len": [1.0, 1.0, 1.0], "memory_size": [1.0, 1.0, 1.0]}  # seed 4 not scored
+    assert report["success"]["HELM"]["memory_len/2"]["n"] == 4
     assert scores["HELM ablated"] == {"memory_len": [0.0, 0.0, 0.0], "memory_size": [0.0, 0.0, 0.0]}
     cell = report["success"]["HELM"]["memory_len/9"]
     assert cell["x"] == 10 and cell["n"] == 3 and cell["low"] < cell["mean"] < cell["high"]
