@@ -10,8 +10,8 @@
 # linearly to 0, as in CleanRL's PPO: without it policies that had solved a setting fell back to chance late in
 # some runs, just where success is measured). docs/benchmarks.md, "Memory length and size".
 #
-#   bash benchmark/bsuite_memory.sh             CPU preset (245 runs, 2 cores, about 1.5 hours): the tiny random models with
-#                                               2 layers, lengths 1 3 5 10 20 30 (30 is beyond the Transformer-XL's
+#   bash benchmark/bsuite_memory.sh             CPU preset (245 runs, 2 cores, about 1.5 hours): the tiny random
+#                                               models with 2 layers, lengths 1 3 5 10 20 30 (30 is beyond the Transformer-XL's
 #                                               reach, 2 x 14 steps) and 30 with --mem-len 16 (within it), bits 1 2 3
 #                                               5, 3 seeds (5 at lengths 3 and 10), EPISODES (3000)
 #                                               episodes per run; and HELM at real size (random-wt103
