@@ -26,7 +26,7 @@ RANDOM_CLIP = "random"  # --clip-pretrained random: the CLIP architecture with r
 WEIGHTS_HELP = (
     "download it once with internet access (it is cached under ~/.cache/huggingface), or pass a local "
     "directory holding config.json, model.safetensors or pytorch_model.bin, and vocab.pkl, or use "
-    "--trxl-model tiny-random --clip-model tiny-random for a test run (random weights, learns nothing)"
+    "--trxl-model tiny-random --clip-model tiny-random for a test run (random weights: they check the machinery)"
 )
 
 
