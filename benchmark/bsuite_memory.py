@@ -176,7 +176,7 @@ AGENT_COLORS = {"HELM": "#1f77b4", "HELMv2": "#ff7f0e", "SHELM": "#2ca02c", "LST
 def line_styles(agents):
     """{agent: matplotlib line style}: the colour of its agent (names beyond AGENT_COLORS get the next free
     colours), dashed for an ablated twin and CNN-PPO (memoryless both), the marker by variant."""
-    spare = iter(itertools.cycle(["#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]))
+    spare = itertools.cycle(["#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"])
     colors = dict(AGENT_COLORS)
     styles = {}
     for agent in agents:

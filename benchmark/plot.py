@@ -539,17 +539,6 @@ class Outputs:
         )
 
 
-def save(fig, stem):
-    """A figure as stem.png and stem.svg, each written atomically: for a tool that draws a figure of its own
-    (benchmark/bsuite_memory.py); plot.py's own figures go through Outputs, as one set."""
-    from helm_utils.files import write_atomically
-
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        write_atomically(Path(f"{stem}.{ext}"), lambda f, ext=ext: fig.savefig(f, format=ext, dpi=120))
-    plt.close(fig)
-
-
 # the names plot.py writes, to tell an earlier call's outputs that this one does not replace
 OUTPUT_NAME = re.compile(r"(steps__.+|time__.+|aggregate|pruning)\.(png|svg)|final_returns\.md")
 
