@@ -333,7 +333,7 @@ def main(args):
     from plot import launcher_variant, load_runs
 
     from helm_utils import fail
-    from helm_utils.files import output_file, output_files, replace_together
+    from helm_utils.files import output_file, output_files, replace_together, write_new
 
     if args.frames is not None:
         if not args.frames.endswith(".png"):
@@ -380,7 +380,7 @@ def main(args):
     with tempfile.TemporaryDirectory(prefix="bsuite-csv-") as scratch:  # bsuite's loader reads files
         for path, text in csvs.items():
             (Path(scratch) / path).parent.mkdir(parents=True, exist_ok=True)
-            (Path(scratch) / path).write_text(text)
+            write_new(Path(scratch) / path, lambda f, t=text: f.write(t.encode()))
         scores = bsuite_scores(folders, Path(scratch))
     drawn = figure_bytes(plot_success(table, reaches))
     text = markdown(table, scores, notes)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from helm_utils import fail
-from helm_utils.files import read_state_dict
+from helm_utils.files import read_state_dict, write_new
 
 TINY = "tiny-random"
 WT103_HUB_ID = "transfo-xl/transfo-xl-wt103"  # the scripts' default: WT103_CONFIG below is its config.json
@@ -360,7 +360,8 @@ def load_clip(name, pretrained, device, tiny_kind="ViT"):
             name = f"helm-tiny-{tiny_kind.lower()}"
         if name not in open_clip.list_models():
             with tempfile.TemporaryDirectory(prefix="helm-tiny-clip-") as config_dir:  # read at once by open_clip
-                (Path(config_dir) / f"{name}.json").write_text(json.dumps(TINY_CLIP_CONFIGS[tiny_kind]))
+                config = json.dumps(TINY_CLIP_CONFIGS[tiny_kind]).encode()
+                write_new(Path(config_dir) / f"{name}.json", lambda f: f.write(config))
                 open_clip.add_model_config(config_dir)
         # open_clip warns that random weights are random
         with root_log_level(logging.ERROR), torch.random.fork_rng(devices=[]):  # the same model in every process

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from helm_utils import fail
+from helm_utils.files import write_new
 from helm_utils.frozen_models import hub_offline
 
 HUB_FILE = "model.pt"  # the checkpoint's name in a model repository written by push_to_hub
@@ -157,7 +158,8 @@ def push_to_hub(checkpoint, repo_id, returns, video, script=None):
         if video is not None:
             files["replay.mp4"] = Path(video).read_bytes()
         for name, data in files.items():
-            (Path(folder) / name).write_bytes(data.encode() if isinstance(data, str) else data)
+            data = data.encode() if isinstance(data, str) else data
+            write_new(Path(folder) / name, lambda f, data=data: f.write(data))
         try:
             api = huggingface_hub.HfApi()
             url = api.create_repo(repo_id, repo_type="model", exist_ok=True)
