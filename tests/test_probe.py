@@ -324,22 +324,22 @@ def test_ablated_memory_reports_chance_end_to_end(probe_run):
     assert "helm_ppo.py n1+ablated: the frozen pipeline over" in printed
 
 
-def shelm_probe(env_id, extra=()):
-    """The probe of SHELM alone on the tiny models (one layer, and its ablated twin): its report."""
+def shelm_probe(env_id, out, extra=()):
+    """The probe of SHELM alone on the tiny models (one layer, and its ablated twin): its report (files in out)."""
     argv = [*TINY[: TINY.index("--variants")], "--scripts", "shelm_ppo.py", "--clip-model", "tiny-random"]
     argv += ["--env-id", env_id, "--variants", "n1:--n-layer 1 --mem-len 8", "ablated:--ablate-memory"]
-    argv += ["--episodes", "12", *extra]
+    argv += ["--episodes", "12", "--out", str(out), *extra]
     with contextlib.redirect_stdout(io.StringIO()):
         return probe.main(tyro.cli(probe.Args, args=argv))
 
 
-def test_shelm_tiny_memory_carries_the_context():
+def test_shelm_tiny_memory_carries_the_context(tmp_path):
     """SHELM's tiny random models let its memory be seen (frozen_models.spread_tiny_vit): different frames retrieve
     different words, and the context shown at the start of a bsuite memory_len episode is decoded from the memory
     read-out steps later, when no frame shows it; on MiniGrid-Memory the twin episodes (the other cue) leave a
     different memory after the cue has gone. A tiny ViT that maps every frame to one word (as before) fails all of
     this: one word, twins identical, chance. The ablated twin stays at chance."""
-    report = shelm_probe("bsuite/memory_len/4", ["--delays", "0", "2", "4"])
+    report = shelm_probe("bsuite/memory_len/4", tmp_path / "bsuite", ["--delays", "0", "2", "4"])
     rows = {r["variant"]: r["delays"] for r in report["results"] if r["kind"] == "memory"}
     for delay in ("2", "4"):  # the context is in the first two frames; at delay 2 and later no frame shows it
         assert rows["n1"][delay]["accuracy"] >= 0.9, rows["n1"][delay]
@@ -348,7 +348,7 @@ def test_shelm_tiny_memory_carries_the_context():
     # the twins (the other context bit) leave a different memory in every episode, the ablation none
     assert rows["n1"]["4"]["influence"]["identical"] == 0 and rows["ablated"]["4"]["influence"]["identical"] == 1
 
-    report = shelm_probe("MiniGrid-MemoryS7-v0")
+    report = shelm_probe("MiniGrid-MemoryS7-v0", tmp_path / "minigrid")
     rows = {r["variant"]: r["delays"] for r in report["results"] if r["kind"] == "memory"}
     assert rows["n1"]["6"]["influence"]["identical"] <= 0.8  # a third of them here; with one word for all, every one
     assert rows["ablated"]["6"]["influence"]["identical"] == 1
