@@ -328,7 +328,7 @@ def shelm_probe(env_id, out, extra=()):
     """The probe of SHELM alone on the tiny models (one layer, and its ablated twin): its report (files in out)."""
     argv = [*TINY[: TINY.index("--variants")], "--scripts", "shelm_ppo.py", "--clip-model", "tiny-random"]
     argv += ["--env-id", env_id, "--variants", "n1:--n-layer 1 --mem-len 8", "ablated:--ablate-memory"]
-    argv += ["--episodes", "12", "--out", str(out), *extra]
+    argv += ["--episodes", "12", "--out", str(out), f"--script-args=--embeddings-dir {out.parent / 'data'}", *extra]
     with contextlib.redirect_stdout(io.StringIO()):
         return probe.main(tyro.cli(probe.Args, args=argv))
 
